@@ -1,0 +1,127 @@
+"""Configuration of the processes in ``km/``: a key manager and an emulated QKD module pair.
+
+Whoever starts these processes (the local runner, the operator's pod spec, a test) writes
+one of these as JSON and passes its path; the process validates it at start and refuses to
+run with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vqkd.km.tls import TLSFiles
+
+HostPort = Annotated[str, Field(pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSPaths(_Strict):
+    ca: Path
+    cert: Path
+    key: Path
+
+    def files(self) -> TLSFiles:
+        return TLSFiles(self.ca, self.cert, self.key)
+
+
+class KeyLimits(_Strict):
+    """What the KM announces in ETSI 014 status and enforces on every request."""
+
+    key_size: int = Field(256, gt=0, multiple_of=8, description="default key size, bits")
+    min_key_size: int = Field(64, gt=0, multiple_of=8)
+    max_key_size: int = Field(8192, gt=0, multiple_of=8)
+    max_key_per_request: int = Field(1024, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> KeyLimits:
+        if not self.min_key_size <= self.key_size <= self.max_key_size:
+            raise ValueError(
+                f"need min_key_size <= key_size <= max_key_size, got "
+                f"{self.min_key_size} <= {self.key_size} <= {self.max_key_size}"
+            )
+        return self
+
+
+class LinkEndConfig(_Strict):
+    """This KM's side of one QKD link."""
+
+    name: str
+    peer_node: str
+    peer_kme_id: str
+    peer_grpc: HostPort
+    module_url: str = Field(description="https URL of this node's end of the QKD module (ETSI 014)")
+    module_sae_id: str = Field(description="the SAE ID this KM has at its module end")
+    peer_module_sae_id: str = Field(description="the SAE ID the peer KM has at its module end")
+    block_bits: int = Field(8192, gt=0, multiple_of=8, description="size of the keys drawn from the module")
+    pool_target_bits: int = Field(64 * 1024 * 1024, gt=0, description="keep this much outgoing key in the pool")
+
+
+class KMConfig(_Strict):
+    node: str
+    kme_id: str
+    etsi014_listen: HostPort
+    grpc_listen: HostPort
+    metrics_listen: HostPort
+    tls: TLSPaths
+    saes: dict[str, str] = Field(default_factory=dict, description="SAE ID -> node it is attached to")
+    links: list[LinkEndConfig] = Field(default_factory=list)
+    limits: KeyLimits = KeyLimits()
+    delivered_key_ttl_s: float = Field(3600.0, gt=0, description="how long a key waits for its slave SAE")
+    delivered_store_max_bits: int = Field(2 * 1024**3, gt=0, description="bound on keys waiting for slave SAEs")
+
+    @model_validator(mode="after")
+    def _unique_links(self) -> KMConfig:
+        peers = [link.peer_node for link in self.links]
+        if len(set(peers)) != len(peers):
+            raise ValueError(f"node {self.node}: more than one link to the same peer node: {sorted(peers)}")
+        return self
+
+
+class ModuleEndConfig(_Strict):
+    """One end of an emulated QKD module pair, serving ETSI 014 to the KM of its node."""
+
+    listen: HostPort
+    sae_id: str = Field(description="the SAE ID of the KM attached to this end")
+    client: str = Field(description="identity URI allowed to call this end, e.g. vqkd://km/<node>")
+    kme_id: str
+    tls: TLSPaths
+
+
+class EmulatedLinkConfig(_Strict):
+    link: str
+    key_rate_bps: float = Field(gt=0, description="secret key rate at zero QBER, bit/s")
+    qber: float = Field(0.01, ge=0, le=0.5)
+    buffer_bits: int = Field(256 * 1024 * 1024, gt=0, description="bound on produced key not yet drawn")
+    key_size: int = Field(256, gt=0, multiple_of=8)
+    max_key_size: int = Field(65536, gt=0, multiple_of=8)
+    max_key_per_request: int = Field(4096, gt=0)
+    admin_listen: HostPort = Field(description="plain HTTP on loopback: /metrics and the twin's control")
+    ends: dict[Literal["a", "b"], ModuleEndConfig]
+
+    @model_validator(mode="after")
+    def _two_ends(self) -> EmulatedLinkConfig:
+        if set(self.ends) != {"a", "b"}:
+            raise ValueError(f"link {self.link}: ends must be exactly 'a' and 'b', got {sorted(self.ends)}")
+        return self
+
+
+def load(model: type[_Strict], path: Path) -> _Strict:
+    """Read a JSON config file; exit with a message naming the file and the bad field."""
+    try:
+        return model.model_validate(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such config file") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not JSON: {e}") from None
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
+        )
+        raise SystemExit(f"{path}: invalid {model.__name__}: {problems}") from None

@@ -1,0 +1,1 @@
+"""vqkd: virtualized control and key management plane for QKD networks."""
