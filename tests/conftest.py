@@ -67,11 +67,11 @@ class Processes:
     def start(self, module: str, config: dict, name: str) -> subprocess.Popen:
         cfg = self.directory / f"{name}.json"
         cfg.write_text(json.dumps(config))
-        log = open(self.directory / f"{name}.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--config", str(cfg)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        with open(self.directory / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, "--config", str(cfg)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         self.procs.append(proc)
         return proc
 
