@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -38,7 +39,9 @@ async def serve(cfg: EmulatedLinkConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vqkd.km.emulator", description=__doc__)
     parser.add_argument("--config", required=True, type=Path, help="EmulatedLinkConfig as JSON")
+    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config.load(EmulatedLinkConfig, args.config)
     return asyncio.run(serve(cfg))
 

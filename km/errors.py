@@ -1,0 +1,33 @@
+"""Why a key request could not be served. Adapters map these to ETSI 014 / 004 codes."""
+
+
+class KMError(Exception):
+    """Base class; the message is shown to the caller and must say what to do."""
+
+
+class InvalidRequest(KMError):
+    """The request itself is wrong (ETSI 014: 400)."""
+
+
+class NotAuthorized(KMError):
+    """The caller may not do this (ETSI 014: 401)."""
+
+
+class KeysNotFound(KMError):
+    """dec_keys named a key this KM does not hold for that master (ETSI 014: 400)."""
+
+
+class Unavailable(KMError):
+    """The network cannot serve the request now; retrying later may work (ETSI 014: 503)."""
+
+
+class InsufficientKey(Unavailable):
+    """Not enough QKD key material; nothing was consumed."""
+
+
+class NoPath(Unavailable):
+    """No QKD path to the peer's node."""
+
+
+class PeerUnavailable(Unavailable):
+    """A KM on the path did not answer or refused; the keys were delivered to no one."""

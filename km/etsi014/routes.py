@@ -1,0 +1,166 @@
+"""aiohttp routes of the ETSI GS QKD 014 API: parse, authenticate, call the service, answer."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from vqkd.km import errors, identity
+from vqkd.km.etsi014 import schema
+from vqkd.km.etsi014.openapi import openapi_document
+
+if TYPE_CHECKING:
+    from vqkd.km.etsi014.service import ETSI014Service
+    from vqkd.km.metrics import KMMetrics
+
+MAX_BODY_BYTES = 1024 * 1024
+
+STATUS_OF = {
+    errors.InvalidRequest: 400,
+    errors.KeysNotFound: 400,
+    errors.NotAuthorized: 401,
+    errors.Unavailable: 503,
+}
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def caller_of(request: web.Request) -> str:
+    """The SAE ID named by the client certificate; 401 for anything but an SAE."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    who = identity.from_der(der) if der else None
+    if who is None or who.role is not identity.Role.SAE:
+        raise RequestError(401, "a client certificate naming an SAE (vqkd://sae/<id>) is required")
+    return who.name
+
+
+def _json(status: int, body: dict) -> web.Response:
+    return web.Response(status=status, body=json.dumps(body), content_type="application/json")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json(status, {"message": message})
+
+
+async def _body(request: web.Request) -> dict:
+    if not request.can_read_body:
+        return {}
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _validated(model, data: dict):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
+        )
+        raise RequestError(400, f"invalid {model.__name__}: {problems}") from None
+
+
+def _query_int(request: web.Request, name: str) -> int | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise RequestError(400, f"query parameter {name} must be an integer, got {value!r}") from None
+
+
+class ETSI014Routes:
+    def __init__(self, service: ETSI014Service, metrics: KMMetrics):
+        self.service = service
+        self.metrics = metrics
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/api/v1/keys/{slave_SAE_ID}/status", self._wrap("status", self.status))
+        app.router.add_get("/api/v1/keys/{slave_SAE_ID}/enc_keys", self._wrap("enc_keys", self.enc_keys_get))
+        app.router.add_post("/api/v1/keys/{slave_SAE_ID}/enc_keys", self._wrap("enc_keys", self.enc_keys_post))
+        app.router.add_get("/api/v1/keys/{master_SAE_ID}/dec_keys", self._wrap("dec_keys", self.dec_keys_get))
+        app.router.add_post("/api/v1/keys/{master_SAE_ID}/dec_keys", self._wrap("dec_keys", self.dec_keys_post))
+        app.router.add_get("/api/v1/openapi.json", self.openapi)
+
+    def _wrap(self, call: str, handler: Callable[[web.Request], Awaitable[web.Response]]):
+        node = self.metrics.node
+        latency = self.metrics.request_seconds(node, call)
+
+        async def endpoint(request: web.Request) -> web.Response:
+            started = time.perf_counter()
+            try:
+                response = await handler(request)
+            except RequestError as e:
+                response = web.Response(status=401) if e.status == 401 else _error(e.status, str(e))
+            except errors.KMError as e:
+                response = _error(STATUS_OF[next(c for c in STATUS_OF if isinstance(e, c))], str(e))
+            latency.observe(time.perf_counter() - started)
+            self.metrics.responses(node, call, str(response.status)).inc()
+            return response
+
+        return endpoint
+
+    async def status(self, request: web.Request) -> web.Response:
+        caller = caller_of(request)
+        return _json(200, self.service.status(caller, request.match_info["slave_SAE_ID"]))
+
+    async def _enc_keys(self, request: web.Request, key_request: schema.KeyRequest) -> web.Response:
+        caller = caller_of(request)
+        keys = await self.service.enc_keys(caller, request.match_info["slave_SAE_ID"], key_request)
+        return self._key_container(keys, "master")
+
+    async def enc_keys_get(self, request: web.Request) -> web.Response:
+        caller_of(request)
+        return await self._enc_keys(
+            request, schema.KeyRequest(number=_query_int(request, "number"), size=_query_int(request, "size"))
+        )
+
+    async def enc_keys_post(self, request: web.Request) -> web.Response:
+        caller_of(request)
+        return await self._enc_keys(request, _validated(schema.KeyRequest, await _body(request)))
+
+    async def _dec_keys(self, request: web.Request, key_ids: list[str]) -> web.Response:
+        caller = caller_of(request)
+        keys = self.service.dec_keys(caller, request.match_info["master_SAE_ID"], key_ids)
+        return self._key_container(keys, "slave")
+
+    async def dec_keys_get(self, request: web.Request) -> web.Response:
+        caller_of(request)
+        key_ids = request.query.getall("key_ID", [])
+        if len(key_ids) != 1:
+            raise RequestError(400, f"GET dec_keys takes exactly one key_ID query parameter, got {len(key_ids)}; "
+                                    "use POST for several")
+        return await self._dec_keys(request, key_ids)
+
+    async def dec_keys_post(self, request: web.Request) -> web.Response:
+        caller_of(request)
+        ids = _validated(schema.KeyIDs, await _body(request))
+        return await self._dec_keys(request, [ref.key_ID for ref in ids.key_IDs])
+
+    def _key_container(self, keys: list[tuple[str, bytes]], role: str) -> web.Response:
+        node = self.metrics.node
+        self.metrics.keys_delivered(node, role).inc(len(keys))
+        self.metrics.key_bits_delivered(node, role).inc(sum(len(key) for _, key in keys) * 8)
+        b64 = base64.b64encode
+        return _json(200, {"keys": [{"key_ID": key_id, "key": b64(key).decode()} for key_id, key in keys]})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return _json(200, openapi_document())

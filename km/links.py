@@ -1,0 +1,52 @@
+"""The KM's view of one QKD link: its two pools and what it knows of the peer KM.
+
+Keeping the pools consistent with the peer hinges on the peer's *incarnation*, a random ID
+each KM process draws at start. A KM that restarted has lost its pools, so the first time
+this side sees a new incarnation it drops everything it shared with the old one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from vqkd.km.config import LinkEndConfig
+from vqkd.km.keypool import IncomingPool, OutgoingPool
+
+if TYPE_CHECKING:
+    from vqkd.km.peering import PeerClient
+
+log = logging.getLogger(__name__)
+
+
+class Link:
+    def __init__(self, config: LinkEndConfig):
+        self.config = config
+        self.name = config.name
+        self.peer_node = config.peer_node
+        self.outgoing = OutgoingPool()
+        self.incoming = IncomingPool()
+        self.peer_incarnation: str | None = None
+        self.peer: PeerClient | None = None
+        self.flushed_bits = 0
+        self.peer_restarts = 0
+
+    def observe_peer(self, incarnation: str) -> bool:
+        """Record the peer's incarnation; on a change, drop all shared material. True if dropped."""
+        if incarnation == self.peer_incarnation:
+            return False
+        if self.peer_incarnation is not None:
+            self.peer_restarts += 1
+            log.warning("link %s: KM of %s restarted; dropping key material shared with its "
+                        "previous instance", self.name, self.peer_node)
+        self.flush()
+        self.peer_incarnation = incarnation
+        return True
+
+    def flush(self) -> None:
+        self.flushed_bits += self.outgoing.clear() + self.incoming.clear()
+
+    def forget_peer(self) -> None:
+        """The peer no longer knows us as we knew it: start over with a new handshake."""
+        self.flush()
+        self.peer_incarnation = None

@@ -1,0 +1,61 @@
+"""Prometheus metrics of a KM process (prefix ``vqkd_km_``, labels of bounded cardinality)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from vqkd.km.manager import KeyManager
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class KMMetrics:
+    def __init__(self, km: KeyManager, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        node = km.node
+        r = self.registry
+        self.keys_delivered = Counter(
+            "vqkd_km_keys_delivered", "Keys handed to SAEs", ["node", "role"], registry=r).labels
+        self.key_bits_delivered = Counter(
+            "vqkd_km_key_delivered_bits", "Key bits handed to SAEs", ["node", "role"], registry=r).labels
+        self.responses = Counter(
+            "vqkd_km_responses", "Application API responses by call and status code",
+            ["node", "call", "code"], registry=r).labels
+        self.request_seconds = Histogram(
+            "vqkd_km_request_duration_seconds", "Application API request latency", ["node", "call"],
+            buckets=LATENCY_BUCKETS, registry=r).labels
+        self.link_drawn_bits = Counter(
+            "vqkd_km_link_drawn_bits", "Key bits drawn from the QKD module into the outgoing pool",
+            ["node", "link"], registry=r).labels
+        self.node = node
+        r.register(_PoolCollector(km))
+
+
+class _PoolCollector:
+    """Pool levels read at scrape time, so they are never stale."""
+
+    def __init__(self, km: KeyManager):
+        self.km = km
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        pool = GaugeMetricFamily("vqkd_km_pool_bits", "QKD key material held per link and direction",
+                                 labels=["node", "link", "direction"])
+        peer = CounterMetricFamily("vqkd_km_peer_restarts", "Restarts of the peer KM seen per link",
+                                 labels=["node", "link"])
+        flushed = CounterMetricFamily("vqkd_km_flushed_bits", "Key material dropped because a peer KM restarted",
+                                    labels=["node", "link"])
+        for link in self.km.links.values():
+            pool.add_metric([self.km.node, link.name, "outgoing"], link.outgoing.available_bits)
+            pool.add_metric([self.km.node, link.name, "incoming"], link.incoming.available_bits)
+            peer.add_metric([self.km.node, link.name], link.peer_restarts)
+            flushed.add_metric([self.km.node, link.name], link.flushed_bits)
+        store = GaugeMetricFamily("vqkd_km_stored_key_bits", "Key bits waiting for slave SAEs", labels=["node"])
+        store.add_metric([self.km.node], self.km.store.bits)
+        yield from (pool, peer, flushed, store)

@@ -1,0 +1,141 @@
+"""gRPC between the two KMs of a link: the servicer answering the peer and the client calling it."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import grpc
+
+from vqkd.km import errors, identity
+from vqkd.km.exchange import DeliveryRefused, KeyExchange
+from vqkd.km.keypool import Span, SpanError
+from vqkd.km.links import Link
+from vqkd.km.v1 import km_pb2, km_pb2_grpc
+
+if TYPE_CHECKING:
+    from vqkd.km.etsi014.client import ETSI014Client
+    from vqkd.km.manager import KeyManager
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_S = 5.0
+
+
+def peer_identity(context: grpc.aio.ServicerContext) -> identity.Identity | None:
+    certs = context.auth_context().get("x509_pem_cert")
+    return identity.from_pem(certs[0]) if certs else None
+
+
+class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
+    def __init__(self, km: KeyManager, exchange: KeyExchange, modules: dict[str, ETSI014Client]):
+        self.km = km
+        self.exchange = exchange
+        self.modules = modules
+
+    async def _link(self, request, context) -> Link:
+        link = self.km.links.get(request.link)
+        if link is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"node {self.km.node} has no link {request.link!r}")
+        caller = peer_identity(context)
+        if caller != identity.km(link.peer_node):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"link {link.name} is served to {identity.km(link.peer_node)}, not to {caller}",
+            )
+        return link
+
+    async def _check_incarnations(self, link: Link, request, context) -> None:
+        if request.receiver_incarnation != self.km.incarnation:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stale receiver incarnation {request.receiver_incarnation!r}: KM {self.km.node} restarted; say Hello again",
+            )
+        if link.observe_peer(request.sender_incarnation):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"KM {self.km.node} did not know sender incarnation {request.sender_incarnation!r}; "
+                "material shared before was dropped",
+            )
+
+    async def Hello(self, request, context):
+        link = await self._link(request, context)
+        link.observe_peer(request.incarnation)
+        return km_pb2.HelloReply(incarnation=self.km.incarnation)
+
+    async def AgreeKeys(self, request, context):
+        link = await self._link(request, context)
+        await self._check_incarnations(link, request, context)
+        if not request.key_ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AgreeKeys needs at least one key ID")
+        module = self.modules[link.name]
+        try:
+            blocks = await module.dec_keys(link.config.peer_module_sae_id, list(request.key_ids))
+        except Exception as e:  # the module is another system: any failure means no agreement
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"QKD module of link {link.name} refused the keys: {e}")
+        if link.peer_incarnation != request.sender_incarnation:
+            # The peer restarted while we fetched: this material belongs to no one now.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the sender restarted during key agreement")
+        try:
+            link.incoming.add(blocks)
+        except SpanError as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        return km_pb2.AgreeKeysReply(bits=sum(len(b) for _, b in blocks) * 8)
+
+    async def Deliver(self, request, context):
+        link = await self._link(request, context)
+        await self._check_incarnations(link, request, context)
+        spans = [Span(s.block_id, s.offset, s.length) for s in request.material]
+        try:
+            self.exchange.accept(
+                link.name, request.master_sae_id, list(request.slave_sae_ids),
+                [k.key_id for k in request.keys], [k.size_bits for k in request.keys], spans,
+            )
+        except DeliveryRefused as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return km_pb2.DeliverReply()
+
+
+class PeerClient:
+    """Calls the peer KM of one link; every call has a deadline and maps failures to KM errors."""
+
+    def __init__(self, km: KeyManager, link: Link, channel: grpc.aio.Channel):
+        self.km = km
+        self.link = link
+        self.stub = km_pb2_grpc.LinkPeerStub(channel)
+
+    async def hello(self) -> None:
+        reply = await self.stub.Hello(
+            km_pb2.HelloRequest(link=self.link.name, incarnation=self.km.incarnation), timeout=RPC_TIMEOUT_S
+        )
+        self.link.observe_peer(reply.incarnation)
+
+    async def _call(self, method, request_factory):
+        try:
+            if self.link.peer_incarnation is None:
+                await self.hello()
+            incarnation = self.link.peer_incarnation
+            return await method(request_factory(incarnation), timeout=RPC_TIMEOUT_S), incarnation
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                self.link.forget_peer()
+            raise errors.PeerUnavailable(
+                f"KM of node {self.link.peer_node} (link {self.link.name}): {e.code().name}: {e.details()}"
+            ) from None
+
+    async def agree_keys(self, key_ids: list[str]) -> str:
+        """Tell the peer which module keys we drew; returns the peer incarnation they are shared with."""
+        _, incarnation = await self._call(self.stub.AgreeKeys, lambda inc: km_pb2.AgreeKeysRequest(
+            link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
+            key_ids=key_ids,
+        ))
+        return incarnation
+
+    async def deliver(self, master: str, slaves: list[str], key_ids: list[str], size_bits: int,
+                      spans: list[Span]) -> None:
+        await self._call(self.stub.Deliver, lambda inc: km_pb2.DeliverRequest(
+            link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
+            master_sae_id=master, slave_sae_ids=slaves,
+            keys=[km_pb2.DeliveredKey(key_id=k, size_bits=size_bits) for k in key_ids],
+            material=[km_pb2.Span(block_id=s.block_id, offset=s.offset, length=s.length) for s in spans],
+        ))

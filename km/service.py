@@ -1,0 +1,126 @@
+"""The KM process: wires the domain to its servers and runs until told to stop.
+
+Listeners: the application API (ETSI 014 over HTTPS, mutual TLS), gRPC (KM <-> KM and the
+standard health service, mutual TLS), and plain HTTP for /metrics and /healthz probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from vqkd.km import tls
+from vqkd.km.config import KMConfig
+from vqkd.km.etsi014.client import ETSI014Client
+from vqkd.km.etsi014.routes import MAX_BODY_BYTES, ETSI014Routes
+from vqkd.km.etsi014.service import ETSI014Service
+from vqkd.km.exchange import KeyExchange
+from vqkd.km.linkfeed import LinkFeed
+from vqkd.km.manager import KeyManager
+from vqkd.km.metrics import KMMetrics
+from vqkd.km.peering import LinkPeerService, PeerClient
+from vqkd.km.v1 import km_pb2_grpc
+
+log = logging.getLogger("vqkd.km")
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class KMService:
+    def __init__(self, config: KMConfig):
+        self.config = config
+        self.km = KeyManager(config)
+        self.exchange = KeyExchange(self.km)
+        self.metrics = KMMetrics(self.km)
+        self.tls_files = config.tls.files()
+        self.modules = {
+            link.name: ETSI014Client(link.config.module_url, self.tls_files) for link in self.km.links.values()
+        }
+        self._channels: list[grpc.aio.Channel] = []
+        self._tasks: list[asyncio.Task] = []
+        self._runners: list[web.AppRunner] = []
+        self._grpc: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+
+    async def start(self) -> None:
+        await self._start_grpc()
+        credentials = tls.grpc_channel_credentials(self.tls_files)
+        for link in self.km.links.values():
+            channel = grpc.aio.secure_channel(link.config.peer_grpc, credentials)
+            self._channels.append(channel)
+            link.peer = PeerClient(self.km, link, channel)
+            feed = LinkFeed(link, self.modules[link.name],
+                            on_drawn=lambda link, bits: self.metrics.link_drawn_bits(self.km.node, link.name).inc(bits))
+            self._tasks.append(asyncio.create_task(feed.run(), name=f"feed-{link.name}"))
+        await self._start_http()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("KM %s (KME %s) serving: ETSI 014 https://%s, gRPC %s, metrics http://%s/metrics",
+                 self.km.node, self.km.kme_id, self.config.etsi014_listen, self.config.grpc_listen,
+                 self.config.metrics_listen)
+
+    async def _start_grpc(self) -> None:
+        server = grpc.aio.server()
+        km_pb2_grpc.add_LinkPeerServicer_to_server(LinkPeerService(self.km, self.exchange, self.modules), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_secure_port(self.config.grpc_listen, tls.grpc_server_credentials(self.tls_files))
+        await server.start()
+        self._grpc = server
+
+    async def _start_http(self) -> None:
+        api = web.Application(client_max_size=MAX_BODY_BYTES)
+        ETSI014Routes(ETSI014Service(self.km, self.exchange), self.metrics).add_to(api)
+        host, port = split_host_port(self.config.etsi014_listen)
+        await self._serve(api, host, port, tls.server_context(self.tls_files))
+
+        admin = web.Application()
+        admin.router.add_get("/metrics", self._metrics)
+        admin.router.add_get("/healthz", self._healthz)
+        host, port = split_host_port(self.config.metrics_listen)
+        await self._serve(admin, host, port, None)
+
+    async def _serve(self, app: web.Application, host: str, port: int, ssl_context) -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024).start()
+        self._runners.append(runner)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"node": self.km.node, "incarnation": self.km.incarnation, "status": "ok"})
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for runner in self._runners:
+            await runner.cleanup()
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        for channel in self._channels:
+            await channel.close()
+        for module in self.modules.values():
+            await module.close()
+
+
+async def serve(config: KMConfig) -> None:
+    service = KMService(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    print(f"KM {config.node} ready", flush=True)
+    await stop.wait()
+    await service.stop()

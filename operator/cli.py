@@ -1,0 +1,74 @@
+"""The ``vqkd`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(files: list[str]):
+    from vqkd.operator.manifests import ManifestError, load_files
+
+    try:
+        return load_files([Path(f) for f in files])
+    except ManifestError as e:
+        raise SystemExit(f"vqkd: invalid resources:\n{e}") from None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from vqkd.operator.local.runner import LocalNetwork
+
+    network = LocalNetwork(_load(args.files), Path(args.state_dir), log_level=args.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting {len(network.manifest.nodes)} KMs and {len(network.manifest.links)} emulated QKD links ...",
+          flush=True)
+    network.start()
+    print(f"network up; endpoints in {network.state_dir / 'endpoints.json'}; Ctrl-C stops it", flush=True)
+    try:
+        stop.wait()
+    finally:
+        network.stop()
+        print("network stopped", flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vqkd.operator.local import demo
+
+    file = Path(args.file) if args.file else EXAMPLES / f"{args.scenario}.yaml"
+    if not file.exists():
+        raise SystemExit(f"vqkd demo: no scenario file {file}; pass --file")
+    return demo.run(args.scenario, _load([str(file)]), Path(args.state_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vqkd", description="Virtualized control and key management for QKD networks.")
+    parser.add_argument("--log-level", default="WARNING", help="log level of vqkd and the processes it starts")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a network on this machine (local runtime)")
+    up.add_argument("files", nargs="+", help="YAML files with QKDNode, QKDLink, UserProfile, KeySession resources")
+    up.add_argument("--state-dir", default="state", help="certificates, configs, logs and endpoints.json go here")
+    up.set_defaults(func=cmd_up)
+
+    demo = sub.add_parser("demo", help="run a demonstration scenario end to end")
+    demo.add_argument("scenario", choices=["two-nodes"], help="which scenario")
+    demo.add_argument("--file", help="resources to use instead of examples/<scenario>.yaml")
+    demo.add_argument("--state-dir", default="state/demo")
+    demo.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
