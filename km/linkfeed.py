@@ -58,6 +58,10 @@ class LinkFeed:
     async def run(self) -> None:
         while True:
             try:
+                if self.link.peer is not None and self.link.peer_incarnation is None:
+                    # Announce ourselves first: a peer that knew a previous instance of this
+                    # KM drops what it shared with it before it names any of it to us.
+                    await self.link.peer.hello()
                 added = await self.step()
                 self._backoff = IDLE_S
                 if not added:

@@ -29,6 +29,15 @@ from vqkd.km.v1 import km_pb2_grpc
 
 log = logging.getLogger("vqkd.km")
 
+# A restarted peer KM is back within a second; gRPC's default reconnect backoff (up to two
+# minutes) would keep the link dark far longer than the peer was.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+]
+
 
 def split_host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
@@ -55,7 +64,7 @@ class KMService:
         await self._start_grpc()
         credentials = tls.grpc_channel_credentials(self.tls_files)
         for link in self.km.links.values():
-            channel = grpc.aio.secure_channel(link.config.peer_grpc, credentials)
+            channel = grpc.aio.secure_channel(link.config.peer_grpc, credentials, options=CHANNEL_OPTIONS)
             self._channels.append(channel)
             link.peer = PeerClient(self.km, link, channel)
             feed = LinkFeed(link, self.modules[link.name],

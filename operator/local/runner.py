@@ -182,6 +182,16 @@ class LocalNetwork:
                                    f"see {proc.log}")
             time.sleep(0.05)
 
+    def restart(self, name: str, *, kill: bool = True) -> None:
+        """Stop one process (SIGKILL by default, as a crash would) and start it again."""
+        proc = self.processes[name]
+        if proc.popen and proc.popen.poll() is None:
+            proc.popen.kill() if kill else proc.popen.terminate()
+            proc.popen.wait(timeout=10)
+        proc.restarts += 1
+        self._spawn(proc)
+        self.wait_ready([name])
+
     def stop(self) -> None:
         running = [p.popen for p in self.processes.values() if p.popen and p.popen.poll() is None]
         for popen in running:
