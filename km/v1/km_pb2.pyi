@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    SOURCE: _ClassVar[Role]
+    INTERMEDIATE: _ClassVar[Role]
+    DESTINATION: _ClassVar[Role]
+ROLE_UNSPECIFIED: Role
+SOURCE: Role
+INTERMEDIATE: Role
+DESTINATION: Role
 
 class HelloRequest(_message.Message):
     __slots__ = ("link", "incarnation")
@@ -75,5 +87,255 @@ class DeliverRequest(_message.Message):
     def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[DeliveredKey, _Mapping]]] = ..., material: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
 
 class DeliverReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RelayRequest(_message.Message):
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id", "index", "master_sae_id", "slave_sae_ids", "keys", "direct", "ciphertext", "pad", "mac_key", "tag", "key_extension")
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RELAY_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    MASTER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLAVE_SAE_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    PAD_FIELD_NUMBER: _ClassVar[int]
+    MAC_KEY_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    KEY_EXTENSION_FIELD_NUMBER: _ClassVar[int]
+    link: str
+    sender_incarnation: str
+    receiver_incarnation: str
+    session_id: str
+    relay_id: str
+    index: int
+    master_sae_id: str
+    slave_sae_ids: _containers.RepeatedScalarFieldContainer[str]
+    keys: _containers.RepeatedCompositeFieldContainer[DeliveredKey]
+    direct: bool
+    ciphertext: bytes
+    pad: _containers.RepeatedCompositeFieldContainer[Span]
+    mac_key: _containers.RepeatedCompositeFieldContainer[Span]
+    tag: bytes
+    key_extension: str
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ..., index: _Optional[int] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[DeliveredKey, _Mapping]]] = ..., direct: _Optional[bool] = ..., ciphertext: _Optional[bytes] = ..., pad: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., mac_key: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., tag: _Optional[bytes] = ..., key_extension: _Optional[str] = ...) -> None: ...
+
+class RelayReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id")
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RELAY_ID_FIELD_NUMBER: _ClassVar[int]
+    link: str
+    sender_incarnation: str
+    receiver_incarnation: str
+    session_id: str
+    relay_id: str
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ...) -> None: ...
+
+class CommitReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Endpoint(_message.Message):
+    __slots__ = ("node", "sae_id")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    sae_id: str
+    def __init__(self, node: _Optional[str] = ..., sae_id: _Optional[str] = ...) -> None: ...
+
+class SessionConfig(_message.Message):
+    __slots__ = ("session_id", "version", "role", "user", "source", "destination", "prev_hop", "next_hop", "priority", "rate_bps", "bucket_bits", "inactivity_timeout_ms", "request_timeout_ms", "key_chunk_size", "ttl_s", "fallback")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    PREV_HOP_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    RATE_BPS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_BITS_FIELD_NUMBER: _ClassVar[int]
+    INACTIVITY_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    KEY_CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    version: int
+    role: Role
+    user: str
+    source: Endpoint
+    destination: Endpoint
+    prev_hop: str
+    next_hop: str
+    priority: int
+    rate_bps: float
+    bucket_bits: int
+    inactivity_timeout_ms: int
+    request_timeout_ms: int
+    key_chunk_size: int
+    ttl_s: int
+    fallback: str
+    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., user: _Optional[str] = ..., source: _Optional[_Union[Endpoint, _Mapping]] = ..., destination: _Optional[_Union[Endpoint, _Mapping]] = ..., prev_hop: _Optional[str] = ..., next_hop: _Optional[str] = ..., priority: _Optional[int] = ..., rate_bps: _Optional[float] = ..., bucket_bits: _Optional[int] = ..., inactivity_timeout_ms: _Optional[int] = ..., request_timeout_ms: _Optional[int] = ..., key_chunk_size: _Optional[int] = ..., ttl_s: _Optional[int] = ..., fallback: _Optional[str] = ...) -> None: ...
+
+class ConfigureSessionReply(_message.Message):
+    __slots__ = ("state", "version")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    version: int
+    def __init__(self, state: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("session_id", "reason")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    reason: str
+    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeleteSessionReply(_message.Message):
+    __slots__ = ("existed", "keys_delivered")
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    KEYS_DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    existed: bool
+    keys_delivered: int
+    def __init__(self, existed: _Optional[bool] = ..., keys_delivered: _Optional[int] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("config", "state", "keys_delivered", "bits_delivered", "refused_by_bucket", "last_activity_age_s")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    BITS_DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_BY_BUCKET_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVITY_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    config: SessionConfig
+    state: str
+    keys_delivered: int
+    bits_delivered: int
+    refused_by_bucket: int
+    last_activity_age_s: float
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., state: _Optional[str] = ..., keys_delivered: _Optional[int] = ..., bits_delivered: _Optional[int] = ..., refused_by_bucket: _Optional[int] = ..., last_activity_age_s: _Optional[float] = ...) -> None: ...
+
+class ListSessionsReply(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LinkStats(_message.Message):
+    __slots__ = ("link", "peer_node", "outgoing_bits", "incoming_bits", "drawn_bits_total", "relayed_bits_total")
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    PEER_NODE_FIELD_NUMBER: _ClassVar[int]
+    OUTGOING_BITS_FIELD_NUMBER: _ClassVar[int]
+    INCOMING_BITS_FIELD_NUMBER: _ClassVar[int]
+    DRAWN_BITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RELAYED_BITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    link: str
+    peer_node: str
+    outgoing_bits: int
+    incoming_bits: int
+    drawn_bits_total: int
+    relayed_bits_total: int
+    def __init__(self, link: _Optional[str] = ..., peer_node: _Optional[str] = ..., outgoing_bits: _Optional[int] = ..., incoming_bits: _Optional[int] = ..., drawn_bits_total: _Optional[int] = ..., relayed_bits_total: _Optional[int] = ...) -> None: ...
+
+class Stats(_message.Message):
+    __slots__ = ("node", "incarnation", "links", "sessions", "keys_delivered_total")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_DELIVERED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    incarnation: str
+    links: _containers.RepeatedCompositeFieldContainer[LinkStats]
+    sessions: int
+    keys_delivered_total: int
+    def __init__(self, node: _Optional[str] = ..., incarnation: _Optional[str] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., keys_delivered_total: _Optional[int] = ...) -> None: ...
+
+class QoS(_message.Message):
+    __slots__ = ("key_chunk_size", "max_bps", "min_bps", "jitter", "priority", "timeout_ms", "ttl_s", "fallback")
+    KEY_CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_BPS_FIELD_NUMBER: _ClassVar[int]
+    JITTER_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    key_chunk_size: int
+    max_bps: float
+    min_bps: float
+    jitter: float
+    priority: int
+    timeout_ms: int
+    ttl_s: int
+    fallback: str
+    def __init__(self, key_chunk_size: _Optional[int] = ..., max_bps: _Optional[float] = ..., min_bps: _Optional[float] = ..., jitter: _Optional[float] = ..., priority: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., ttl_s: _Optional[int] = ..., fallback: _Optional[str] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("node", "caller_sae_id", "source", "destination", "qos", "session_id", "implicit")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CALLER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    QOS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    IMPLICIT_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    caller_sae_id: str
+    source: Endpoint
+    destination: Endpoint
+    qos: QoS
+    session_id: str
+    implicit: bool
+    def __init__(self, node: _Optional[str] = ..., caller_sae_id: _Optional[str] = ..., source: _Optional[_Union[Endpoint, _Mapping]] = ..., destination: _Optional[_Union[Endpoint, _Mapping]] = ..., qos: _Optional[_Union[QoS, _Mapping]] = ..., session_id: _Optional[str] = ..., implicit: _Optional[bool] = ...) -> None: ...
+
+class OpenSessionReply(_message.Message):
+    __slots__ = ("accepted", "session_id", "reason", "qos", "peer_registered")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    QOS_FIELD_NUMBER: _ClassVar[int]
+    PEER_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    session_id: str
+    reason: str
+    qos: QoS
+    peer_registered: bool
+    def __init__(self, accepted: _Optional[bool] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ..., qos: _Optional[_Union[QoS, _Mapping]] = ..., peer_registered: _Optional[bool] = ...) -> None: ...
+
+class SessionSignal(_message.Message):
+    __slots__ = ("node", "session_id", "reason")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    session_id: str
+    reason: str
+    def __init__(self, node: _Optional[str] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SignalReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

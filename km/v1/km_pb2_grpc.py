@@ -62,6 +62,16 @@ class LinkPeerStub:
                 request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeliverRequest.SerializeToString,
                 response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeliverReply.FromString,
                 _registered_method=True)
+        self.Relay = channel.unary_unary(
+                '/vqkd.km.v1.LinkPeer/Relay',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.RelayRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.RelayReply.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/vqkd.km.v1.LinkPeer/Commit',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.CommitRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.CommitReply.FromString,
+                _registered_method=True)
 
 
 class LinkPeerServicer:
@@ -100,6 +110,21 @@ class LinkPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Relay(self, request, context):
+        """One hop of a session's end-to-end key relay (paper Fig. 3b). The reply comes back
+        once the destination KM holds the keys, so it is the destination's acknowledgement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Releases relayed keys at the destination; travels the same path as the relay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LinkPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +142,16 @@ def add_LinkPeerServicer_to_server(servicer, server):
                     servicer.Deliver,
                     request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeliverRequest.FromString,
                     response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeliverReply.SerializeToString,
+            ),
+            'Relay': grpc.unary_unary_rpc_method_handler(
+                    servicer.Relay,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.RelayRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.RelayReply.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.CommitRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.CommitReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -213,6 +248,444 @@ class LinkPeer:
             '/vqkd.km.v1.LinkPeer/Deliver',
             vqkd_dot_km_dot_v1_dot_km__pb2.DeliverRequest.SerializeToString,
             vqkd_dot_km_dot_v1_dot_km__pb2.DeliverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Relay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.LinkPeer/Relay',
+            vqkd_dot_km_dot_v1_dot_km__pb2.RelayRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.RelayReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.LinkPeer/Commit',
+            vqkd_dot_km_dot_v1_dot_km__pb2.CommitRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.CommitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class KeyManagerControlStub:
+    """---------------------------------------------------------------------------------------
+    Control plane -> KM (mutual TLS, controller identity). Every push is idempotent: a
+    configuration carries a version and a KM ignores one older than what it holds.
+    ---------------------------------------------------------------------------------------
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ConfigureSession = channel.unary_unary(
+                '/vqkd.km.v1.KeyManagerControl/ConfigureSession',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.SessionConfig.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.ConfigureSessionReply.FromString,
+                _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/vqkd.km.v1.KeyManagerControl/DeleteSession',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeleteSessionReply.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/vqkd.km.v1.KeyManagerControl/ListSessions',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.ListSessionsReply.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/vqkd.km.v1.KeyManagerControl/GetStats',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.Stats.FromString,
+                _registered_method=True)
+
+
+class KeyManagerControlServicer:
+    """---------------------------------------------------------------------------------------
+    Control plane -> KM (mutual TLS, controller identity). Every push is idempotent: a
+    configuration carries a version and a KM ignores one older than what it holds.
+    ---------------------------------------------------------------------------------------
+    """
+
+    def ConfigureSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSession(self, request, context):
+        """Answers once the session's state and reservations are gone (the confirmation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KeyManagerControlServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ConfigureSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigureSession,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.SessionConfig.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.ConfigureSessionReply.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeleteSessionReply.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.ListSessionsRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.ListSessionsReply.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.GetStatsRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.Stats.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'vqkd.km.v1.KeyManagerControl', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('vqkd.km.v1.KeyManagerControl', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KeyManagerControl:
+    """---------------------------------------------------------------------------------------
+    Control plane -> KM (mutual TLS, controller identity). Every push is idempotent: a
+    configuration carries a version and a KM ignores one older than what it holds.
+    ---------------------------------------------------------------------------------------
+    """
+
+    @staticmethod
+    def ConfigureSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.KeyManagerControl/ConfigureSession',
+            vqkd_dot_km_dot_v1_dot_km__pb2.SessionConfig.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.ConfigureSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.KeyManagerControl/DeleteSession',
+            vqkd_dot_km_dot_v1_dot_km__pb2.DeleteSessionRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.DeleteSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.KeyManagerControl/ListSessions',
+            vqkd_dot_km_dot_v1_dot_km__pb2.ListSessionsRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.ListSessionsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.KeyManagerControl/GetStats',
+            vqkd_dot_km_dot_v1_dot_km__pb2.GetStatsRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ControlPlaneStub:
+    """---------------------------------------------------------------------------------------
+    KM -> control plane (paper Fig. 2): configuration requests when an application opens a
+    session, a signal per key request (keeps the session alive), and closes.
+    ---------------------------------------------------------------------------------------
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.OpenSession = channel.unary_unary(
+                '/vqkd.km.v1.ControlPlane/OpenSession',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.OpenSessionReply.FromString,
+                _registered_method=True)
+        self.KeyRequested = channel.unary_unary(
+                '/vqkd.km.v1.ControlPlane/KeyRequested',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.SessionSignal.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.SignalReply.FromString,
+                _registered_method=True)
+        self.SessionClosed = channel.unary_unary(
+                '/vqkd.km.v1.ControlPlane/SessionClosed',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.SessionSignal.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.SignalReply.FromString,
+                _registered_method=True)
+
+
+class ControlPlaneServicer:
+    """---------------------------------------------------------------------------------------
+    KM -> control plane (paper Fig. 2): configuration requests when an application opens a
+    session, a signal per key request (keeps the session alive), and closes.
+    ---------------------------------------------------------------------------------------
+    """
+
+    def OpenSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeyRequested(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SessionClosed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ControlPlaneServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.OpenSessionRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.OpenSessionReply.SerializeToString,
+            ),
+            'KeyRequested': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeyRequested,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.SessionSignal.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.SignalReply.SerializeToString,
+            ),
+            'SessionClosed': grpc.unary_unary_rpc_method_handler(
+                    servicer.SessionClosed,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.SessionSignal.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.SignalReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'vqkd.km.v1.ControlPlane', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('vqkd.km.v1.ControlPlane', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ControlPlane:
+    """---------------------------------------------------------------------------------------
+    KM -> control plane (paper Fig. 2): configuration requests when an application opens a
+    session, a signal per key request (keeps the session alive), and closes.
+    ---------------------------------------------------------------------------------------
+    """
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.ControlPlane/OpenSession',
+            vqkd_dot_km_dot_v1_dot_km__pb2.OpenSessionRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.OpenSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeyRequested(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.ControlPlane/KeyRequested',
+            vqkd_dot_km_dot_v1_dot_km__pb2.SessionSignal.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.SignalReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SessionClosed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.ControlPlane/SessionClosed',
+            vqkd_dot_km_dot_v1_dot_km__pb2.SessionSignal.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.SignalReply.FromString,
             options,
             channel_credentials,
             insecure,
