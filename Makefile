@@ -6,6 +6,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
+# The repository's operator/ folder would shadow the standard library's `operator` module
+# for any `python -m` started here (the current directory goes first on sys.path); safe-path
+# mode keeps the current directory off sys.path. The package itself is vqkd.operator.
+export PYTHONSAFEPATH := 1
+
 .PHONY: demo test proto crds bench clean
 
 $(STAMP): pyproject.toml

@@ -69,7 +69,7 @@ class Processes:
         cfg.write_text(json.dumps(config))
         with open(self.directory / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", module, "--config", str(cfg)],
+                [sys.executable, "-P", "-m", module, "--config", str(cfg)],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         self.procs.append(proc)

@@ -143,7 +143,7 @@ class LocalNetwork:
     def _spawn(self, proc: Process) -> None:
         out = open(proc.log, "ab")
         proc.popen = subprocess.Popen(
-            [sys.executable, "-m", proc.module, "--config", str(proc.config), "--log-level", self.log_level],
+            [sys.executable, "-P", "-m", proc.module, "--config", str(proc.config), "--log-level", self.log_level],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
