@@ -28,11 +28,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.poly1305 import Poly1305
-
-from vqkd.km.keypool import Span
 
 MAC_KEY_BYTES = 32
 TAG_BYTES = 16
@@ -45,10 +44,16 @@ _U32_MAX = 2**32 - 1
 _U64_MAX = 2**64 - 1
 
 
-@dataclass(frozen=True, slots=True)
-class RelayedKey:
+class RelayedKey(NamedTuple):
+    """One key of the message: a plain ``(key_id, size_bits)`` tuple is just as good."""
+
     key_id: str
     size_bits: int
+
+
+# A byte range of a link key block, ``(block_id, offset, length)``: a ``keypool.Span``
+# as the wire carries it (``km.proto`` Span).
+SpanRef = tuple[str, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,7 @@ class RelayFields:
 
     The gRPC adapter converts the protobuf message into this and back, so the bytes that
     are authenticated do not depend on protobuf's serialisation, which is not canonical.
+    Keys are ``(key_id, size_bits)`` and spans ``(block_id, offset, length)`` tuples.
     """
 
     link: str
@@ -67,11 +73,11 @@ class RelayFields:
     index: int
     master_sae_id: str
     slave_sae_ids: tuple[str, ...]
-    keys: tuple[RelayedKey, ...]
+    keys: tuple[RelayedKey | tuple[str, int], ...]
     direct: bool
     ciphertext: bytes
-    pad: tuple[Span, ...]
-    mac_key: tuple[Span, ...]
+    pad: tuple[SpanRef, ...]
+    mac_key: tuple[SpanRef, ...]
     key_extension: str
 
 
@@ -129,9 +135,9 @@ def authenticated_bytes(fields: RelayFields) -> bytes:
     for sae_id in fields.slave_sae_ids:
         _put_str(out, sae_id)
     _put_count(out, fields.keys, "keys")
-    for key in fields.keys:
-        _put_str(out, key.key_id)
-        _put_u32(out, key.size_bits, "key size_bits")
+    for key_id, size_bits in fields.keys:
+        _put_str(out, key_id)
+        _put_u32(out, size_bits, "key size_bits")
     out += b"\x01" if fields.direct else b"\x00"
     _put_bytes(out, fields.ciphertext)
     _put_spans(out, fields.pad, "pad")
@@ -165,12 +171,12 @@ def _put_str(out: bytearray, text: str) -> None:
     _put_bytes(out, text.encode("utf-8"))
 
 
-def _put_spans(out: bytearray, spans: tuple[Span, ...], what: str) -> None:
+def _put_spans(out: bytearray, spans: tuple[SpanRef, ...], what: str) -> None:
     _put_count(out, spans, what)
-    for span in spans:
-        _put_str(out, span.block_id)
-        _put_u32(out, span.offset, f"{what} span offset")
-        _put_u32(out, span.length, f"{what} span length")
+    for block_id, offset, length in spans:
+        _put_str(out, block_id)
+        _put_u32(out, offset, f"{what} span offset")
+        _put_u32(out, length, f"{what} span length")
 
 
 def tag(mac_key: bytes, data: bytes) -> bytes:
@@ -206,14 +212,13 @@ def verify_fields(mac_key: bytes, fields: RelayFields, received_tag: bytes) -> b
     return verify(mac_key, authenticated_bytes(fields), received_tag)
 
 
-def split_keys(plaintext: bytes, keys: Iterable[RelayedKey]) -> list[bytes]:
+def split_keys(plaintext: bytes, keys: Iterable[RelayedKey | tuple[str, int]]) -> list[bytes]:
     """Cuts the decrypted concatenation back into the relayed keys, in order."""
-    keys = tuple(keys)
     sizes = []
-    for key in keys:
-        if key.size_bits <= 0 or key.size_bits % 8:
-            raise ValueError(f"key {key.key_id}: size must be a positive multiple of 8 bits, got {key.size_bits}")
-        sizes.append(key.size_bits // 8)
+    for key_id, size_bits in keys:
+        if size_bits <= 0 or size_bits % 8:
+            raise ValueError(f"key {key_id}: size must be a positive multiple of 8 bits, got {size_bits}")
+        sizes.append(size_bits // 8)
     if sum(sizes) != len(plaintext):
         raise ValueError(f"the keys add up to {sum(sizes)} bytes but the plaintext has {len(plaintext)}")
     parts, start = [], 0
@@ -224,21 +229,21 @@ def split_keys(plaintext: bytes, keys: Iterable[RelayedKey]) -> list[bytes]:
 
 
 class ReplayGuard:
-    """Remembers the relay IDs seen in the last ``ttl`` seconds, at most ``capacity`` of them.
+    """Remembers the relay IDs seen in the last ``ttl_s`` seconds, at most ``capacity`` of them.
 
     Check a message only after its tag verified: otherwise a forger could record the ID of
     a genuine message before it arrives and have it refused. When more than ``capacity``
-    IDs arrive within ``ttl`` the oldest are forgotten; the incoming pool's refusal to
+    IDs arrive within ``ttl_s`` the oldest are forgotten; the incoming pool's refusal to
     consume a span twice still stops a replay of one of them.
     """
 
-    def __init__(self, capacity: int, ttl: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, capacity: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
         if capacity <= 0:
             raise ValueError(f"a replay guard must remember at least one relay ID, got capacity {capacity}")
-        if not ttl > 0:
-            raise ValueError(f"a replay guard needs a positive ttl in seconds, got {ttl!r}")
+        if not ttl_s > 0:
+            raise ValueError(f"a replay guard needs a positive ttl in seconds, got {ttl_s!r}")
         self._capacity = capacity
-        self._ttl = ttl
+        self._ttl = ttl_s
         self._clock = clock
         self._expiry: OrderedDict[str, float] = OrderedDict()  # oldest first
 
@@ -246,7 +251,7 @@ class ReplayGuard:
         return len(self._expiry)
 
     def seen_before(self, relay_id: str) -> bool:
-        """True for a relay ID seen within ``ttl``; otherwise records it and returns False."""
+        """True for a relay ID seen within ``ttl_s``; otherwise records it and returns False."""
         now = self._clock()
         self._forget_expired(now)
         if relay_id in self._expiry:
