@@ -18,6 +18,8 @@ from vqkd.km.keystore import KeysNotFound, StoreFull
 
 if TYPE_CHECKING:
     from vqkd.km.manager import KeyManager
+    from vqkd.km.relaying import RelayService
+    from vqkd.km.sessions import Session, SessionTable
 
 
 class DeliveryRefused(Exception):
@@ -29,8 +31,14 @@ def split(material: bytes, size_bytes: int) -> list[bytes]:
 
 
 class KeyExchange:
-    def __init__(self, km: KeyManager):
+    """Serves key requests: within the SAE pair's session when the control plane set one up
+    (relayed along its path, limited by its token bucket), otherwise — a KM running without
+    a control plane — directly over the link to an adjacent node."""
+
+    def __init__(self, km: KeyManager, sessions: SessionTable | None = None, relays: RelayService | None = None):
         self.km = km
+        self.sessions = sessions
+        self.relays = relays
 
     async def issue(self, master: str, slaves: list[str], number: int, size_bits: int) -> list[tuple[str, bytes]]:
         """New keys for ``master``, held for every slave by the slave's KM when this returns."""
@@ -48,6 +56,9 @@ class KeyExchange:
             except DeliveryRefused as e:
                 raise errors.Unavailable(f"cannot hold keys for {slaves}: {e}") from None
             return keys
+        session = self.sessions.between(master, slaves[0]) if self.sessions is not None else None
+        if session is not None:
+            return await self._in_session(session, master, slaves, number, size_bits)
         link = km.link_to.get(slave_node)
         if link is None or link.peer is None:
             raise errors.NoPath(f"node {km.node} has no QKD link to node {slave_node}, where {slaves[0]} is attached")
@@ -59,6 +70,21 @@ class KeyExchange:
             ) from None
         await link.peer.deliver(master, slaves, ids, size_bits, spans)
         return list(zip(ids, split(material, size_bytes)))
+
+    async def _in_session(self, session: Session, master: str, slaves: list[str], number: int,
+                          size_bits: int) -> list[tuple[str, bytes]]:
+        bits = number * size_bits
+        if not session.bucket.try_take(bits):
+            session.refused_by_bucket += 1
+            raise session.bucket.refusal(bits)
+        self.sessions.key_exchange_started(session)
+        try:
+            keys = await self.relays.send(session, master, slaves, number, size_bits)
+        except errors.KMError as e:
+            self.sessions.key_exchange_done(session, 0, 0, detail=str(e))
+            raise
+        self.sessions.key_exchange_done(session, number, bits)
+        return keys
 
     def accept(self, link_name: str, master: str, slaves: list[str], key_ids: list[str],
                sizes_bits: list[int], spans: list[Span]) -> int:

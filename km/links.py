@@ -30,6 +30,8 @@ class Link:
         self.peer: PeerClient | None = None
         self.flushed_bits = 0
         self.peer_restarts = 0
+        self.drawn_bits = 0
+        self.relayed_bits = 0
 
     def observe_peer(self, incarnation: str) -> bool:
         """Record the peer's incarnation; on a change, drop all shared material. True if dropped."""

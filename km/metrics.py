@@ -31,6 +31,12 @@ class KMMetrics:
         self.link_drawn_bits = Counter(
             "vqkd_km_link_drawn_bits", "Key bits drawn from the QKD module into the outgoing pool",
             ["node", "link"], registry=r).labels
+        self.relayed_bits = Counter(
+            "vqkd_km_relayed_bits", "End-to-end key bits relayed, by this KM's role on the path",
+            ["node", "role"], registry=r).labels
+        self.relay_rejected = Counter(
+            "vqkd_km_relay_rejected", "Relay messages refused (tampered, replayed, unknown session, ...)",
+            ["node", "reason"], registry=r).labels
         self.node = node
         r.register(_PoolCollector(km))
 

@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from vqkd.km import errors, identity
+from vqkd.km import errors, identity, relay
 from vqkd.km.exchange import DeliveryRefused, KeyExchange
 from vqkd.km.keypool import Span, SpanError
 from vqkd.km.links import Link
+from vqkd.km.relaying import RelayRejected, RelayService
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 if TYPE_CHECKING:
@@ -28,10 +29,12 @@ def peer_identity(context: grpc.aio.ServicerContext) -> identity.Identity | None
 
 
 class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
-    def __init__(self, km: KeyManager, exchange: KeyExchange, modules: dict[str, ETSI014Client]):
+    def __init__(self, km: KeyManager, exchange: KeyExchange, modules: dict[str, ETSI014Client],
+                 relays: RelayService):
         self.km = km
         self.exchange = exchange
         self.modules = modules
+        self.relays = relays
 
     async def _link(self, request, context) -> Link:
         link = self.km.links.get(request.link)
@@ -95,6 +98,53 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return km_pb2.DeliverReply()
 
+    async def Relay(self, request, context):
+        link = await self._link(request, context)
+        await self._check_incarnations(link, request, context)
+        try:
+            await self.relays.receive(link, fields_from_pb(request), request.tag)
+        except RelayRejected as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED if e.reason in ("tampered", "replayed")
+                                else grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except errors.KMError as e:  # a further hop failed or had no key: nobody gets the keys
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return km_pb2.RelayReply()
+
+    async def Commit(self, request, context):
+        link = await self._link(request, context)
+        await self._check_incarnations(link, request, context)
+        try:
+            await self.relays.commit(link, request.session_id, request.relay_id)
+        except RelayRejected as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except (errors.KMError, DeliveryRefused) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return km_pb2.CommitReply()
+
+
+def fields_from_pb(r: km_pb2.RelayRequest) -> relay.RelayFields:
+    return relay.RelayFields(
+        link=r.link, sender_incarnation=r.sender_incarnation, receiver_incarnation=r.receiver_incarnation,
+        session_id=r.session_id, relay_id=r.relay_id, index=r.index, master_sae_id=r.master_sae_id,
+        slave_sae_ids=tuple(r.slave_sae_ids), keys=tuple((k.key_id, k.size_bits) for k in r.keys),
+        direct=r.direct, ciphertext=r.ciphertext,
+        pad=tuple((s.block_id, s.offset, s.length) for s in r.pad),
+        mac_key=tuple((s.block_id, s.offset, s.length) for s in r.mac_key),
+        key_extension=r.key_extension,
+    )
+
+
+def fields_to_pb(f: relay.RelayFields, tag: bytes) -> km_pb2.RelayRequest:
+    return km_pb2.RelayRequest(
+        link=f.link, sender_incarnation=f.sender_incarnation, receiver_incarnation=f.receiver_incarnation,
+        session_id=f.session_id, relay_id=f.relay_id, index=f.index, master_sae_id=f.master_sae_id,
+        slave_sae_ids=list(f.slave_sae_ids), keys=[km_pb2.DeliveredKey(key_id=k, size_bits=n) for k, n in f.keys],
+        direct=f.direct, ciphertext=f.ciphertext,
+        pad=[km_pb2.Span(block_id=b, offset=o, length=n) for b, o, n in f.pad],
+        mac_key=[km_pb2.Span(block_id=b, offset=o, length=n) for b, o, n in f.mac_key],
+        key_extension=f.key_extension, tag=tag,
+    )
+
 
 class PeerClient:
     """Calls the peer KM of one link; every call has a deadline and maps failures to KM errors."""
@@ -130,6 +180,19 @@ class PeerClient:
             key_ids=key_ids,
         ))
         return incarnation
+
+    async def relay(self, fields: relay.RelayFields, tag: bytes) -> None:
+        """Send one relay hop; returns when the destination holds the keys."""
+        if fields.receiver_incarnation != self.link.peer_incarnation or not fields.receiver_incarnation:
+            raise errors.PeerUnavailable(f"KM of node {self.link.peer_node} (link {self.link.name}) "
+                                         "is not known in its current incarnation; retry")
+        await self._call(self.stub.Relay, lambda inc: fields_to_pb(fields, tag))
+
+    async def commit(self, link: str, session_id: str, relay_id: str) -> None:
+        await self._call(self.stub.Commit, lambda inc: km_pb2.CommitRequest(
+            link=link, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
+            session_id=session_id, relay_id=relay_id,
+        ))
 
     async def deliver(self, master: str, slaves: list[str], key_ids: list[str], size_bits: int,
                       spans: list[Span]) -> None:

@@ -250,6 +250,11 @@ class ReplayGuard:
     def __len__(self) -> int:
         return len(self._expiry)
 
+    def __contains__(self, relay_id: str) -> bool:
+        """Whether the ID was seen within ``ttl_s``, without recording it."""
+        self._forget_expired(self._clock())
+        return relay_id in self._expiry
+
     def seen_before(self, relay_id: str) -> bool:
         """True for a relay ID seen within ``ttl_s``; otherwise records it and returns False."""
         now = self._clock()

@@ -24,7 +24,10 @@ from vqkd.km.exchange import KeyExchange
 from vqkd.km.linkfeed import LinkFeed
 from vqkd.km.manager import KeyManager
 from vqkd.km.metrics import KMMetrics
+from vqkd.km.control import KeyManagerControlService
 from vqkd.km.peering import LinkPeerService, PeerClient
+from vqkd.km.relaying import RelayService
+from vqkd.km.sessions import SessionTable
 from vqkd.km.v1 import km_pb2_grpc
 
 log = logging.getLogger("vqkd.km")
@@ -37,6 +40,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.keepalive_time_ms", 10_000),
 ]
+SESSION_SWEEP_S = 0.25
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -48,8 +52,14 @@ class KMService:
     def __init__(self, config: KMConfig):
         self.config = config
         self.km = KeyManager(config)
-        self.exchange = KeyExchange(self.km)
         self.metrics = KMMetrics(self.km)
+        self.sessions = SessionTable(config.node)
+        self.relays = RelayService(
+            self.km, self.sessions,
+            on_reject=lambda reason: self.metrics.relay_rejected(self.km.node, reason).inc(),
+            on_relayed=self._relayed,
+        )
+        self.exchange = KeyExchange(self.km, self.sessions, self.relays)
         self.tls_files = config.tls.files()
         self.modules = {
             link.name: ETSI014Client(link.config.module_url, self.tls_files) for link in self.km.links.values()
@@ -60,15 +70,28 @@ class KMService:
         self._grpc: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
 
+    def _drawn(self, link, bits: int) -> None:
+        link.drawn_bits += bits
+        self.metrics.link_drawn_bits(self.km.node, link.name).inc(bits)
+
+    def _relayed(self, role: str, bits: int) -> None:
+        self.metrics.relayed_bits(self.km.node, role).inc(bits)
+
+    async def _expire_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(SESSION_SWEEP_S)
+            for session in self.sessions.expired():
+                self.sessions.terminate(session.session_id, "inactivity timer expired")
+
     async def start(self) -> None:
         await self._start_grpc()
+        self._tasks.append(asyncio.create_task(self._expire_sessions(), name="session-timers"))
         credentials = tls.grpc_channel_credentials(self.tls_files)
         for link in self.km.links.values():
             channel = grpc.aio.secure_channel(link.config.peer_grpc, credentials, options=CHANNEL_OPTIONS)
             self._channels.append(channel)
             link.peer = PeerClient(self.km, link, channel)
-            feed = LinkFeed(link, self.modules[link.name],
-                            on_drawn=lambda link, bits: self.metrics.link_drawn_bits(self.km.node, link.name).inc(bits))
+            feed = LinkFeed(link, self.modules[link.name], on_drawn=self._drawn)
             self._tasks.append(asyncio.create_task(feed.run(), name=f"feed-{link.name}"))
         await self._start_http()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -78,7 +101,9 @@ class KMService:
 
     async def _start_grpc(self) -> None:
         server = grpc.aio.server()
-        km_pb2_grpc.add_LinkPeerServicer_to_server(LinkPeerService(self.km, self.exchange, self.modules), server)
+        km_pb2_grpc.add_LinkPeerServicer_to_server(
+            LinkPeerService(self.km, self.exchange, self.modules, self.relays), server)
+        km_pb2_grpc.add_KeyManagerControlServicer_to_server(KeyManagerControlService(self.km, self.sessions), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_secure_port(self.config.grpc_listen, tls.grpc_server_credentials(self.tls_files))
         await server.start()

@@ -1,0 +1,107 @@
+"""gRPC KeyManagerControl: how the control plane configures sessions at this KM.
+
+Only a ``controller`` identity may call it. Every call is idempotent: a configuration
+carries a version and one not newer than what the KM holds changes nothing, so the control
+plane can push everything again to a KM that was replaced.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+
+from vqkd.km import identity
+from vqkd.km.peering import peer_identity
+from vqkd.km.sessions import Endpoint, InvalidConfiguration, Role, SessionConfig, SessionTable
+from vqkd.km.v1 import km_pb2, km_pb2_grpc
+
+if TYPE_CHECKING:
+    from vqkd.km.manager import KeyManager
+
+DEFAULT_INACTIVITY_MS = 60_000
+DEFAULT_REQUEST_TIMEOUT_MS = 5_000
+DEFAULT_TTL_S = 3600
+
+
+def config_from_pb(pb: km_pb2.SessionConfig) -> SessionConfig:
+    if pb.role == km_pb2.ROLE_UNSPECIFIED:
+        raise InvalidConfiguration(f"session {pb.session_id or '?'}: role must be SOURCE, INTERMEDIATE or DESTINATION")
+    return SessionConfig(
+        session_id=pb.session_id, version=pb.version, role=Role(pb.role), user=pb.user,
+        source=Endpoint(pb.source.node, pb.source.sae_id),
+        destination=Endpoint(pb.destination.node, pb.destination.sae_id),
+        prev_hop=pb.prev_hop, next_hop=pb.next_hop, priority=pb.priority,
+        rate_bps=pb.rate_bps, bucket_bits=pb.bucket_bits,
+        inactivity_timeout_s=(pb.inactivity_timeout_ms or DEFAULT_INACTIVITY_MS) / 1000,
+        request_timeout_s=(pb.request_timeout_ms or DEFAULT_REQUEST_TIMEOUT_MS) / 1000,
+        key_chunk_size=pb.key_chunk_size, ttl_s=pb.ttl_s or DEFAULT_TTL_S, fallback=pb.fallback,
+    )
+
+
+def config_to_pb(c: SessionConfig) -> km_pb2.SessionConfig:
+    return km_pb2.SessionConfig(
+        session_id=c.session_id, version=c.version, role=c.role.value, user=c.user,
+        source=km_pb2.Endpoint(node=c.source.node, sae_id=c.source.sae_id),
+        destination=km_pb2.Endpoint(node=c.destination.node, sae_id=c.destination.sae_id),
+        prev_hop=c.prev_hop, next_hop=c.next_hop, priority=c.priority, rate_bps=c.rate_bps,
+        bucket_bits=c.bucket_bits, inactivity_timeout_ms=round(c.inactivity_timeout_s * 1000),
+        request_timeout_ms=round(c.request_timeout_s * 1000), key_chunk_size=c.key_chunk_size,
+        ttl_s=round(c.ttl_s), fallback=c.fallback,
+    )
+
+
+class KeyManagerControlService(km_pb2_grpc.KeyManagerControlServicer):
+    def __init__(self, km: KeyManager, sessions: SessionTable):
+        self.km = km
+        self.sessions = sessions
+
+    async def _authorize(self, context) -> None:
+        caller = peer_identity(context)
+        if caller is None or caller.role is not identity.Role.CONTROLLER:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"only the control plane (vqkd://controller/...) may configure KMs, not {caller}")
+
+    async def ConfigureSession(self, request, context):
+        await self._authorize(context)
+        try:
+            config = config_from_pb(request)
+            config.validate(self.km.node, set(self.km.link_to))
+        except InvalidConfiguration as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        session = self.sessions.configure(config)
+        return km_pb2.ConfigureSessionReply(state=session.state.value, version=session.config.version)
+
+    async def DeleteSession(self, request, context):
+        await self._authorize(context)
+        if not request.session_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "DeleteSession needs a session_id")
+        session = self.sessions.terminate(request.session_id, f"deletion signal: {request.reason or 'control plane'}")
+        return km_pb2.DeleteSessionReply(existed=session is not None,
+                                         keys_delivered=session.keys_delivered if session else 0)
+
+    async def ListSessions(self, request, context):
+        await self._authorize(context)
+        now = self.sessions.clock()
+        return km_pb2.ListSessionsReply(sessions=[
+            km_pb2.SessionInfo(
+                config=config_to_pb(s.config), state=s.state.value, keys_delivered=s.keys_delivered,
+                bits_delivered=s.bits_delivered, refused_by_bucket=s.refused_by_bucket,
+                last_activity_age_s=now - s.last_activity,
+            )
+            for s in self.sessions.sessions.values()
+        ])
+
+    async def GetStats(self, request, context):
+        await self._authorize(context)
+        return km_pb2.Stats(
+            node=self.km.node, incarnation=self.km.incarnation, sessions=len(self.sessions.sessions),
+            keys_delivered_total=sum(s.keys_delivered for s in self.sessions.sessions.values()),
+            links=[
+                km_pb2.LinkStats(link=link.name, peer_node=link.peer_node,
+                                 outgoing_bits=link.outgoing.available_bits,
+                                 incoming_bits=link.incoming.available_bits,
+                                 drawn_bits_total=link.drawn_bits, relayed_bits_total=link.relayed_bits)
+                for link in self.km.links.values()
+            ],
+        )

@@ -1,0 +1,221 @@
+"""Trusted-node relay of end-to-end keys along a session's path (paper Fig. 3b).
+
+The source KM makes the keys (adjacent endpoints: the link key itself; otherwise fresh
+random keys) and sends them one-time-pad encrypted with fresh key of the next link; each
+intermediate KM decrypts with the key of the link the message came in on and re-encrypts
+with key of the link it goes out on. Every message carries a one-time Poly1305 tag keyed
+with 32 bytes of fresh link key, so tampering on any hop is detected; a relay ID seen twice
+is a replay and refused.
+
+A key is delivered to both applications or to neither: the destination holds relayed keys
+as *pending* until a commit from the source travels the same path, and the source hands
+the keys to its application only after that commit was acknowledged. If any KM on the path
+fails first, the pending keys expire unseen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from vqkd.km import errors, relay
+from vqkd.km.exchange import DeliveryRefused, split
+from vqkd.km.keyids import new_key_ids
+from vqkd.km.keypool import Span, SpanError
+from vqkd.km.keystore import KeysNotFound, StoreFull
+from vqkd.km.sessions import Role, Session, SessionTable
+
+if TYPE_CHECKING:
+    from vqkd.km.links import Link
+    from vqkd.km.manager import KeyManager
+
+log = logging.getLogger(__name__)
+
+MAC_KEY_BYTES = relay.MAC_KEY_BYTES
+
+
+class RelayRejected(Exception):
+    """A relay or commit message cannot be accepted; ``reason`` is a metric label."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Pending:
+    session_id: str
+    master: str
+    slaves: list[str]
+    keys: list[tuple[str, bytes]]
+    extension: dict | None
+    expires: float
+
+
+@dataclass(slots=True)
+class Forwarded:
+    link: Link
+    expires: float
+
+
+class RelayService:
+    def __init__(self, km: KeyManager, sessions: SessionTable, clock: Callable[[], float] = time.monotonic,
+                 on_reject: Callable[[str], None] = lambda reason: None,
+                 on_relayed: Callable[[str, int], None] = lambda role, bits: None):
+        self.km = km
+        self.sessions = sessions
+        self.clock = clock
+        self.pending: dict[str, Pending] = {}
+        self.forwarded: dict[str, Forwarded] = {}
+        self.guard = relay.ReplayGuard(capacity=1_000_000, ttl_s=3600.0, clock=clock)
+        self.on_reject = on_reject
+        self.on_relayed = on_relayed
+
+    # -- source ------------------------------------------------------------------------
+
+    def next_link(self, session: Session, master: str) -> tuple[Link, bool]:
+        """The link towards the slave's node, and whether the slave's KM is at its far end."""
+        towards = session.config.peer_sae(master).node
+        hop = session.config.hop_towards(towards)
+        link = self.km.link_to.get(hop)
+        if link is None or link.peer is None:
+            raise errors.NoPath(f"session {session.session_id}: node {self.km.node} has no link to next hop {hop!r}")
+        return link, hop == towards
+
+    async def send(self, session: Session, master: str, slaves: list[str], number: int, size_bits: int,
+                   extension: dict | None = None) -> list[tuple[str, bytes]]:
+        """Relay new keys to the slaves' KM; returns them once the destination committed."""
+        link, direct = self.next_link(session, master)
+        nbytes = number * size_bits // 8
+        if link.outgoing.available_bits < (nbytes + MAC_KEY_BYTES) * 8:
+            raise errors.InsufficientKey(
+                f"not enough QKD key on link {link.name} for session {session.session_id}: "
+                f"{(nbytes + MAC_KEY_BYTES) * 8} bits needed, {link.outgoing.available_bits} available"
+            )
+        mac_key, mac_spans = link.outgoing.take(MAC_KEY_BYTES)
+        pad, pad_spans = link.outgoing.take(nbytes)
+        keys_material = pad if direct else secrets.token_bytes(nbytes)
+        ids = new_key_ids(number)
+        fields = relay.RelayFields(
+            link=link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=link.peer_incarnation or "",
+            session_id=session.session_id, relay_id=uuid.uuid4().hex, index=session.keys_delivered,
+            master_sae_id=master, slave_sae_ids=tuple(slaves), keys=tuple((i, size_bits) for i in ids),
+            direct=direct, ciphertext=b"" if direct else relay.xor(keys_material, pad),
+            pad=tuple((s.block_id, s.offset, s.length) for s in pad_spans),
+            mac_key=tuple((s.block_id, s.offset, s.length) for s in mac_spans),
+            key_extension=json.dumps(extension, separators=(",", ":")) if extension else "",
+        )
+        await link.peer.relay(fields, relay.tag(mac_key, relay.authenticated_bytes(fields)))
+        await link.peer.commit(link.name, session.session_id, fields.relay_id)
+        self.on_relayed("source", nbytes * 8)
+        return list(zip(ids, split(keys_material, size_bits // 8)))
+
+    # -- every hop ---------------------------------------------------------------------
+
+    def _reject(self, reason: str, message: str) -> RelayRejected:
+        self.on_reject(reason)
+        log.warning("relay refused (%s): %s", reason, message)
+        return RelayRejected(reason, f"{reason}: {message}")
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for table in (self.pending, self.forwarded):
+            for relay_id in [r for r, entry in table.items() if entry.expires <= now]:
+                del table[relay_id]
+
+    async def receive(self, link_in: Link, fields: relay.RelayFields, tag: bytes) -> None:
+        """Handle one relay message from the KM at the other end of ``link_in``."""
+        self._expire()
+        if fields.relay_id in self.guard:  # known genuine: refuse before touching any material
+            raise self._reject("replayed", f"relay {fields.relay_id} was seen before")
+        try:
+            mac_key = link_in.incoming.consume([Span(*s) for s in fields.mac_key])
+            pad = link_in.incoming.consume([Span(*s) for s in fields.pad])
+        except SpanError as e:
+            raise self._reject("bad_material", f"link {link_in.name}: {e}") from None
+        # The tag first: a forged message must not get its relay ID remembered, or the
+        # genuine one would then be refused as a replay.
+        if len(mac_key) != MAC_KEY_BYTES or not relay.verify(mac_key, relay.authenticated_bytes(fields), tag):
+            raise self._reject("tampered", f"relay {fields.relay_id} on link {link_in.name}: tag does not verify")
+        if self.guard.seen_before(fields.relay_id):
+            raise self._reject("replayed", f"relay {fields.relay_id} was seen before")
+        session = self.sessions.get(fields.session_id)
+        if session is None:
+            raise self._reject("unknown_session", f"node {self.km.node} holds no session {fields.session_id}")
+        if not fields.direct and len(fields.ciphertext) != len(pad):
+            raise self._reject("malformed", "ciphertext and pad lengths differ")
+        plain = pad if fields.direct else relay.xor(fields.ciphertext, pad)
+        if sum(size for _, size in fields.keys) != len(plain) * 8:
+            raise self._reject("malformed", "key sizes do not add up to the relayed material")
+
+        c = session.config
+        towards_destination = link_in.peer_node == c.prev_hop
+        arrived = c.role is (Role.DESTINATION if towards_destination else Role.SOURCE)
+        if arrived:
+            self._hold(session, fields, plain)
+            self.on_relayed("destination", len(plain) * 8)
+            return
+        hop = c.next_hop if towards_destination else c.prev_hop
+        link_out = self.km.link_to.get(hop)
+        if link_out is None or link_out.peer is None or c.role is not Role.INTERMEDIATE:
+            raise self._reject("no_route", f"session {c.session_id}: no hop from {self.km.node} towards {hop!r}")
+        need = len(plain) + MAC_KEY_BYTES
+        if link_out.outgoing.available_bits < need * 8:
+            raise errors.InsufficientKey(
+                f"not enough QKD key on link {link_out.name} to relay session {c.session_id}: {need * 8} bits needed"
+            )
+        mac_key, mac_spans = link_out.outgoing.take(MAC_KEY_BYTES)
+        pad_out, pad_spans = link_out.outgoing.take(len(plain))
+        onward = relay.RelayFields(
+            link=link_out.name, sender_incarnation=self.km.incarnation,
+            receiver_incarnation=link_out.peer_incarnation or "", session_id=c.session_id,
+            relay_id=fields.relay_id, index=fields.index, master_sae_id=fields.master_sae_id,
+            slave_sae_ids=fields.slave_sae_ids, keys=fields.keys, direct=False,
+            ciphertext=relay.xor(plain, pad_out),
+            pad=tuple((s.block_id, s.offset, s.length) for s in pad_spans),
+            mac_key=tuple((s.block_id, s.offset, s.length) for s in mac_spans),
+            key_extension=fields.key_extension,
+        )
+        await link_out.peer.relay(onward, relay.tag(mac_key, relay.authenticated_bytes(onward)))
+        self.forwarded[fields.relay_id] = Forwarded(link_out, self.clock() + c.request_timeout_s)
+        self.on_relayed("intermediate", len(plain) * 8)
+
+    def _hold(self, session: Session, fields: relay.RelayFields, plain: bytes) -> None:
+        not_here = [s for s in fields.slave_sae_ids if not self.km.is_local(s)]
+        if not fields.slave_sae_ids or not_here:
+            raise self._reject("malformed", f"slave SAEs {not_here or '[]'} are not attached to node {self.km.node}")
+        offsets, keys = 0, []
+        for key_id, size in fields.keys:
+            keys.append((key_id, plain[offsets:offsets + size // 8]))
+            offsets += size // 8
+        extension = json.loads(fields.key_extension) if fields.key_extension else None
+        self.pending[fields.relay_id] = Pending(
+            session.session_id, fields.master_sae_id, list(fields.slave_sae_ids), keys, extension,
+            self.clock() + session.config.request_timeout_s,
+        )
+
+    async def commit(self, link_in: Link, session_id: str, relay_id: str) -> None:
+        """Release pending keys at the destination, or pass the commit on along the path."""
+        self._expire()
+        forwarded = self.forwarded.pop(relay_id, None)
+        if forwarded is not None:
+            await forwarded.link.peer.commit(forwarded.link.name, session_id, relay_id)
+            return
+        pending = self.pending.pop(relay_id, None)
+        if pending is None or pending.session_id != session_id:
+            raise self._reject("unknown_relay", f"no pending relay {relay_id} for session {session_id} "
+                                                f"at {self.km.node} (expired or never received)")
+        try:
+            self.km.store.put(pending.master, frozenset(pending.slaves), pending.keys, pending.extension)
+        except (StoreFull, KeysNotFound) as e:
+            raise DeliveryRefused(str(e)) from None
+        session = self.sessions.get(session_id)
+        if session is not None:
+            session.keys_delivered += len(pending.keys)
+            session.bits_delivered += sum(len(k) for _, k in pending.keys) * 8
+            self.sessions.touch(session)

@@ -1,0 +1,236 @@
+"""Sessions at a KM and its forwarding table (paper §3.1–3.2, Fig. 2a).
+
+A session is a period in which two SAEs may draw symmetric key. The control plane pushes
+each KM on the session's path a configuration: the KM's role, its previous and next hop
+(never the whole path), priority, token bucket and timers. Endpoint KMs run the session
+cycle ``Authenticating → UserAccepted → Operative ⇄ KeyExchanging → Terminated``; every
+transition is recorded with a timestamp so the runtimes can show it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from typing import Callable
+
+from vqkd.km.tokenbucket import TokenBucket
+
+
+class State(StrEnum):
+    AUTHENTICATING = "Authenticating"
+    USER_ACCEPTED = "UserAccepted"
+    OPERATIVE = "Operative"
+    KEY_EXCHANGING = "KeyExchanging"
+    TERMINATED = "Terminated"
+
+
+class Role(Enum):
+    SOURCE = 1
+    INTERMEDIATE = 2
+    DESTINATION = 3
+
+
+ALLOWED = {
+    State.AUTHENTICATING: {State.USER_ACCEPTED, State.TERMINATED},
+    State.USER_ACCEPTED: {State.OPERATIVE, State.TERMINATED},
+    State.OPERATIVE: {State.KEY_EXCHANGING, State.TERMINATED, State.OPERATIVE},
+    State.KEY_EXCHANGING: {State.OPERATIVE, State.TERMINATED, State.KEY_EXCHANGING},
+    State.TERMINATED: set(),
+}
+
+
+class InvalidConfiguration(ValueError):
+    """A pushed configuration is inconsistent; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    node: str
+    sae_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    session_id: str
+    version: int
+    role: Role
+    user: str
+    source: Endpoint
+    destination: Endpoint
+    prev_hop: str
+    next_hop: str
+    priority: int
+    rate_bps: float
+    bucket_bits: int
+    inactivity_timeout_s: float
+    request_timeout_s: float
+    key_chunk_size: int
+    ttl_s: float
+    fallback: str
+
+    def validate(self, node: str, neighbours: set[str]) -> None:
+        problems = []
+        if not self.session_id:
+            problems.append("session_id must not be empty")
+        if self.version < 1:
+            problems.append(f"version must be >= 1, got {self.version}")
+        expected_at = {Role.SOURCE: self.source.node, Role.DESTINATION: self.destination.node}
+        if self.role in expected_at and expected_at[self.role] != node:
+            problems.append(f"role {self.role.name} belongs at node {expected_at[self.role]}, this is {node}")
+        if self.role is Role.INTERMEDIATE and node in (self.source.node, self.destination.node):
+            problems.append(f"node {node} is an endpoint of the session, not an intermediate")
+        needs_prev = self.role is not Role.SOURCE
+        needs_next = self.role is not Role.DESTINATION
+        for name, hop, needed in (("prev_hop", self.prev_hop, needs_prev), ("next_hop", self.next_hop, needs_next)):
+            if needed and hop not in neighbours:
+                problems.append(f"{name} {hop!r} is not a neighbour of {node} (neighbours: {sorted(neighbours)})")
+            if not needed and hop:
+                problems.append(f"{name} must be empty for role {self.role.name}, got {hop!r}")
+        if self.rate_bps <= 0 or self.bucket_bits <= 0:
+            problems.append(f"token bucket needs rate_bps > 0 and bucket_bits > 0, got {self.rate_bps}, {self.bucket_bits}")
+        if self.inactivity_timeout_s <= 0 or self.request_timeout_s <= 0:
+            problems.append("inactivity_timeout_ms and request_timeout_ms must be > 0")
+        if self.fallback not in ("", "none", "pqc"):
+            problems.append(f"fallback must be '', 'none' or 'pqc', got {self.fallback!r}")
+        if problems:
+            raise InvalidConfiguration(f"session {self.session_id or '?'}: " + "; ".join(problems))
+
+    def hop_towards(self, node_of_peer_endpoint: str) -> str:
+        """The neighbour to send to for key travelling towards an endpoint's node."""
+        return self.next_hop if node_of_peer_endpoint == self.destination.node else self.prev_hop
+
+    def peer_sae(self, sae_id: str) -> Endpoint:
+        return self.destination if sae_id == self.source.sae_id else self.source
+
+
+@dataclass(slots=True)
+class Event:
+    at: float  # wall clock, seconds since the epoch
+    session_id: str
+    event: str
+    state: State
+    detail: str = ""
+
+
+@dataclass
+class Session:
+    config: SessionConfig
+    bucket: TokenBucket
+    state: State = State.AUTHENTICATING
+    last_activity: float = 0.0
+    keys_delivered: int = 0
+    bits_delivered: int = 0
+    refused_by_bucket: int = 0
+    busy: int = 0  # key exchanges in flight
+    implicit: bool = False  # opened by the KM on behalf of ETSI 014 callers
+
+    @property
+    def session_id(self) -> str:
+        return self.config.session_id
+
+    @property
+    def is_endpoint(self) -> bool:
+        return self.config.role is not Role.INTERMEDIATE
+
+
+@dataclass
+class SessionTable:
+    """All sessions this KM takes part in, keyed by session ID (the forwarding table)."""
+
+    node: str
+    clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+    sessions: dict[str, Session] = field(default_factory=dict)
+    events: deque[Event] = field(default_factory=lambda: deque(maxlen=10_000))
+    on_terminated: Callable[[Session, str], None] = lambda session, reason: None
+
+    def _record(self, session: Session, event: str, to: State, detail: str = "") -> None:
+        if to not in ALLOWED[session.state] and to is not session.state:
+            raise RuntimeError(f"session {session.session_id}: no transition {session.state} -> {to}")
+        session.state = to
+        self.events.append(Event(self.wall(), session.session_id, event, to, detail))
+
+    def _bucket(self, config: SessionConfig) -> TokenBucket:
+        return TokenBucket(config.rate_bps, config.bucket_bits, clock=self.clock, subject=f"session {config.session_id}")
+
+    def get(self, session_id: str) -> Session | None:
+        return self.sessions.get(session_id)
+
+    def between(self, sae_a: str, sae_b: str) -> Session | None:
+        """The live session of an SAE pair, in either direction."""
+        pair = {sae_a, sae_b}
+        for session in self.sessions.values():
+            c = session.config
+            if {c.source.sae_id, c.destination.sae_id} == pair and session.state is not State.TERMINATED:
+                return session
+        return None
+
+    def open(self, config: SessionConfig, detail: str = "") -> Session:
+        """An application's open request arrived (or the KM opens on its behalf)."""
+        session = Session(config, self._bucket(config))
+        session.last_activity = self.clock()
+        self.sessions[config.session_id] = session
+        self.events.append(Event(self.wall(), config.session_id, "open request", State.AUTHENTICATING, detail))
+        return session
+
+    def user_accepted(self, session: Session, detail: str = "") -> None:
+        self._record(session, "user authenticated", State.USER_ACCEPTED, detail)
+
+    def configure(self, config: SessionConfig) -> Session:
+        """Apply a pushed configuration; an older or equal version changes nothing."""
+        session = self.sessions.get(config.session_id)
+        if session is not None and session.config.version >= config.version:
+            return session
+        if session is None:
+            session = Session(config, self._bucket(config))
+            self.sessions[config.session_id] = session
+            session.state = State.USER_ACCEPTED  # declared by the control plane: no open to wait for
+        else:
+            session.config = config
+            session.bucket.reconfigure(config.rate_bps, config.bucket_bits)
+        session.last_activity = self.clock()
+        detail = f"version {config.version}, prev {config.prev_hop or '-'}, next {config.next_hop or '-'}"
+        if session.state in (State.AUTHENTICATING, State.USER_ACCEPTED):
+            if session.state is State.AUTHENTICATING:
+                self._record(session, "user authenticated", State.USER_ACCEPTED)
+            self._record(session, "route configured", State.OPERATIVE, detail)
+        else:
+            self.events.append(Event(self.wall(), config.session_id, "route configured", session.state, detail))
+        return session
+
+    def key_exchange_started(self, session: Session) -> None:
+        session.busy += 1
+        session.last_activity = self.clock()
+        self._record(session, "key request", State.KEY_EXCHANGING)
+
+    def key_exchange_done(self, session: Session, keys: int, bits: int, detail: str = "") -> None:
+        session.busy -= 1
+        session.keys_delivered += keys
+        session.bits_delivered += bits
+        session.last_activity = self.clock()
+        if session.state is State.TERMINATED:
+            return
+        if session.busy == 0:
+            self._record(session, "key delivered" if keys else "key exchange failed", State.OPERATIVE, detail)
+
+    def touch(self, session: Session) -> None:
+        session.last_activity = self.clock()
+
+    def terminate(self, session_id: str, reason: str) -> Session | None:
+        """Close request, deletion signal or expiry: forget the session and free what it held."""
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return None
+        if session.state is not State.TERMINATED:
+            self._record(session, reason, State.TERMINATED)
+            self.on_terminated(session, reason)
+        return session
+
+    def expired(self) -> list[Session]:
+        now = self.clock()
+        return [
+            s for s in self.sessions.values()
+            if s.busy == 0 and now - s.last_activity > s.config.inactivity_timeout_s
+        ]
