@@ -73,6 +73,8 @@ class KMConfig(_Strict):
     saes: dict[str, str] = Field(default_factory=dict, description="SAE ID -> node it is attached to")
     links: list[LinkEndConfig] = Field(default_factory=list)
     limits: KeyLimits = KeyLimits()
+    control_plane: HostPort | None = Field(
+        None, description="ControlPlane gRPC address; without one the KM serves adjacent SAE pairs on its own")
     delivered_key_ttl_s: float = Field(3600.0, gt=0, description="how long a key waits for its slave SAE")
     delivered_store_max_bits: int = Field(2 * 1024**3, gt=0, description="bound on keys waiting for slave SAEs")
 

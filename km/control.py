@@ -89,7 +89,7 @@ class KeyManagerControlService(km_pb2_grpc.KeyManagerControlServicer):
                 bits_delivered=s.bits_delivered, refused_by_bucket=s.refused_by_bucket,
                 last_activity_age_s=now - s.last_activity,
             )
-            for s in self.sessions.sessions.values()
+            for s in self.sessions.sessions.values() if s.config is not None
         ])
 
     async def GetStats(self, request, context):

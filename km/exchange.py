@@ -8,18 +8,32 @@ fails, the material is gone on both sides and nobody has the keys.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vqkd.km import errors
 from vqkd.km.keyids import new_key_ids
 from vqkd.km.keypool import InsufficientKey, Span, SpanError
+from vqkd.km.controlplane import OpenRequest, QoS
 from vqkd.km.keystore import KeysNotFound, StoreFull
+from vqkd.km.sessions import Endpoint
 
 if TYPE_CHECKING:
     from vqkd.km.manager import KeyManager
+    from vqkd.km.controlplane import ControlPlaneClient
     from vqkd.km.relaying import RelayService
     from vqkd.km.sessions import Session, SessionTable
+
+
+IMPLICIT_ROUTE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    keys: list[tuple[str, bytes]]
+    extension: dict | None = None  # attached to every key, e.g. marking hybrid (PQC) keys
 
 
 class DeliveryRefused(Exception):
@@ -35,12 +49,15 @@ class KeyExchange:
     (relayed along its path, limited by its token bucket), otherwise — a KM running without
     a control plane — directly over the link to an adjacent node."""
 
-    def __init__(self, km: KeyManager, sessions: SessionTable | None = None, relays: RelayService | None = None):
+    def __init__(self, km: KeyManager, sessions: SessionTable | None = None, relays: RelayService | None = None,
+                 control_plane: ControlPlaneClient | None = None):
         self.km = km
         self.sessions = sessions
         self.relays = relays
+        self.control_plane = control_plane
+        self._opening: dict[frozenset[str], asyncio.Future] = {}
 
-    async def issue(self, master: str, slaves: list[str], number: int, size_bits: int) -> list[tuple[str, bytes]]:
+    async def issue(self, master: str, slaves: list[str], number: int, size_bits: int) -> Issued:
         """New keys for ``master``, held for every slave by the slave's KM when this returns."""
         km = self.km
         slave_nodes = {km.node_of(s) for s in slaves}
@@ -48,15 +65,16 @@ class KeyExchange:
             raise errors.InvalidRequest(f"slave SAEs {slaves} must all be known and attached to one node")
         (slave_node,) = slave_nodes
         size_bytes = size_bits // 8
-        ids = new_key_ids(number)
         if slave_node == km.node:
-            keys = list(zip(ids, (secrets.token_bytes(size_bytes) for _ in ids)))
+            keys = list(zip(new_key_ids(number), (secrets.token_bytes(size_bytes) for _ in range(number))))
             try:
                 self._store(master, slaves, keys)
             except DeliveryRefused as e:
                 raise errors.Unavailable(f"cannot hold keys for {slaves}: {e}") from None
-            return keys
+            return Issued(keys)
         session = self.sessions.between(master, slaves[0]) if self.sessions is not None else None
+        if session is None and self.control_plane is not None:
+            session = await self._open_implicit(master, Endpoint(slave_node, slaves[0]))
         if session is not None:
             return await self._in_session(session, master, slaves, number, size_bits)
         link = km.link_to.get(slave_node)
@@ -68,23 +86,65 @@ class KeyExchange:
             raise errors.InsufficientKey(
                 f"not enough QKD key on link {link.name} to node {slave_node}: {e}; retry later or ask for fewer bits"
             ) from None
+        ids = new_key_ids(number)
         await link.peer.deliver(master, slaves, ids, size_bits, spans)
-        return list(zip(ids, split(material, size_bytes)))
+        return Issued(list(zip(ids, split(material, size_bytes))))
+
+    async def _open_implicit(self, master: str, slave: Endpoint) -> Session:
+        """ETSI 014 "Get key" is OPEN_CONNECT + GET_KEY + CLOSE: open the pair's session on the
+        applications' behalf with the user's default QoS, once, however many requests race."""
+        pair = frozenset((master, slave.sae_id))
+        opening = self._opening.get(pair)
+        if opening is None:
+            opening = asyncio.ensure_future(self._open(master, slave))
+            self._opening[pair] = opening
+            opening.add_done_callback(lambda _: self._opening.pop(pair, None))
+        return await asyncio.shield(opening)
+
+    async def _open(self, master: str, slave: Endpoint) -> Session:
+        source = Endpoint(self.km.node, master)
+        result = await self.control_plane.open_session(OpenRequest(
+            node=self.km.node, caller_sae_id=master, source=source, destination=slave, qos=QoS(), implicit=True,
+        ))
+        if not result.accepted:
+            error = errors.NotAuthorized if result.unauthorized else errors.Unavailable
+            raise error(f"session {master} -> {slave.sae_id} refused by the control plane: {result.reason}")
+        session = self.sessions.open(result.session_id, source, slave, detail="ETSI 014", implicit=True)
+        try:
+            await asyncio.wait_for(session.configured.wait(), IMPLICIT_ROUTE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise errors.Unavailable(
+                f"session {result.session_id} ({master} -> {slave.sae_id}) got no route within "
+                f"{IMPLICIT_ROUTE_TIMEOUT_S:g} s; retry later"
+            ) from None
+        if session.config is None:
+            raise errors.Unavailable(f"session {result.session_id} was deleted before it got a route")
+        return session
+
+    async def issue_stream(self, session: Session, source: str, destination: str, index: int, count: int,
+                           size_bits: int) -> Issued:
+        """ETSI 004 chunks ``index`` … ``index + count - 1`` of the session's key stream."""
+        return await self._in_session(session, source, [destination], count, size_bits, stream_index=index)
 
     async def _in_session(self, session: Session, master: str, slaves: list[str], number: int,
-                          size_bits: int) -> list[tuple[str, bytes]]:
+                          size_bits: int, stream_index: int | None = None) -> Issued:
         bits = number * size_bits
+        if session.config is None:
+            raise errors.Unavailable(f"session {session.session_id} has no route yet (peer not registered); retry")
         if not session.bucket.try_take(bits):
             session.refused_by_bucket += 1
             raise session.bucket.refusal(bits)
         self.sessions.key_exchange_started(session)
+        if self.control_plane is not None:
+            await self.control_plane.key_requested(session.session_id)
         try:
-            keys = await self.relays.send(session, master, slaves, number, size_bits)
+            keys, extension = await self.relays.send(session, master, slaves, number, size_bits,
+                                                     stream=stream_index is not None, index=stream_index or 0)
         except errors.KMError as e:
             self.sessions.key_exchange_done(session, 0, 0, detail=str(e))
             raise
         self.sessions.key_exchange_done(session, number, bits)
-        return keys
+        return Issued(keys, extension)
 
     def accept(self, link_name: str, master: str, slaves: list[str], key_ids: list[str],
                sizes_bits: list[int], spans: list[Span]) -> int:

@@ -51,6 +51,7 @@ class LinkFeed:
         if link.peer_incarnation != incarnation:
             return 0  # the peer restarted meanwhile: these keys were shared with no one alive
         link.outgoing.add(blocks)
+        link.queue.notify()
         bits = sum(len(b) for _, b in blocks) * 8
         self.on_drawn(link, bits)
         return bits

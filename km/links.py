@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from vqkd.km.config import LinkEndConfig
 from vqkd.km.keypool import IncomingPool, OutgoingPool
+from vqkd.km.keyqueue import KeyQueue
 
 if TYPE_CHECKING:
     from vqkd.km.peering import PeerClient
@@ -26,6 +27,8 @@ class Link:
         self.peer_node = config.peer_node
         self.outgoing = OutgoingPool()
         self.incoming = IncomingPool()
+        # Requests waiting for outgoing key: by priority, then first come first served.
+        self.queue = KeyQueue()
         self.peer_incarnation: str | None = None
         self.peer: PeerClient | None = None
         self.flushed_bits = 0

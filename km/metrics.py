@@ -37,6 +37,9 @@ class KMMetrics:
         self.relay_rejected = Counter(
             "vqkd_km_relay_rejected", "Relay messages refused (tampered, replayed, unknown session, ...)",
             ["node", "reason"], registry=r).labels
+        self.fallback_keys = Counter(
+            "vqkd_km_fallback_keys", "Keys made by the hybrid ML-KEM-768 + X25519 fallback instead of QKD",
+            ["node"], registry=r).labels
         self.node = node
         r.register(_PoolCollector(km))
 

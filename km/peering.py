@@ -11,7 +11,7 @@ from vqkd.km import errors, identity, relay
 from vqkd.km.exchange import DeliveryRefused, KeyExchange
 from vqkd.km.keypool import Span, SpanError
 from vqkd.km.links import Link
-from vqkd.km.relaying import RelayRejected, RelayService
+from vqkd.km.relaying import HybridMessage, RelayRejected, RelayService
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 if TYPE_CHECKING:
@@ -110,6 +110,27 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return km_pb2.RelayReply()
 
+    async def Hybrid(self, request, context):
+        link = await self._link(request, context)
+        await self._check_incarnations(link, request, context)
+        sizes = {k.size_bits for k in request.keys}
+        if len(sizes) != 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a hybrid exchange needs keys of one size")
+        message = HybridMessage(
+            link=request.link, session_id=request.session_id, relay_id=request.relay_id, index=request.index,
+            master_sae_id=request.master_sae_id, slave_sae_ids=tuple(request.slave_sae_ids),
+            key_ids=tuple(k.key_id for k in request.keys), size_bits=sizes.pop(), stream=request.stream,
+            offer=request.offer,
+        )
+        try:
+            reply = await self.relays.receive_hybrid(link, message)
+        except RelayRejected as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED if e.reason == "replayed"
+                                else grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except errors.KMError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return km_pb2.HybridReply(reply=reply)
+
     async def Commit(self, request, context):
         link = await self._link(request, context)
         await self._check_incarnations(link, request, context)
@@ -130,7 +151,7 @@ def fields_from_pb(r: km_pb2.RelayRequest) -> relay.RelayFields:
         direct=r.direct, ciphertext=r.ciphertext,
         pad=tuple((s.block_id, s.offset, s.length) for s in r.pad),
         mac_key=tuple((s.block_id, s.offset, s.length) for s in r.mac_key),
-        key_extension=r.key_extension,
+        key_extension=r.key_extension, stream=r.stream,
     )
 
 
@@ -142,7 +163,7 @@ def fields_to_pb(f: relay.RelayFields, tag: bytes) -> km_pb2.RelayRequest:
         direct=f.direct, ciphertext=f.ciphertext,
         pad=[km_pb2.Span(block_id=b, offset=o, length=n) for b, o, n in f.pad],
         mac_key=[km_pb2.Span(block_id=b, offset=o, length=n) for b, o, n in f.mac_key],
-        key_extension=f.key_extension, tag=tag,
+        key_extension=f.key_extension, stream=f.stream, tag=tag,
     )
 
 
@@ -187,6 +208,16 @@ class PeerClient:
             raise errors.PeerUnavailable(f"KM of node {self.link.peer_node} (link {self.link.name}) "
                                          "is not known in its current incarnation; retry")
         await self._call(self.stub.Relay, lambda inc: fields_to_pb(fields, tag))
+
+    async def hybrid(self, m: HybridMessage) -> bytes:
+        reply, _ = await self._call(self.stub.Hybrid, lambda inc: km_pb2.HybridRequest(
+            link=m.link, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
+            session_id=m.session_id, relay_id=m.relay_id, index=m.index, master_sae_id=m.master_sae_id,
+            slave_sae_ids=list(m.slave_sae_ids),
+            keys=[km_pb2.DeliveredKey(key_id=k, size_bits=m.size_bits) for k in m.key_ids],
+            stream=m.stream, offer=m.offer,
+        ))
+        return reply.reply
 
     async def commit(self, link: str, session_id: str, relay_id: str) -> None:
         await self._call(self.stub.Commit, lambda inc: km_pb2.CommitRequest(

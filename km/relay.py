@@ -38,7 +38,7 @@ TAG_BYTES = 16
 
 # Names the format, so bytes authenticated for this message can never be taken for bytes
 # of another message or of a later version of this encoding.
-_DOMAIN = b"vqkd.km.v1.RelayRequest/1"
+_DOMAIN = b"vqkd.km.v1.RelayRequest/2"
 
 _U32_MAX = 2**32 - 1
 _U64_MAX = 2**64 - 1
@@ -79,6 +79,9 @@ class RelayFields:
     pad: tuple[SpanRef, ...]
     mac_key: tuple[SpanRef, ...]
     key_extension: str
+    # The keys are chunks of the session's ETSI 004 key stream from ``index`` on, kept by
+    # the destination for GET_KEY by index rather than for dec_keys by key ID.
+    stream: bool = False
 
 
 def xor(a: bytes, b: bytes) -> bytes:
@@ -143,6 +146,7 @@ def authenticated_bytes(fields: RelayFields) -> bytes:
     _put_spans(out, fields.pad, "pad")
     _put_spans(out, fields.mac_key, "mac_key")
     _put_str(out, fields.key_extension)
+    out += b"\x01" if fields.stream else b"\x00"
     return bytes(out)
 
 

@@ -15,6 +15,7 @@ fails first, the pending keys expire unseen.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -23,8 +24,9 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from vqkd.km import errors, relay
+from vqkd.km import errors, hybrid, relay
 from vqkd.km.exchange import DeliveryRefused, split
+from vqkd.km.keyqueue import QueueTimeout
 from vqkd.km.keyids import new_key_ids
 from vqkd.km.keypool import Span, SpanError
 from vqkd.km.keystore import KeysNotFound, StoreFull
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAC_KEY_BYTES = relay.MAC_KEY_BYTES
+HYBRID_EXTENSION = {"vqkd_key_origin": "hybrid-x25519-mlkem768"}
 
 
 class RelayRejected(Exception):
@@ -55,6 +58,23 @@ class Pending:
     keys: list[tuple[str, bytes]]
     extension: dict | None
     expires: float
+    stream_index: int | None = None  # ETSI 004 chunks from this index, else ETSI 014 keys
+
+
+@dataclass(frozen=True, slots=True)
+class HybridMessage:
+    """One hop of the hybrid fallback exchange (km.proto HybridRequest)."""
+
+    link: str
+    session_id: str
+    relay_id: str
+    index: int
+    master_sae_id: str
+    slave_sae_ids: tuple[str, ...]
+    key_ids: tuple[str, ...]
+    size_bits: int
+    stream: bool
+    offer: bytes
 
 
 @dataclass(slots=True)
@@ -66,7 +86,8 @@ class Forwarded:
 class RelayService:
     def __init__(self, km: KeyManager, sessions: SessionTable, clock: Callable[[], float] = time.monotonic,
                  on_reject: Callable[[str], None] = lambda reason: None,
-                 on_relayed: Callable[[str, int], None] = lambda role, bits: None):
+                 on_relayed: Callable[[str, int], None] = lambda role, bits: None,
+                 on_fallback: Callable[[int], None] = lambda keys: None):
         self.km = km
         self.sessions = sessions
         self.clock = clock
@@ -75,6 +96,7 @@ class RelayService:
         self.guard = relay.ReplayGuard(capacity=1_000_000, ttl_s=3600.0, clock=clock)
         self.on_reject = on_reject
         self.on_relayed = on_relayed
+        self.on_fallback = on_fallback
 
     # -- source ------------------------------------------------------------------------
 
@@ -87,33 +109,66 @@ class RelayService:
             raise errors.NoPath(f"session {session.session_id}: node {self.km.node} has no link to next hop {hop!r}")
         return link, hop == towards
 
+    async def _take(self, link: Link, session: Session, nbytes: int) -> tuple[bytes, list, bytes, list]:
+        """Pad and MAC key for one hop, waiting in the link's priority queue while key is short."""
+        c = session.config
+        need = (nbytes + MAC_KEY_BYTES) * 8
+        try:
+            with await link.queue.acquire(c.priority, lambda: link.outgoing.available_bits >= need,
+                                          c.request_timeout_s):
+                mac_key, mac_spans = link.outgoing.take(MAC_KEY_BYTES)
+                pad, pad_spans = link.outgoing.take(nbytes)
+        except QueueTimeout:
+            raise errors.InsufficientKey(
+                f"not enough QKD key on link {link.name} for session {session.session_id} within its "
+                f"timeout of {c.request_timeout_s:g} s: {need} bits needed, {link.outgoing.available_bits} "
+                f"available; retry later or ask for fewer bits"
+            ) from None
+        return mac_key, mac_spans, pad, pad_spans
+
     async def send(self, session: Session, master: str, slaves: list[str], number: int, size_bits: int,
-                   extension: dict | None = None) -> list[tuple[str, bytes]]:
-        """Relay new keys to the slaves' KM; returns them once the destination committed."""
+                   stream: bool = False, index: int = 0) -> tuple[list[tuple[str, bytes]], dict | None]:
+        """Relay new keys to the slaves' KM; returns them (and their key extension) once the
+        destination committed. With ``stream`` they are ETSI 004 chunks from ``index`` on."""
         link, direct = self.next_link(session, master)
         nbytes = number * size_bits // 8
-        if link.outgoing.available_bits < (nbytes + MAC_KEY_BYTES) * 8:
-            raise errors.InsufficientKey(
-                f"not enough QKD key on link {link.name} for session {session.session_id}: "
-                f"{(nbytes + MAC_KEY_BYTES) * 8} bits needed, {link.outgoing.available_bits} available"
-            )
-        mac_key, mac_spans = link.outgoing.take(MAC_KEY_BYTES)
-        pad, pad_spans = link.outgoing.take(nbytes)
+        try:
+            mac_key, mac_spans, pad, pad_spans = await self._take(link, session, nbytes)
+        except errors.InsufficientKey:
+            if session.config.fallback != "pqc":
+                raise
+            return await self._send_hybrid(session, link, master, slaves, number, size_bits, stream, index)
         keys_material = pad if direct else secrets.token_bytes(nbytes)
         ids = new_key_ids(number)
         fields = relay.RelayFields(
             link=link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=link.peer_incarnation or "",
-            session_id=session.session_id, relay_id=uuid.uuid4().hex, index=session.keys_delivered,
+            session_id=session.session_id, relay_id=uuid.uuid4().hex, index=index,
             master_sae_id=master, slave_sae_ids=tuple(slaves), keys=tuple((i, size_bits) for i in ids),
             direct=direct, ciphertext=b"" if direct else relay.xor(keys_material, pad),
             pad=tuple((s.block_id, s.offset, s.length) for s in pad_spans),
             mac_key=tuple((s.block_id, s.offset, s.length) for s in mac_spans),
-            key_extension=json.dumps(extension, separators=(",", ":")) if extension else "",
+            key_extension="", stream=stream,
         )
         await link.peer.relay(fields, relay.tag(mac_key, relay.authenticated_bytes(fields)))
         await link.peer.commit(link.name, session.session_id, fields.relay_id)
         self.on_relayed("source", nbytes * 8)
-        return list(zip(ids, split(keys_material, size_bits // 8)))
+        return list(zip(ids, split(keys_material, size_bits // 8))), None
+
+    async def _send_hybrid(self, session: Session, link: Link, master: str, slaves: list[str], number: int,
+                           size_bits: int, stream: bool, index: int) -> tuple[list[tuple[str, bytes]], dict]:
+        """The session asked for it: agree keys with the destination KM by ML-KEM-768 + X25519."""
+        ids = new_key_ids(number)
+        initiator = hybrid.HybridInitiator()
+        message = HybridMessage(link.name, session.session_id, uuid.uuid4().hex, index, master, tuple(slaves),
+                                tuple(ids), size_bits, stream, initiator.offer)
+        reply = await link.peer.hybrid(message)
+        try:
+            secret = initiator.finish(reply, hybrid.session_context(session.session_id, ids, size_bits))
+        except (ValueError, hybrid.HybridFailure) as e:
+            raise errors.PeerUnavailable(f"hybrid key exchange for session {session.session_id} failed: {e}") from None
+        await link.peer.commit(link.name, session.session_id, message.relay_id)
+        self.on_fallback(number)
+        return list(zip(ids, hybrid.derive_keys(secret, ids, size_bits))), dict(HYBRID_EXTENSION)
 
     # -- every hop ---------------------------------------------------------------------
 
@@ -153,51 +208,81 @@ class RelayService:
         if sum(size for _, size in fields.keys) != len(plain) * 8:
             raise self._reject("malformed", "key sizes do not add up to the relayed material")
 
-        c = session.config
-        towards_destination = link_in.peer_node == c.prev_hop
-        arrived = c.role is (Role.DESTINATION if towards_destination else Role.SOURCE)
-        if arrived:
-            self._hold(session, fields, plain)
+        link_out = self._onward(session, link_in)
+        if link_out is None:
+            keys = list(zip((k for k, _ in fields.keys), relay.split_keys(plain, fields.keys)))
+            extension = json.loads(fields.key_extension) if fields.key_extension else None
+            self._hold(session, fields.relay_id, fields.master_sae_id, fields.slave_sae_ids, keys, extension,
+                       fields.index if fields.stream else None)
             self.on_relayed("destination", len(plain) * 8)
             return
-        hop = c.next_hop if towards_destination else c.prev_hop
-        link_out = self.km.link_to.get(hop)
-        if link_out is None or link_out.peer is None or c.role is not Role.INTERMEDIATE:
-            raise self._reject("no_route", f"session {c.session_id}: no hop from {self.km.node} towards {hop!r}")
-        need = len(plain) + MAC_KEY_BYTES
-        if link_out.outgoing.available_bits < need * 8:
-            raise errors.InsufficientKey(
-                f"not enough QKD key on link {link_out.name} to relay session {c.session_id}: {need * 8} bits needed"
-            )
-        mac_key, mac_spans = link_out.outgoing.take(MAC_KEY_BYTES)
-        pad_out, pad_spans = link_out.outgoing.take(len(plain))
+        mac_key, mac_spans, pad_out, pad_spans = await self._take(link_out, session, len(plain))
         onward = relay.RelayFields(
             link=link_out.name, sender_incarnation=self.km.incarnation,
-            receiver_incarnation=link_out.peer_incarnation or "", session_id=c.session_id,
+            receiver_incarnation=link_out.peer_incarnation or "", session_id=session.session_id,
             relay_id=fields.relay_id, index=fields.index, master_sae_id=fields.master_sae_id,
             slave_sae_ids=fields.slave_sae_ids, keys=fields.keys, direct=False,
             ciphertext=relay.xor(plain, pad_out),
             pad=tuple((s.block_id, s.offset, s.length) for s in pad_spans),
             mac_key=tuple((s.block_id, s.offset, s.length) for s in mac_spans),
-            key_extension=fields.key_extension,
+            key_extension=fields.key_extension, stream=fields.stream,
         )
         await link_out.peer.relay(onward, relay.tag(mac_key, relay.authenticated_bytes(onward)))
-        self.forwarded[fields.relay_id] = Forwarded(link_out, self.clock() + c.request_timeout_s)
+        self.forwarded[fields.relay_id] = Forwarded(link_out, self.clock() + session.config.request_timeout_s)
         self.on_relayed("intermediate", len(plain) * 8)
 
-    def _hold(self, session: Session, fields: relay.RelayFields, plain: bytes) -> None:
-        not_here = [s for s in fields.slave_sae_ids if not self.km.is_local(s)]
-        if not fields.slave_sae_ids or not_here:
+    def _onward(self, session: Session, link_in: Link) -> Link | None:
+        """The link a message from ``link_in`` goes on to, or None when it arrived."""
+        c = session.config
+        if c is None:
+            raise self._reject("unknown_session", f"session {session.session_id} has no route at {self.km.node} yet")
+        towards_destination = link_in.peer_node == c.prev_hop
+        if link_in.peer_node not in (c.prev_hop, c.next_hop):
+            raise self._reject("no_route", f"session {c.session_id}: {link_in.peer_node} is not a hop of it at "
+                                           f"{self.km.node}")
+        if c.role is (Role.DESTINATION if towards_destination else Role.SOURCE):
+            return None
+        hop = c.next_hop if towards_destination else c.prev_hop
+        link_out = self.km.link_to.get(hop)
+        if link_out is None or link_out.peer is None or c.role is not Role.INTERMEDIATE:
+            raise self._reject("no_route", f"session {c.session_id}: no hop from {self.km.node} towards {hop!r}")
+        return link_out
+
+    def _hold(self, session: Session, relay_id: str, master: str, slaves: tuple[str, ...],
+              keys: list[tuple[str, bytes]], extension: dict | None, stream_index: int | None) -> None:
+        not_here = [s for s in slaves if not self.km.is_local(s)]
+        if not slaves or not_here:
             raise self._reject("malformed", f"slave SAEs {not_here or '[]'} are not attached to node {self.km.node}")
-        offsets, keys = 0, []
-        for key_id, size in fields.keys:
-            keys.append((key_id, plain[offsets:offsets + size // 8]))
-            offsets += size // 8
-        extension = json.loads(fields.key_extension) if fields.key_extension else None
-        self.pending[fields.relay_id] = Pending(
-            session.session_id, fields.master_sae_id, list(fields.slave_sae_ids), keys, extension,
-            self.clock() + session.config.request_timeout_s,
-        )
+        self.pending[relay_id] = Pending(session.session_id, master, list(slaves), keys, extension,
+                                         self.clock() + session.config.request_timeout_s, stream_index)
+
+    async def receive_hybrid(self, link_in: Link, message: HybridMessage) -> bytes:
+        """Pass the offer on along the path, or answer it at the destination KM."""
+        self._expire()
+        if self.guard.seen_before(message.relay_id):
+            raise self._reject("replayed", f"hybrid exchange {message.relay_id} was seen before")
+        session = self.sessions.get(message.session_id)
+        if session is None:
+            raise self._reject("unknown_session", f"node {self.km.node} holds no session {message.session_id}")
+        if session.config.fallback != "pqc":
+            raise self._reject("fallback_not_allowed", f"session {message.session_id} did not opt in to the "
+                                                       "hybrid fallback")
+        link_out = self._onward(session, link_in)
+        if link_out is not None:
+            onward = dataclasses.replace(message, link=link_out.name)
+            reply = await link_out.peer.hybrid(onward)
+            self.forwarded[message.relay_id] = Forwarded(link_out, self.clock() + session.config.request_timeout_s)
+            return reply
+        context = hybrid.session_context(message.session_id, list(message.key_ids), message.size_bits)
+        try:
+            reply, secret = hybrid.respond(message.offer, context)
+            derived = hybrid.derive_keys(secret, list(message.key_ids), message.size_bits)
+        except ValueError as e:
+            raise self._reject("malformed", f"hybrid offer for session {message.session_id}: {e}") from None
+        self._hold(session, message.relay_id, message.master_sae_id, message.slave_sae_ids,
+                   list(zip(message.key_ids, derived)), dict(HYBRID_EXTENSION),
+                   message.index if message.stream else None)
+        return reply
 
     async def commit(self, link_in: Link, session_id: str, relay_id: str) -> None:
         """Release pending keys at the destination, or pass the commit on along the path."""
@@ -210,11 +295,16 @@ class RelayService:
         if pending is None or pending.session_id != session_id:
             raise self._reject("unknown_relay", f"no pending relay {relay_id} for session {session_id} "
                                                 f"at {self.km.node} (expired or never received)")
-        try:
-            self.km.store.put(pending.master, frozenset(pending.slaves), pending.keys, pending.extension)
-        except (StoreFull, KeysNotFound) as e:
-            raise DeliveryRefused(str(e)) from None
         session = self.sessions.get(session_id)
+        if pending.stream_index is not None:
+            if session is None:
+                raise self._reject("unknown_session", f"session {session_id} ended before its key arrived")
+            session.add_chunks(pending.stream_index, pending.keys)
+        else:
+            try:
+                self.km.store.put(pending.master, frozenset(pending.slaves), pending.keys, pending.extension)
+            except (StoreFull, KeysNotFound) as e:
+                raise DeliveryRefused(str(e)) from None
         if session is not None:
             session.keys_delivered += len(pending.keys)
             session.bits_delivered += sum(len(k) for _, k in pending.keys) * 8

@@ -25,6 +25,9 @@ from vqkd.km.linkfeed import LinkFeed
 from vqkd.km.manager import KeyManager
 from vqkd.km.metrics import KMMetrics
 from vqkd.km.control import KeyManagerControlService
+from vqkd.km.controlplane import GrpcControlPlane
+from vqkd.km.etsi004.routes import ETSI004Routes
+from vqkd.km.etsi004.service import ETSI004Service
 from vqkd.km.peering import LinkPeerService, PeerClient
 from vqkd.km.relaying import RelayService
 from vqkd.km.sessions import SessionTable
@@ -58,9 +61,15 @@ class KMService:
             self.km, self.sessions,
             on_reject=lambda reason: self.metrics.relay_rejected(self.km.node, reason).inc(),
             on_relayed=self._relayed,
+            on_fallback=lambda keys: self.metrics.fallback_keys(self.km.node).inc(keys),
         )
-        self.exchange = KeyExchange(self.km, self.sessions, self.relays)
         self.tls_files = config.tls.files()
+        self.control_plane: GrpcControlPlane | None = None
+        if config.control_plane:
+            channel = grpc.aio.secure_channel(config.control_plane, tls.grpc_channel_credentials(self.tls_files),
+                                              options=CHANNEL_OPTIONS)
+            self.control_plane = GrpcControlPlane(config.node, channel)
+        self.exchange = KeyExchange(self.km, self.sessions, self.relays, self.control_plane)
         self.modules = {
             link.name: ETSI014Client(link.config.module_url, self.tls_files) for link in self.km.links.values()
         }
@@ -82,6 +91,8 @@ class KMService:
             await asyncio.sleep(SESSION_SWEEP_S)
             for session in self.sessions.expired():
                 self.sessions.terminate(session.session_id, "inactivity timer expired")
+                if self.control_plane is not None:
+                    await self.control_plane.session_closed(session.session_id, "inactivity timer expired")
 
     async def start(self) -> None:
         await self._start_grpc()
@@ -112,12 +123,15 @@ class KMService:
     async def _start_http(self) -> None:
         api = web.Application(client_max_size=MAX_BODY_BYTES)
         ETSI014Routes(ETSI014Service(self.km, self.exchange), self.metrics).add_to(api)
+        ETSI004Routes(ETSI004Service(self.km, self.sessions, self.exchange, self.control_plane),
+                      self.metrics).add_to(api)
         host, port = split_host_port(self.config.etsi014_listen)
         await self._serve(api, host, port, tls.server_context(self.tls_files))
 
         admin = web.Application()
         admin.router.add_get("/metrics", self._metrics)
         admin.router.add_get("/healthz", self._healthz)
+        admin.router.add_get("/events", self._events)
         host, port = split_host_port(self.config.metrics_listen)
         await self._serve(admin, host, port, None)
 
@@ -132,6 +146,13 @@ class KMService:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"node": self.km.node, "incarnation": self.km.incarnation, "status": "ok"})
+
+    async def _events(self, request: web.Request) -> web.Response:
+        """Session cycle transitions, oldest first (no key material): for people and dashboards."""
+        return web.json_response([
+            {"at": e.at, "session_id": e.session_id, "event": e.event, "state": e.state.value, "detail": e.detail}
+            for e in self.sessions.events
+        ])
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()

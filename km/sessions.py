@@ -9,6 +9,7 @@ transition is recorded with a timestamp so the runtimes can show it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -116,8 +117,11 @@ class Event:
 
 @dataclass
 class Session:
-    config: SessionConfig
-    bucket: TokenBucket
+    session_id: str
+    source: Endpoint
+    destination: Endpoint
+    config: SessionConfig | None = None  # None until the control plane configured the route
+    bucket: TokenBucket | None = None
     state: State = State.AUTHENTICATING
     last_activity: float = 0.0
     keys_delivered: int = 0
@@ -125,14 +129,24 @@ class Session:
     refused_by_bucket: int = 0
     busy: int = 0  # key exchanges in flight
     implicit: bool = False  # opened by the KM on behalf of ETSI 014 callers
+    configured: asyncio.Event = field(default_factory=asyncio.Event)
+    # ETSI 004 key stream at this KM: chunks by index until this KM's application takes them.
+    stream: dict[int, tuple[str, bytes]] = field(default_factory=dict)
+    stream_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    next_index: int = 0  # at the source: the next stream index to produce
 
-    @property
-    def session_id(self) -> str:
-        return self.config.session_id
+    def peer_of(self, sae_id: str) -> str:
+        return self.destination.sae_id if sae_id == self.source.sae_id else self.source.sae_id
 
     @property
     def is_endpoint(self) -> bool:
-        return self.config.role is not Role.INTERMEDIATE
+        return self.config is None or self.config.role is not Role.INTERMEDIATE
+
+    def add_chunks(self, index: int, chunks: list[tuple[str, bytes]]) -> None:
+        for offset, chunk in enumerate(chunks):
+            self.stream[index + offset] = chunk
+        self.stream_changed.set()
+        self.stream_changed = asyncio.Event()
 
 
 @dataclass
@@ -162,34 +176,36 @@ class SessionTable:
         """The live session of an SAE pair, in either direction."""
         pair = {sae_a, sae_b}
         for session in self.sessions.values():
-            c = session.config
-            if {c.source.sae_id, c.destination.sae_id} == pair and session.state is not State.TERMINATED:
+            if {session.source.sae_id, session.destination.sae_id} == pair and session.state is not State.TERMINATED:
                 return session
         return None
 
-    def open(self, config: SessionConfig, detail: str = "") -> Session:
-        """An application's open request arrived (or the KM opens on its behalf)."""
-        session = Session(config, self._bucket(config))
-        session.last_activity = self.clock()
-        self.sessions[config.session_id] = session
-        self.events.append(Event(self.wall(), config.session_id, "open request", State.AUTHENTICATING, detail))
+    def open(self, session_id: str, source: Endpoint, destination: Endpoint, detail: str = "",
+             implicit: bool = False) -> Session:
+        """An application's open request was let in by access control; the route follows."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            session = Session(session_id, source, destination, implicit=implicit, last_activity=self.clock())
+            self.sessions[session_id] = session
+            self.events.append(Event(self.wall(), session_id, "open request", State.AUTHENTICATING, detail))
+        if session.state is State.AUTHENTICATING:
+            self._record(session, "user authenticated", State.USER_ACCEPTED, detail)
         return session
-
-    def user_accepted(self, session: Session, detail: str = "") -> None:
-        self._record(session, "user authenticated", State.USER_ACCEPTED, detail)
 
     def configure(self, config: SessionConfig) -> Session:
         """Apply a pushed configuration; an older or equal version changes nothing."""
         session = self.sessions.get(config.session_id)
-        if session is not None and session.config.version >= config.version:
+        if session is not None and session.config is not None and session.config.version >= config.version:
             return session
         if session is None:
-            session = Session(config, self._bucket(config))
+            # Declared by the control plane (a KeySession, or an intermediate KM): no open to wait for.
+            session = Session(config.session_id, config.source, config.destination, state=State.USER_ACCEPTED)
             self.sessions[config.session_id] = session
-            session.state = State.USER_ACCEPTED  # declared by the control plane: no open to wait for
+        if session.bucket is None:
+            session.bucket = self._bucket(config)
         else:
-            session.config = config
             session.bucket.reconfigure(config.rate_bps, config.bucket_bits)
+        session.config = config
         session.last_activity = self.clock()
         detail = f"version {config.version}, prev {config.prev_hop or '-'}, next {config.next_hop or '-'}"
         if session.state in (State.AUTHENTICATING, State.USER_ACCEPTED):
@@ -198,6 +214,7 @@ class SessionTable:
             self._record(session, "route configured", State.OPERATIVE, detail)
         else:
             self.events.append(Event(self.wall(), config.session_id, "route configured", session.state, detail))
+        session.configured.set()
         return session
 
     def key_exchange_started(self, session: Session) -> None:
@@ -226,11 +243,14 @@ class SessionTable:
         if session.state is not State.TERMINATED:
             self._record(session, reason, State.TERMINATED)
             self.on_terminated(session, reason)
+        session.configured.set()  # wake anyone waiting for a route that will not come
+        session.stream_changed.set()
         return session
 
     def expired(self) -> list[Session]:
+        """Configured sessions whose inactivity timer ran out (openers time out on their own)."""
         now = self.clock()
         return [
             s for s in self.sessions.values()
-            if s.busy == 0 and now - s.last_activity > s.config.inactivity_timeout_s
+            if s.config is not None and s.busy == 0 and now - s.last_activity > s.config.inactivity_timeout_s
         ]

@@ -14,7 +14,7 @@ from vqkd.km.etsi014 import schema
 from vqkd.km.keystore import KeysNotFound, NotASlave
 
 if TYPE_CHECKING:
-    from vqkd.km.exchange import KeyExchange
+    from vqkd.km.exchange import Issued, KeyExchange
     from vqkd.km.manager import KeyManager
 
 
@@ -82,13 +82,13 @@ class ETSI014Service:
             )
         return number, size
 
-    async def enc_keys(self, caller: str, slave: str, request: schema.KeyRequest) -> list[tuple[str, bytes]]:
+    async def enc_keys(self, caller: str, slave: str, request: schema.KeyRequest) -> Issued:
         self._caller_here(caller)
         self._peer_sae(slave, "slave", caller)
         number, size = self._checked(request)
         return await self.exchange.issue(caller, [slave], number, size)
 
-    def dec_keys(self, caller: str, master: str, key_ids: list[str]) -> list[tuple[str, bytes]]:
+    def dec_keys(self, caller: str, master: str, key_ids: list[str]) -> list[tuple[str, bytes, dict | None]]:
         self._caller_here(caller)
         self._peer_sae(master, "master", caller)
         if not key_ids:
@@ -104,4 +104,4 @@ class ETSI014Service:
             raise errors.KeysNotFound(schema.MSG_KEYS_NOT_FOUND) from None
         except NotASlave:
             raise errors.NotAuthorized(f"SAE {caller} is not a slave SAE of the keys it named") from None
-        return [(key_id, entry.key) for key_id, entry in found]
+        return [(key_id, entry.key, entry.extension) for key_id, entry in found]

@@ -91,7 +91,7 @@ class DeliverReply(_message.Message):
     def __init__(self) -> None: ...
 
 class RelayRequest(_message.Message):
-    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id", "index", "master_sae_id", "slave_sae_ids", "keys", "direct", "ciphertext", "pad", "mac_key", "tag", "key_extension")
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id", "index", "master_sae_id", "slave_sae_ids", "keys", "direct", "ciphertext", "pad", "mac_key", "tag", "key_extension", "stream")
     LINK_FIELD_NUMBER: _ClassVar[int]
     SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class RelayRequest(_message.Message):
     MAC_KEY_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     KEY_EXTENSION_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
     link: str
     sender_incarnation: str
     receiver_incarnation: str
@@ -122,11 +123,44 @@ class RelayRequest(_message.Message):
     mac_key: _containers.RepeatedCompositeFieldContainer[Span]
     tag: bytes
     key_extension: str
-    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ..., index: _Optional[int] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[DeliveredKey, _Mapping]]] = ..., direct: _Optional[bool] = ..., ciphertext: _Optional[bytes] = ..., pad: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., mac_key: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., tag: _Optional[bytes] = ..., key_extension: _Optional[str] = ...) -> None: ...
+    stream: bool
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ..., index: _Optional[int] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[DeliveredKey, _Mapping]]] = ..., direct: _Optional[bool] = ..., ciphertext: _Optional[bytes] = ..., pad: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., mac_key: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., tag: _Optional[bytes] = ..., key_extension: _Optional[str] = ..., stream: _Optional[bool] = ...) -> None: ...
 
 class RelayReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class HybridRequest(_message.Message):
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id", "index", "master_sae_id", "slave_sae_ids", "keys", "stream", "offer")
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RELAY_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    MASTER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLAVE_SAE_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    OFFER_FIELD_NUMBER: _ClassVar[int]
+    link: str
+    sender_incarnation: str
+    receiver_incarnation: str
+    session_id: str
+    relay_id: str
+    index: int
+    master_sae_id: str
+    slave_sae_ids: _containers.RepeatedScalarFieldContainer[str]
+    keys: _containers.RepeatedCompositeFieldContainer[DeliveredKey]
+    stream: bool
+    offer: bytes
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ..., index: _Optional[int] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[DeliveredKey, _Mapping]]] = ..., stream: _Optional[bool] = ..., offer: _Optional[bytes] = ...) -> None: ...
+
+class HybridReply(_message.Message):
+    __slots__ = ("reply",)
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    reply: bytes
+    def __init__(self, reply: _Optional[bytes] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id")
@@ -313,18 +347,22 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, node: _Optional[str] = ..., caller_sae_id: _Optional[str] = ..., source: _Optional[_Union[Endpoint, _Mapping]] = ..., destination: _Optional[_Union[Endpoint, _Mapping]] = ..., qos: _Optional[_Union[QoS, _Mapping]] = ..., session_id: _Optional[str] = ..., implicit: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
-    __slots__ = ("accepted", "session_id", "reason", "qos", "peer_registered")
+    __slots__ = ("accepted", "session_id", "reason", "qos", "peer_registered", "etsi004_status", "unauthorized")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     QOS_FIELD_NUMBER: _ClassVar[int]
     PEER_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    ETSI004_STATUS_FIELD_NUMBER: _ClassVar[int]
+    UNAUTHORIZED_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     session_id: str
     reason: str
     qos: QoS
     peer_registered: bool
-    def __init__(self, accepted: _Optional[bool] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ..., qos: _Optional[_Union[QoS, _Mapping]] = ..., peer_registered: _Optional[bool] = ...) -> None: ...
+    etsi004_status: int
+    unauthorized: bool
+    def __init__(self, accepted: _Optional[bool] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ..., qos: _Optional[_Union[QoS, _Mapping]] = ..., peer_registered: _Optional[bool] = ..., etsi004_status: _Optional[int] = ..., unauthorized: _Optional[bool] = ...) -> None: ...
 
 class SessionSignal(_message.Message):
     __slots__ = ("node", "session_id", "reason")

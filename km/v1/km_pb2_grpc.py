@@ -72,6 +72,11 @@ class LinkPeerStub:
                 request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.CommitRequest.SerializeToString,
                 response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.CommitReply.FromString,
                 _registered_method=True)
+        self.Hybrid = channel.unary_unary(
+                '/vqkd.km.v1.LinkPeer/Hybrid',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.HybridRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.HybridReply.FromString,
+                _registered_method=True)
 
 
 class LinkPeerServicer:
@@ -125,6 +130,15 @@ class LinkPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Hybrid(self, request, context):
+        """Hybrid post-quantum fallback, opt-in per session: the source KM's offer travels the
+        session's path to the destination KM and its reply comes back; intermediates only
+        forward. The keys derived at the destination wait for a Commit like relayed keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LinkPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +166,11 @@ def add_LinkPeerServicer_to_server(servicer, server):
                     servicer.Commit,
                     request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.CommitRequest.FromString,
                     response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.CommitReply.SerializeToString,
+            ),
+            'Hybrid': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hybrid,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.HybridRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.HybridReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +321,33 @@ class LinkPeer:
             '/vqkd.km.v1.LinkPeer/Commit',
             vqkd_dot_km_dot_v1_dot_km__pb2.CommitRequest.SerializeToString,
             vqkd_dot_km_dot_v1_dot_km__pb2.CommitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hybrid(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.LinkPeer/Hybrid',
+            vqkd_dot_km_dot_v1_dot_km__pb2.HybridRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.HybridReply.FromString,
             options,
             channel_credentials,
             insecure,

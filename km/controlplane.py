@@ -1,0 +1,113 @@
+"""What a KM asks of the control plane (paper Fig. 2a), and the gRPC client that asks it.
+
+When an application opens a session the KM asks admission control for a configuration;
+each key request is signalled so the control plane's session timer stays alive; closes
+and timer expiry are reported. The configuration itself arrives separately, pushed over
+KeyManagerControl once the peer registered and a path was reserved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from vqkd.km import errors
+from vqkd.km.sessions import Endpoint
+from vqkd.km.v1 import km_pb2, km_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class QoS:
+    """ETSI GS QKD 004 QoS; zero means 'let the control plane choose'."""
+
+    key_chunk_size: int = 0
+    max_bps: float = 0.0
+    min_bps: float = 0.0
+    jitter: float = 0.0
+    priority: int = 0
+    timeout_ms: int = 0
+    ttl_s: int = 0
+    fallback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    node: str
+    caller_sae_id: str
+    source: Endpoint
+    destination: Endpoint
+    qos: QoS
+    session_id: str = ""
+    implicit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OpenResult:
+    accepted: bool
+    session_id: str
+    reason: str
+    qos: QoS
+    peer_registered: bool
+    etsi004_status: int = 0
+    unauthorized: bool = False
+
+
+class ControlPlaneClient(Protocol):
+    async def open_session(self, request: OpenRequest) -> OpenResult: ...
+    async def key_requested(self, session_id: str) -> None: ...
+    async def session_closed(self, session_id: str, reason: str) -> None: ...
+
+
+def qos_to_pb(q: QoS) -> km_pb2.QoS:
+    return km_pb2.QoS(key_chunk_size=q.key_chunk_size, max_bps=q.max_bps, min_bps=q.min_bps, jitter=q.jitter,
+                      priority=q.priority, timeout_ms=q.timeout_ms, ttl_s=q.ttl_s, fallback=q.fallback)
+
+
+def qos_from_pb(q: km_pb2.QoS) -> QoS:
+    return QoS(q.key_chunk_size, q.max_bps, q.min_bps, q.jitter, q.priority, q.timeout_ms, q.ttl_s, q.fallback)
+
+
+class GrpcControlPlane:
+    def __init__(self, node: str, channel: grpc.aio.Channel):
+        self.node = node
+        self.stub = km_pb2_grpc.ControlPlaneStub(channel)
+        self._signals: set[asyncio.Task] = set()
+
+    async def open_session(self, request: OpenRequest) -> OpenResult:
+        try:
+            reply = await self.stub.OpenSession(km_pb2.OpenSessionRequest(
+                node=request.node, caller_sae_id=request.caller_sae_id,
+                source=km_pb2.Endpoint(node=request.source.node, sae_id=request.source.sae_id),
+                destination=km_pb2.Endpoint(node=request.destination.node, sae_id=request.destination.sae_id),
+                qos=qos_to_pb(request.qos), session_id=request.session_id, implicit=request.implicit,
+            ), timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            raise errors.Unavailable(f"control plane unreachable: {e.code().name}: {e.details()}") from None
+        return OpenResult(reply.accepted, reply.session_id, reply.reason, qos_from_pb(reply.qos),
+                          reply.peer_registered, reply.etsi004_status, reply.unauthorized)
+
+    def _signal(self, call, session_id: str, reason: str = "") -> None:
+        """Fire and forget: the key request must not wait for the control plane."""
+        async def send():
+            try:
+                await call(km_pb2.SessionSignal(node=self.node, session_id=session_id, reason=reason),
+                           timeout=RPC_TIMEOUT_S)
+            except grpc.aio.AioRpcError as e:
+                log.warning("control plane did not take a signal for session %s: %s", session_id, e.code().name)
+        task = asyncio.create_task(send())
+        self._signals.add(task)
+        task.add_done_callback(self._signals.discard)
+
+    async def key_requested(self, session_id: str) -> None:
+        self._signal(self.stub.KeyRequested, session_id)
+
+    async def session_closed(self, session_id: str, reason: str) -> None:
+        self._signal(self.stub.SessionClosed, session_id, reason)
