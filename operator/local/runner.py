@@ -57,6 +57,7 @@ class LocalNetwork:
     manifest: object
     state_dir: Path
     log_level: str = "INFO"
+    control_plane: str | None = None  # ControlPlane gRPC address every KM reports to
     processes: dict[str, Process] = field(default_factory=dict)
     endpoints: dict = field(default_factory=dict)
 
@@ -121,6 +122,7 @@ class LocalNetwork:
                 node=name, kme_id=kme_id[name], etsi014_listen=f"{HOST}:{api}",
                 grpc_listen=f"{HOST}:{grpc_port}", metrics_listen=f"{HOST}:{metrics}",
                 tls=self._tls(identity.km(name)), saes=saes, links=link_ends[name],
+                control_plane=self.control_plane,
             )
             self._add(f"km-{name}", "vqkd.km", cfg, f"http://{HOST}:{metrics}/healthz")
             self.endpoints.setdefault("nodes", {})[name] = {
