@@ -8,6 +8,7 @@ tampering, replay and failures can be injected exactly where wanted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 
@@ -238,3 +239,85 @@ async def test_pushing_an_old_version_changes_nothing():
     configure(nodes, names, version=2)
     configure(nodes, names, version=1, rate_bps=1)
     assert nodes["n0"].sessions.get("s-1").config.rate_bps == 1e9
+
+
+def drain(link):
+    link.outgoing.clear()
+
+
+async def test_short_key_is_served_by_priority_then_first_come_first_served():
+    nodes, names, _ = chain(2)
+    for sid, priority in (("low", 1), ("high", 9), ("low-2", 1)):
+        configure(nodes, names, session_id=sid)
+        nodes["n0"].sessions.get(sid).config = dataclasses.replace(
+            nodes["n0"].sessions.get(sid).config, priority=priority, request_timeout_s=5)
+    # one SAE pair per session
+    link = nodes["n0"].km.link_to["n1"]
+    drain(link)
+    served: list[str] = []
+
+    async def request(sid):
+        session = nodes["n0"].sessions.get(sid)
+        await nodes["n0"].relays.send(session, "sae-n0", ["sae-n1"], 1, 256)
+        served.append(sid)
+
+    tasks = [asyncio.create_task(request(sid)) for sid in ("low", "high", "low-2")]
+    await asyncio.sleep(0.01)
+    assert served == []  # all wait: the link has no key
+    for _ in range(3):  # key for exactly one request at a time
+        blocks = [(os.urandom(16).hex(), os.urandom(64))]
+        link.outgoing.add(blocks)
+        nodes["n1"].km.link_to["n0"].incoming.add(blocks)
+        link.queue.notify()
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*tasks)
+    assert served == ["high", "low", "low-2"]
+
+
+async def test_waiting_for_key_is_bounded_by_the_session_timeout():
+    nodes, names, _ = chain(2)
+    configure(nodes, names)
+    drain(nodes["n0"].km.link_to["n1"])
+    with pytest.raises(errors.InsufficientKey, match="within its timeout of 0.5 s"):
+        await nodes["n0"].exchange.issue("sae-n0", ["sae-n1"], 1, 256)
+
+
+async def test_token_bucket_rate_holds_over_several_seconds():
+    nodes, names, clock = chain(2, bits_per_link=1 << 23)
+    rate, burst = 8192, 4096
+    configure(nodes, names, rate_bps=rate, bucket_bits=burst)
+    delivered = refused = 0
+    start = clock.t
+    while clock.t - start < 5.0:  # greedy client, a request every 10 ms of simulated time
+        try:
+            await nodes["n0"].exchange.issue("sae-n0", ["sae-n1"], 1, 256)
+            delivered += 256
+        except errors.Unavailable:
+            refused += 1
+        clock.t += 0.01
+    assert rate * 5 + burst - 256 <= delivered <= rate * 5 + burst
+    assert refused > 0 and nodes["n0"].sessions.get("s-1").refused_by_bucket == refused
+
+
+async def test_relay_for_an_unknown_session_is_refused_and_counted():
+    nodes, names, _ = chain(2)
+    configure(nodes, names, session_id="known")
+    session = nodes["n0"].sessions.get("known")
+    nodes["n1"].sessions.terminate("known", "deletion signal: test")
+    with pytest.raises(errors.PeerUnavailable, match="unknown_session"):
+        await nodes["n0"].relays.send(session, "sae-n0", ["sae-n1"], 1, 256)
+    assert nodes["n1"].rejected == ["unknown_session"]
+
+
+async def test_open_then_configure_walks_the_session_cycle():
+    nodes, names, _ = chain(2)
+    table = nodes["n0"].sessions
+    session = table.open("s-1", Endpoint("n0", "sae-n0"), Endpoint("n1", "sae-n1"), detail="ETSI 004")
+    assert session.state is State.USER_ACCEPTED and not session.configured.is_set()
+    configure(nodes, names)
+    assert session.configured.is_set() and session.state is State.OPERATIVE
+    table.terminate("s-1", "deletion signal: control plane")
+    assert [(e.event, e.state) for e in table.events] == [
+        ("open request", State.AUTHENTICATING), ("user authenticated", State.USER_ACCEPTED),
+        ("route configured", State.OPERATIVE), ("deletion signal: control plane", State.TERMINATED),
+    ]
