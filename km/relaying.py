@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAC_KEY_BYTES = relay.MAC_KEY_BYTES
+CONFIGURATION_GRACE_S = 1.0
 HYBRID_EXTENSION = {"vqkd_key_origin": "hybrid-x25519-mlkem768"}
 
 
@@ -87,7 +88,8 @@ class RelayService:
     def __init__(self, km: KeyManager, sessions: SessionTable, clock: Callable[[], float] = time.monotonic,
                  on_reject: Callable[[str], None] = lambda reason: None,
                  on_relayed: Callable[[str, int], None] = lambda role, bits: None,
-                 on_fallback: Callable[[int], None] = lambda keys: None):
+                 on_fallback: Callable[[int], None] = lambda keys: None,
+                 configuration_grace_s: float = CONFIGURATION_GRACE_S):
         self.km = km
         self.sessions = sessions
         self.clock = clock
@@ -97,6 +99,7 @@ class RelayService:
         self.on_reject = on_reject
         self.on_relayed = on_relayed
         self.on_fallback = on_fallback
+        self.configuration_grace_s = configuration_grace_s
 
     # -- source ------------------------------------------------------------------------
 
@@ -199,7 +202,7 @@ class RelayService:
             raise self._reject("tampered", f"relay {fields.relay_id} on link {link_in.name}: tag does not verify")
         if self.guard.seen_before(fields.relay_id):
             raise self._reject("replayed", f"relay {fields.relay_id} was seen before")
-        session = self.sessions.get(fields.session_id)
+        session = await self.sessions.configured(fields.session_id, self.configuration_grace_s)
         if session is None:
             raise self._reject("unknown_session", f"node {self.km.node} holds no session {fields.session_id}")
         if not fields.direct and len(fields.ciphertext) != len(pad):
@@ -261,7 +264,7 @@ class RelayService:
         self._expire()
         if self.guard.seen_before(message.relay_id):
             raise self._reject("replayed", f"hybrid exchange {message.relay_id} was seen before")
-        session = self.sessions.get(message.session_id)
+        session = await self.sessions.configured(message.session_id, self.configuration_grace_s)
         if session is None:
             raise self._reject("unknown_session", f"node {self.km.node} holds no session {message.session_id}")
         if session.config.fallback != "pqc":

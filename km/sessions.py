@@ -159,6 +159,7 @@ class SessionTable:
     sessions: dict[str, Session] = field(default_factory=dict)
     events: deque[Event] = field(default_factory=lambda: deque(maxlen=10_000))
     on_terminated: Callable[[Session, str], None] = lambda session, reason: None
+    _awaited: dict[str, tuple[asyncio.Event, int]] = field(default_factory=dict)  # session -> (event, waiters)
 
     def _record(self, session: Session, event: str, to: State, detail: str = "") -> None:
         if to not in ALLOWED[session.state] and to is not session.state:
@@ -171,6 +172,31 @@ class SessionTable:
 
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)
+
+    async def configured(self, session_id: str, grace_s: float) -> Session | None:
+        """The session once it has a route here, waiting up to ``grace_s`` for its configuration.
+
+        The control plane pushes a path's KMs at once, so a relay can reach a KM a moment
+        before that KM's own configuration does; waiting briefly beats failing the request.
+        """
+        session = self.sessions.get(session_id)
+        if session is not None and session.config is not None:
+            return session
+        event, waiters = self._awaited.get(session_id, (asyncio.Event(), 0))
+        self._awaited[session_id] = (event, waiters + 1)
+        try:
+            await asyncio.wait_for(event.wait(), grace_s)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            if session_id in self._awaited and self._awaited[session_id][0] is event:
+                remaining = self._awaited[session_id][1] - 1
+                if remaining:
+                    self._awaited[session_id] = (event, remaining)
+                else:
+                    del self._awaited[session_id]
+        session = self.sessions.get(session_id)
+        return session if session is not None and session.config is not None else None
 
     def between(self, sae_a: str, sae_b: str) -> Session | None:
         """The live session of an SAE pair, in either direction."""
@@ -215,6 +241,9 @@ class SessionTable:
         else:
             self.events.append(Event(self.wall(), config.session_id, "route configured", session.state, detail))
         session.configured.set()
+        awaited = self._awaited.pop(config.session_id, None)
+        if awaited is not None:
+            awaited[0].set()
         return session
 
     def key_exchange_started(self, session: Session) -> None:

@@ -74,7 +74,8 @@ class Node:
         self.km = KeyManager(cfg, clock=clock)
         self.sessions = SessionTable(name, clock=clock)
         self.rejected: list[str] = []
-        self.relays = RelayService(self.km, self.sessions, clock=clock, on_reject=self.rejected.append)
+        self.relays = RelayService(self.km, self.sessions, clock=clock, on_reject=self.rejected.append,
+                                   configuration_grace_s=0.05)
         self.exchange = KeyExchange(self.km, self.sessions, self.relays)
 
 
@@ -307,6 +308,30 @@ async def test_relay_for_an_unknown_session_is_refused_and_counted():
     with pytest.raises(errors.PeerUnavailable, match="unknown_session"):
         await nodes["n0"].relays.send(session, "sae-n0", ["sae-n1"], 1, 256)
     assert nodes["n1"].rejected == ["unknown_session"]
+
+
+class _HeldBack:
+    """A node whose configuration is captured instead of applied, to be applied later."""
+
+    def __init__(self, node: Node):
+        self.km = node.km
+        self.config = None
+        self.sessions = self
+
+    def configure(self, config):
+        self.config = config
+
+
+async def test_a_relay_arriving_just_before_its_configuration_waits_for_it():
+    nodes, names, _ = chain(3)
+    late = _HeldBack(nodes["n2"])
+    configure({"n0": nodes["n0"], "n1": nodes["n1"], "n2": late}, names)
+    nodes["n2"].relays.configuration_grace_s = 1.0
+    issuing = asyncio.create_task(nodes["n0"].exchange.issue("sae-n0", ["sae-n2"], 1, 256))
+    await asyncio.sleep(0.05)  # the relay waits at n2
+    nodes["n2"].sessions.configure(late.config)
+    keys = (await issuing).keys
+    assert [(k, e.key) for k, e in nodes["n2"].km.store.take("sae-n2", "sae-n0", [keys[0][0]])] == keys
 
 
 async def test_open_then_configure_walks_the_session_cycle():
