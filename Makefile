@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine with python3 and pip:
-#   make demo   — create .venv, install vqkd, run the demo network on the local runtime
+#   make demo   — create .venv, install vqkd, run the paper's network (§4) on the local runtime
 #   make test   — create .venv, install vqkd with its test extras, run the whole suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/vqkd demo two-nodes
+	$(VENV)/bin/vqkd demo paper --state-dir state/paper --plot state/paper-timeline.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

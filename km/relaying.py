@@ -141,6 +141,7 @@ class RelayService:
             if session.config.fallback != "pqc":
                 raise
             return await self._send_hybrid(session, link, master, slaves, number, size_bits, stream, index)
+        self.sessions.note(session, "QKD key available", f"{nbytes * 8} bits on link {link.name}")
         keys_material = pad if direct else secrets.token_bytes(nbytes)
         ids = new_key_ids(number)
         fields = relay.RelayFields(
@@ -212,6 +213,7 @@ class RelayService:
             raise self._reject("malformed", "key sizes do not add up to the relayed material")
 
         link_out = self._onward(session, link_in)
+        self.sessions.note(session, "relayed key received", f"{len(plain) * 8} bits from {link_in.peer_node}")
         if link_out is None:
             keys = list(zip((k for k, _ in fields.keys), relay.split_keys(plain, fields.keys)))
             extension = json.loads(fields.key_extension) if fields.key_extension else None
@@ -299,6 +301,8 @@ class RelayService:
             raise self._reject("unknown_relay", f"no pending relay {relay_id} for session {session_id} "
                                                 f"at {self.km.node} (expired or never received)")
         session = self.sessions.get(session_id)
+        if session is not None:
+            self.sessions.note(session, "key committed", f"{len(pending.keys)} keys ready for {pending.slaves[0]}")
         if pending.stream_index is not None:
             if session is None:
                 raise self._reject("unknown_session", f"session {session_id} ended before its key arrived")

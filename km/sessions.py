@@ -261,6 +261,10 @@ class SessionTable:
         if session.busy == 0:
             self._record(session, "key delivered" if keys else "key exchange failed", State.OPERATIVE, detail)
 
+    def note(self, session: Session, event: str, detail: str = "") -> None:
+        """Record a step of a key exchange that changes no state (key available, relayed, ...)."""
+        self.events.append(Event(self.wall(), session.session_id, event, session.state, detail))
+
     def touch(self, session: Session) -> None:
         session.last_activity = self.clock()
 

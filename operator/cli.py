@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
-import threading
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -22,22 +22,36 @@ def _load(files: list[str]):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from vqkd.operator.local.controlplane import LocalControlPlane
     from vqkd.operator.local.runner import LocalNetwork
 
-    network = LocalNetwork(_load(args.files), Path(args.state_dir), log_level=args.log_level)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"starting {len(network.manifest.nodes)} KMs and {len(network.manifest.links)} emulated QKD links ...",
-          flush=True)
-    network.start()
-    print(f"network up; endpoints in {network.state_dir / 'endpoints.json'}; Ctrl-C stops it", flush=True)
-    try:
-        stop.wait()
-    finally:
-        network.stop()
-        print("network stopped", flush=True)
+    network = LocalNetwork(_load(args.files), Path(args.state_dir), log_level=args.log_level, control_plane="auto")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        control = LocalControlPlane(network)
+        print(f"starting {len(network.manifest.nodes)} KMs and {len(network.manifest.links)} emulated QKD links "
+              "with the control plane ...", flush=True)
+        await control.start()
+        print(f"network up; endpoints in {network.state_dir / 'endpoints.json'}; "
+              f"status: vqkd get sessions --state-dir {args.state_dir}; Ctrl-C stops it", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await control.stop()
+            print("network stopped", flush=True)
+
+    asyncio.run(run())
     return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from vqkd.operator.local import status
+
+    return status.show(args.what, Path(args.state_dir), args.output)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -46,7 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     file = Path(args.file) if args.file else EXAMPLES / f"{args.scenario}.yaml"
     if not file.exists():
         raise SystemExit(f"vqkd demo: no scenario file {file}; pass --file")
-    return demo.run(args.scenario, _load([str(file)]), Path(args.state_dir))
+    return demo.run(args.scenario, _load([str(file)]), Path(args.state_dir), plot=args.plot)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,8 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--state-dir", default="state", help="certificates, configs, logs and endpoints.json go here")
     up.set_defaults(func=cmd_up)
 
+    get = sub.add_parser("get", help="show the state of a network started with `vqkd up`")
+    get.add_argument("what", choices=["sessions", "links", "nodes", "alarms", "events", "etsi015"])
+    get.add_argument("--state-dir", default="state")
+    get.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    get.set_defaults(func=cmd_get)
+
     demo = sub.add_parser("demo", help="run a demonstration scenario end to end")
-    demo.add_argument("scenario", choices=["two-nodes"], help="which scenario")
+    demo.add_argument("scenario", choices=["two-nodes", "paper"], help="which scenario")
+    demo.add_argument("--plot", metavar="FILE.png", help="paper: draw the KMs' events like the paper's Fig. 4")
     demo.add_argument("--file", help="resources to use instead of examples/<scenario>.yaml")
     demo.add_argument("--state-dir", default="state/demo")
     demo.set_defaults(func=cmd_demo)

@@ -225,7 +225,12 @@ async def test_session_cycle_states_expiry_and_deletion():
     table = nodes["n0"].sessions
     assert table.get("s-1").state is State.OPERATIVE
     await nodes["n0"].exchange.issue("sae-n0", ["sae-n2"], 1, 256)
-    assert [e.state for e in table.events] == [State.OPERATIVE, State.KEY_EXCHANGING, State.OPERATIVE]
+    assert [(e.event, e.state) for e in table.events] == [
+        ("route configured", State.OPERATIVE), ("key request", State.KEY_EXCHANGING),
+        ("QKD key available", State.KEY_EXCHANGING), ("key delivered", State.OPERATIVE),
+    ]
+    assert [e.event for e in nodes["n1"].sessions.events][-1] == "relayed key received"
+    assert [e.event for e in nodes["n2"].sessions.events][-2:] == ["relayed key received", "key committed"]
     clock.t += 11
     assert [s.session_id for s in table.expired()] == ["s-1"]
     table.terminate("s-1", "inactivity timer expired")

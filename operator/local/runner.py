@@ -57,7 +57,9 @@ class LocalNetwork:
     manifest: object
     state_dir: Path
     log_level: str = "INFO"
-    control_plane: str | None = None  # ControlPlane gRPC address every KM reports to
+    # ControlPlane gRPC address every KM reports to; "auto" picks a free port on loopback
+    control_plane: str | None = None
+    status_port: int = 0
     processes: dict[str, Process] = field(default_factory=dict)
     endpoints: dict = field(default_factory=dict)
 
@@ -75,9 +77,14 @@ class LocalNetwork:
         return TLSPaths(ca=self.ca.cert_path, cert=files.cert, key=files.key)
 
     def plan(self) -> None:
+        if self.processes:
+            return
         nodes = self.manifest.nodes
         links = self.manifest.links
-        ports = _free_ports(3 * len(nodes) + 3 * len(links))
+        ports = _free_ports(3 * len(nodes) + 3 * len(links) + 2)
+        self.status_port = ports.pop()
+        if self.control_plane == "auto":
+            self.control_plane = f"{HOST}:{ports.pop()}"
         km_ports = {name: (ports.pop(), ports.pop(), ports.pop()) for name in nodes}
         saes = {sae: name for name, node in nodes.items() for sae in node.spec.sae_ids}
         kme_id = {name: node.spec.kme_id or name for name, node in nodes.items()}
@@ -130,6 +137,8 @@ class LocalNetwork:
                 "grpc": f"{HOST}:{grpc_port}", "metrics_url": f"http://{HOST}:{metrics}/metrics",
             }
         self.endpoints["ca_cert"] = str(self.ca.cert_path)
+        if self.control_plane:
+            self.endpoints["control"] = {"grpc": self.control_plane, "status_url": f"http://{HOST}:{self.status_port}"}
         self.endpoints["saes"] = {}
         for sae, node in saes.items():
             tls = self._tls(identity.sae(sae))
@@ -152,8 +161,7 @@ class LocalNetwork:
         out.close()
 
     def start(self) -> None:
-        if not self.processes:
-            self.plan()
+        self.plan()
         # Modules first: a KM's first act is to draw key from them.
         for proc in sorted(self.processes.values(), key=lambda p: not p.name.startswith("link-")):
             self._spawn(proc)
