@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 MAC_KEY_BYTES = relay.MAC_KEY_BYTES
 CONFIGURATION_GRACE_S = 1.0
+# How long relayed keys wait for their commit (and intermediates remember the way on). It
+# bounds a relay's round trip, not the application's call: the commit follows the relay
+# within the source's RPC deadlines, whatever timeout the application chose.
+COMMIT_WAIT_S = 30.0
 HYBRID_EXTENSION = {"vqkd_key_origin": "hybrid-x25519-mlkem768"}
 
 
@@ -233,7 +237,7 @@ class RelayService:
             key_extension=fields.key_extension, stream=fields.stream,
         )
         await link_out.peer.relay(onward, relay.tag(mac_key, relay.authenticated_bytes(onward)))
-        self.forwarded[fields.relay_id] = Forwarded(link_out, self.clock() + session.config.request_timeout_s)
+        self.forwarded[fields.relay_id] = Forwarded(link_out, self.clock() + COMMIT_WAIT_S)
         self.on_relayed("intermediate", len(plain) * 8)
 
     def _onward(self, session: Session, link_in: Link) -> Link | None:
@@ -259,7 +263,7 @@ class RelayService:
         if not slaves or not_here:
             raise self._reject("malformed", f"slave SAEs {not_here or '[]'} are not attached to node {self.km.node}")
         self.pending[relay_id] = Pending(session.session_id, master, list(slaves), keys, extension,
-                                         self.clock() + session.config.request_timeout_s, stream_index)
+                                         self.clock() + COMMIT_WAIT_S, stream_index)
 
     async def receive_hybrid(self, link_in: Link, message: HybridMessage) -> bytes:
         """Pass the offer on along the path, or answer it at the destination KM."""
@@ -276,7 +280,7 @@ class RelayService:
         if link_out is not None:
             onward = dataclasses.replace(message, link=link_out.name)
             reply = await link_out.peer.hybrid(onward)
-            self.forwarded[message.relay_id] = Forwarded(link_out, self.clock() + session.config.request_timeout_s)
+            self.forwarded[message.relay_id] = Forwarded(link_out, self.clock() + COMMIT_WAIT_S)
             return reply
         context = hybrid.session_context(message.session_id, list(message.key_ids), message.size_bits)
         try:
