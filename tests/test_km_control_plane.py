@@ -161,6 +161,8 @@ async def test_etsi004_both_applications_get_the_same_stream(cp_net):
     status, joined = await post(net, "sae-n2", "/api/v1/etsi004/open_connect",
                                 {"source": "sae-n0", "destination": "sae-n2", "Key_stream_ID": ksid})
     assert joined["status"] == 0 and joined["Key_stream_ID"] == ksid
+    _, small = await post(net, "sae-n0", "/api/v1/etsi004/get_key", {"Key_stream_ID": ksid, "Metadata_size": 8})
+    assert small["status"] == 8 and "needs" in small["message"]  # nothing taken: index 0 still comes next
     source_keys = [await get_key_when_connected(net, "sae-n0", ksid, i) for i in range(3)]
     dest_keys = await asyncio.gather(*(post(net, "sae-n2", "/api/v1/etsi004/get_key",
                                             {"Key_stream_ID": ksid, "index": i}) for i in (2, 0, 1)))

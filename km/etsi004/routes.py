@@ -81,7 +81,7 @@ class ETSI004Routes:
         return body
 
     async def get_key(self, caller: str, m: schema.GetKey) -> dict:
-        result = await self.service.get_key(caller, m.Key_stream_ID, m.index)
+        result = await self.service.get_key(caller, m.Key_stream_ID, m.index, m.Metadata_size)
         body = {"status": int(result.status), "index": result.index}
         if result.status is Status.SUCCESS:
             body["Key_buffer"] = base64.b64encode(result.key).decode()

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from vqkd.km.sessions import SessionTable
 
 DEFAULT_TIMEOUT_MS = 5_000
+# GET_KEY's metadata is {"key_ID": "<uuid>"} as JSON: what a Metadata buffer must hold.
+METADATA_BYTES = len('{"key_ID": "00000000-0000-0000-0000-000000000000"}')
 DEFAULT_CHUNK_BYTES = 32
 MAX_CHUNK_BYTES = 1024
 
@@ -114,8 +116,13 @@ class ETSI004Service:
             raise errors.NotAuthorized(f"SAE {caller} is not an application of session {key_stream_id}")
         return session
 
-    async def get_key(self, caller: str, key_stream_id: str, index: int | None) -> KeyResult:
+    async def get_key(self, caller: str, key_stream_id: str, index: int | None,
+                      metadata_size: int = 0) -> KeyResult:
+        """``metadata_size`` 0 means the caller takes metadata of any size."""
         session = self._session_of(caller, key_stream_id)
+        if 0 < metadata_size < METADATA_BYTES:  # refuse before anything is taken
+            return KeyResult(Status.METADATA_TOO_SMALL, index or 0,
+                             message=f"the metadata needs {METADATA_BYTES} bytes, the buffer has {metadata_size}")
         c = session.config
         if c is None:
             return KeyResult(Status.GET_KEY_PEER_NOT_CONNECTED, index or 0,
