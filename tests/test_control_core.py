@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,16 @@ def test_the_control_core_imports_no_transport():
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert not {name.split(".")[0] for name in imported} & TRANSPORTS, module.name
+
+
+async def test_a_declared_session_lives_as_long_as_its_resource_however_idle(paper, kms, clock):
+    declared = paper.declared_session("session-0-1")
+    assert kms.entry("node-0", declared.id).inactivity_timeout_ms == 2**32 - 1
+    clock.now += 10 * AdmissionSettings().inactivity_timeout_s
+    await paper.tick()
+    assert paper.declared_session("session-0-1").state == "Active"
+    opened = await paper.open_session("node-0", Credentials(sae_id="sae-0"), endpoint(0), endpoint(1),
+                                      session_id=str(uuid.uuid4()))
+    clock.now += AdmissionSettings().inactivity_timeout_s + 1
+    await paper.tick()
+    assert paper.session(opened.session_id).state != "Active"  # opened by an application: it ends unused

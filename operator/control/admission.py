@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -68,6 +69,10 @@ class Side(StrEnum):
 
 
 BOTH_SIDES = frozenset(Side)
+
+# The largest inactivity timeout a KM accepts (uint32 ms, ~49 days): a declared session's
+# KMs keep it until the KeySession is deleted.
+UNTIL_DELETED_MS = 2**32 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +359,15 @@ class Admission:
             self._transition(session, SessionState.ACTIVE, "Configured",
                              f"path {_path(outcome)} configured on {len(outcome.nodes)} KMs (version {session.version})",
                              now)
+            self._arm_inactivity(session, now)
+
+    def _arm_inactivity(self, session: Session, now: float) -> None:
+        # A KeySession lives as long as its resource: only sessions the applications opened
+        # end when unused.
+        if session.declared_as is None:
             self._arm(session, now + self.settings.inactivity_timeout_s)
+        else:
+            session.deadline = math.inf  # outlives the peer-wait deadline armed when it was declared
 
     def key_requested(self, session: Session, now: float) -> bool:
         """A key-request signal: the session is in use, its timer restarts. False when it cannot serve."""
@@ -362,7 +375,7 @@ class Admission:
             return False
         session.key_requests += 1
         session.last_key_request_at = now
-        self._arm(session, now + self.settings.inactivity_timeout_s)
+        self._arm_inactivity(session, now)
         return True
 
     async def terminate(self, session: Session, reason: str, message: str, now: float) -> bool:
@@ -407,7 +420,8 @@ class Admission:
         terms = SessionTerms(
             session_id=session.id, user=session.user, source=session.source, destination=session.destination,
             priority=grant.priority, rate_bps=rate, bucket_bits=bucket,
-            inactivity_timeout_ms=round(self.settings.inactivity_timeout_s * 1000),
+            inactivity_timeout_ms=(UNTIL_DELETED_MS if session.declared_as is not None
+                                   else round(self.settings.inactivity_timeout_s * 1000)),
             request_timeout_ms=qos.timeout, key_chunk_size=qos.key_chunk_size, ttl_s=qos.ttl,
             fallback=str(qos.fallback),
         )
