@@ -17,14 +17,13 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from vqkd.km.etsi014.client import ETSI014Client, ETSI014Error
-from vqkd.km.tls import TLSFiles
+from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.operator.control.admission import AdmissionSettings
+from vqkd.operator.local.clients import sae_client as client
 from vqkd.operator.local.controlplane import LocalControlPlane
 from vqkd.operator.local.runner import LocalNetwork
 from vqkd.operator.manifests import load_text
@@ -53,12 +52,6 @@ spec:
   sla: {{maxKeyRateBps: 1000000000, maxSessions: 16}}
   defaultQos: {{maxBps: 1000000000, timeout: 5000}}""")
     return "\n---\n".join(docs)
-
-
-def client(endpoints: dict, sae: str) -> ETSI014Client:
-    info = endpoints["saes"][sae]
-    files = TLSFiles(Path(endpoints["ca_cert"]), Path(info["cert"]), Path(info["key"]))
-    return ETSI014Client(endpoints["nodes"][info["node"]]["etsi014_url"], files)
 
 
 async def drive(endpoints: dict, slave: str, seconds: float, clients: int, batch: int) -> dict:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import aiohttp
 
-from vqkd.km.tls import TLSFiles, client_context
+from vqkd.km.tls import client_context
+from vqkd.operator.local.clients import sae_tls
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.local.controlplane import LocalControlPlane
 from vqkd.operator.local.runner import LocalNetwork
@@ -33,9 +34,8 @@ PAIRS = [("sae-0", "sae-1"), ("sae-2", "sae-3"), ("sae-4", "sae-5")]
 
 
 async def call(endpoints: dict, sae: str, op: str, body: dict) -> dict:
-    info = endpoints["saes"][sae]
-    ctx = client_context(TLSFiles(Path(endpoints["ca_cert"]), Path(info["cert"]), Path(info["key"])))
-    url = endpoints["nodes"][info["node"]]["etsi014_url"] + f"/api/v1/etsi004/{op}"
+    ctx = client_context(sae_tls(endpoints, sae))
+    url = endpoints["nodes"][endpoints["saes"][sae]["node"]]["etsi014_url"] + f"/api/v1/etsi004/{op}"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
         async with s.post(url, json=body) as resp:
             return await resp.json()

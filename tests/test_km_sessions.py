@@ -7,7 +7,6 @@ keys over ETSI 014 and the keys travel hop by hop through the trusted nodes.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import grpc

@@ -7,19 +7,13 @@ import time
 from pathlib import Path
 
 from vqkd.km.etsi014.client import ETSI014Client, ETSI014Error
-from vqkd.km.tls import TLSFiles
 from vqkd.operator.local import paper
+from vqkd.operator.local.clients import sae_client
 from vqkd.operator.local.runner import LocalNetwork
 
 KEYS = 4
 KEY_BITS = 256
 WAIT_FOR_KEY_S = 30.0
-
-
-def sae_client(endpoints: dict, sae: str) -> ETSI014Client:
-    info = endpoints["saes"][sae]
-    files = TLSFiles(Path(endpoints["ca_cert"]), Path(info["cert"]), Path(info["key"]))
-    return ETSI014Client(endpoints["nodes"][info["node"]]["etsi014_url"], files)
 
 
 async def wait_for_key(client: ETSI014Client, slave: str, needed: int) -> None:

@@ -15,8 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vqkd.km.etsi014.client import ETSI014Client, ETSI014Error
-from vqkd.km.tls import TLSFiles
+from vqkd.km.etsi014.client import ETSI014Error
+from vqkd.operator.local.clients import sae_client
 from vqkd.operator.local.controlplane import LocalControlPlane
 from vqkd.operator.local.runner import LocalNetwork
 
@@ -24,12 +24,6 @@ KEYS_PER_REQUEST = 4
 KEY_BITS = 256
 ROUNDS = 3
 READY_TIMEOUT_S = 60.0
-
-
-def _client(endpoints: dict, sae: str) -> ETSI014Client:
-    info = endpoints["saes"][sae]
-    files = TLSFiles(Path(endpoints["ca_cert"]), Path(info["cert"]), Path(info["key"]))
-    return ETSI014Client(endpoints["nodes"][info["node"]]["etsi014_url"], files)
 
 
 async def wait_active(control: LocalControlPlane, names: list[str]) -> None:
@@ -51,7 +45,7 @@ async def wait_active(control: LocalControlPlane, names: list[str]) -> None:
 
 async def exchange(endpoints: dict, master: str, slave: str) -> tuple[int, int]:
     """Rounds of enc_keys at the master and dec_keys at the slave; (keys matched, mismatched)."""
-    m, s = _client(endpoints, master), _client(endpoints, slave)
+    m, s = sae_client(endpoints, master), sae_client(endpoints, slave)
     matched = mismatched = 0
     try:
         for _ in range(ROUNDS):
