@@ -179,3 +179,21 @@ async def test_malformed_configuration_is_refused_with_the_field_named(net):
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await stub.ConfigureSession(km_pb2.SessionConfig(session_id="y", version=1), timeout=5)
     assert "role must be" in e.value.details()
+
+
+async def test_standard_grpc_health_and_session_listing(net):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cp = ControlPlane(net)
+    path, session = nodes(2, 3), str(uuid.uuid4())
+    await cp.configure(path, session)
+    channel = grpc.aio.secure_channel(net.endpoints["nodes"]["n2"]["grpc"], cp.credentials)
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    listed = await cp.stub("n2").ListSessions(km_pb2.ListSessionsRequest(), timeout=5)
+    info = next(s for s in listed.sessions if s.config.session_id == session)
+    assert (info.state, info.config.role, info.config.next_hop) == ("Operative", km_pb2.SOURCE, "n3")
+    stats = await cp.stub("n2").GetStats(km_pb2.GetStatsRequest(), timeout=5)
+    assert {link.link for link in stats.links} == {"n1-n2", "n2-n3"} and stats.incarnation
+    await channel.close()
+    await cp.delete(path, session)
