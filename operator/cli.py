@@ -63,6 +63,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args.scenario, _load([str(file)]), Path(args.state_dir), plot=args.plot)
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from vqkd.operator.kopf.main import operate
+    from vqkd.operator.kopf.runtime import OperatorOptions
+
+    given = {
+        "namespace": args.namespace, "kubeconfig": args.kubeconfig,
+        "control_plane_listen": args.control_plane_listen, "control_plane_address": args.control_plane_address,
+        "metrics_listen": args.metrics_listen, "liveness_endpoint": args.liveness, "endpoints_file": args.endpoints,
+        "state_dir": Path(args.state_dir) if args.state_dir else None, "module_image": args.module_image,
+        "poll_interval_s": args.poll_interval, "replace_after_s": args.replace_after,
+    }
+    # Flags win over VQKD_* variables, which win over the defaults; an empty listen address turns that server off.
+    options = dataclasses.replace(OperatorOptions.from_env(), **{
+        key: (value or None) if key in ("metrics_listen", "liveness_endpoint") else value
+        for key, value in given.items() if value is not None})
+    asyncio.run(operate(options))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vqkd", description="Virtualized control and key management for QKD networks.")
     parser.add_argument("--log-level", default="WARNING", help="log level of vqkd and the processes it starts")
@@ -85,6 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--file", help="resources to use instead of examples/<scenario>.yaml")
     demo.add_argument("--state-dir", default="state/demo")
     demo.set_defaults(func=cmd_demo)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator (cluster runtime) for one namespace")
+    op.add_argument("--namespace", help="namespace whose vqkd resources it manages (default: $VQKD_NAMESPACE, "
+                                        "else default)")
+    op.add_argument("--kubeconfig", help="kubeconfig file (default: $VQKD_KUBECONFIG or $KUBECONFIG; without one, "
+                                         "the pod's service account)")
+    op.add_argument("--control-plane-listen", help="host:port of the ControlPlane gRPC service (default 0.0.0.0:9443)")
+    op.add_argument("--control-plane-address",
+                    help="host:port the KMs dial (default: Service vqkd-control-plane in the namespace)")
+    op.add_argument("--metrics-listen", help="host:port of /metrics (default 0.0.0.0:9090; empty: off)")
+    op.add_argument("--liveness", help="kopf liveness URL (default http://0.0.0.0:8080/healthz; empty: off)")
+    op.add_argument("--endpoints", help="reach KMs and modules at a local runtime's endpoints.json, not Services")
+    op.add_argument("--state-dir", help="working copy of the CA and issued certificates (default /tmp/vqkd-operator)")
+    op.add_argument("--module-image", help="image of the emulated QKD modules (default: the KM image)")
+    op.add_argument("--poll-interval", type=float, help="seconds between KM and module polls (default 5)")
+    op.add_argument("--replace-after", type=float, help="seconds a KM may not answer before its pod is replaced "
+                                                         "(default 15)")
+    op.set_defaults(func=cmd_operator)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,88 @@
+"""Where the operator reaches each KM and emulated module.
+
+In a cluster every KM is reached through its Service's DNS name, so the address survives
+pod replacement. Outside a cluster (tests, or a development loop against processes started
+by ``vqkd up``) the same questions are answered from that runtime's ``endpoints.json``, so
+the operator talks to real processes on loopback while the API server is an emulator.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+from vqkd.operator.kopf.specs import (
+    KM_ETSI014_PORT, KM_GRPC_PORT, KM_METRICS_PORT, MODULE_ADMIN_PORT, km_name, module_name, service_host,
+)
+
+
+class EndpointResolver(Protocol):
+    def km_grpc(self, node: str) -> str:
+        """host:port of the KM's gRPC service (KeyManagerControl, health)."""
+
+    def km_etsi014(self, node: str) -> str:
+        """Base URL of the KM's ETSI GS QKD 014 API, as the node's SAEs reach it."""
+
+    def km_metrics(self, node: str) -> str:
+        """URL of the KM's Prometheus metrics."""
+
+    def module_metrics(self, link: str) -> str | None:
+        """URL of an emulated module pair's metrics; None when the link has none to offer."""
+
+
+class ClusterEndpoints:
+    """Service DNS names in the operator's namespace."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+
+    def _km(self, node: str) -> str:
+        return service_host(km_name(node), self.namespace)
+
+    def km_grpc(self, node: str) -> str:
+        return f"{self._km(node)}:{KM_GRPC_PORT}"
+
+    def km_etsi014(self, node: str) -> str:
+        return f"https://{self._km(node)}:{KM_ETSI014_PORT}"
+
+    def km_metrics(self, node: str) -> str:
+        return f"http://{self._km(node)}:{KM_METRICS_PORT}/metrics"
+
+    def module_metrics(self, link: str) -> str | None:
+        return f"http://{service_host(module_name(link), self.namespace)}:{MODULE_ADMIN_PORT}/metrics"
+
+
+class LocalEndpoints:
+    """The endpoints a local runtime published (``LocalNetwork.endpoints``, ``endpoints.json``)."""
+
+    def __init__(self, endpoints: dict[str, Any]):
+        self.endpoints = endpoints
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> LocalEndpoints:
+        try:
+            return cls(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such endpoints file; `vqkd up` writes one into its state directory") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON: {e}") from None
+
+    def _node(self, node: str) -> dict[str, str]:
+        try:
+            return self.endpoints["nodes"][node]
+        except KeyError:
+            known = ", ".join(sorted(self.endpoints.get("nodes", {}))) or "none"
+            raise LookupError(f"no endpoints for node {node!r} in the local runtime (known: {known})") from None
+
+    def km_grpc(self, node: str) -> str:
+        return self._node(node)["grpc"]
+
+    def km_etsi014(self, node: str) -> str:
+        return self._node(node)["etsi014_url"]
+
+    def km_metrics(self, node: str) -> str:
+        return self._node(node)["metrics_url"]
+
+    def module_metrics(self, link: str) -> str | None:
+        return self.endpoints.get("links", {}).get(link, {}).get("metrics_url")

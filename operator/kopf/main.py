@@ -1,0 +1,128 @@
+"""The vqkd operator: every kopf decorator, each delegating to the handler of its concern.
+
+Run it with ``vqkd operator`` (see ``operate``) or ``kopf run -m vqkd.operator.kopf.main
+--namespace NS --standalone`` (settings then come from VQKD_* variables).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import kopf
+
+from vqkd.operator.kopf.handlers import lifecycle, links, monitoring, nodes, sessions, users
+from vqkd.operator.kopf.runtime import OperatorOptions
+from vqkd.operator.kopf.specs import LABEL_ORIGIN, ORIGIN_APPLICATION
+from vqkd.operator.resources import API_GROUP, API_VERSION_NAME
+
+QKDNODES = (API_GROUP, API_VERSION_NAME, "qkdnodes")
+QKDLINKS = (API_GROUP, API_VERSION_NAME, "qkdlinks")
+USERPROFILES = (API_GROUP, API_VERSION_NAME, "userprofiles")
+KEYSESSIONS = (API_GROUP, API_VERSION_NAME, "keysessions")
+APPLICATION_SESSION_GC_S = 60.0
+TOKEN_REFRESH_S = 60.0
+
+
+async def operate(options: OperatorOptions, *, stop_flag: threading.Event | None = None,
+                  ready_flag: threading.Event | None = None) -> None:
+    """Run the operator in this event loop until ``stop_flag`` is set (or SIGINT/SIGTERM)."""
+    await kopf.operator(
+        namespaces=[options.namespace], standalone=True, liveness_endpoint=options.liveness_endpoint,
+        memo=kopf.Memo(options=options), stop_flag=stop_flag, ready_flag=ready_flag,
+    )
+
+
+# --- operator lifecycle ---------------------------------------------------------------
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await lifecycle.startup(settings, memo, logger)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await lifecycle.cleanup(memo)
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    return lifecycle.login(memo)
+
+
+@kopf.on.probe(id="kms")
+def kms_probe(memo: kopf.Memo, **_: Any) -> dict[str, int]:
+    return monitoring.probe(memo.runtime)
+
+
+# --- QKDNode --------------------------------------------------------------------------
+
+@kopf.on.resume(*QKDNODES)
+@kopf.on.create(*QKDNODES)
+@kopf.on.update(*QKDNODES)
+async def node_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await nodes.reconcile(memo.runtime, body)
+
+
+@kopf.on.delete(*QKDNODES)
+async def node_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await nodes.delete(memo.runtime, body)
+
+
+@kopf.daemon(*QKDNODES, cancellation_timeout=5.0)
+async def node_guard(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, logger: logging.Logger,
+                     **_: Any) -> None:
+    await monitoring.guard_node(memo.runtime, name, stopped, logger)
+
+
+# --- QKDLink --------------------------------------------------------------------------
+
+@kopf.on.resume(*QKDLINKS)
+@kopf.on.create(*QKDLINKS)
+@kopf.on.update(*QKDLINKS)
+async def link_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await links.reconcile(memo.runtime, body)
+
+
+@kopf.on.delete(*QKDLINKS)
+async def link_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await links.delete(memo.runtime, body)
+
+
+# --- UserProfile ----------------------------------------------------------------------
+
+@kopf.on.resume(*USERPROFILES)
+@kopf.on.create(*USERPROFILES)
+@kopf.on.update(*USERPROFILES)
+async def user_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await users.reconcile(memo.runtime, body)
+
+
+@kopf.on.delete(*USERPROFILES)
+async def user_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await users.delete(memo.runtime, body)
+
+
+@kopf.timer(*USERPROFILES, interval=TOKEN_REFRESH_S, initial_delay=TOKEN_REFRESH_S)
+async def user_token_refresh(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await users.refresh_token(memo.runtime, body)
+
+
+# --- KeySession -----------------------------------------------------------------------
+
+@kopf.on.resume(*KEYSESSIONS)
+@kopf.on.create(*KEYSESSIONS)
+@kopf.on.update(*KEYSESSIONS)
+async def session_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await sessions.reconcile(memo.runtime, body)
+
+
+@kopf.on.delete(*KEYSESSIONS)
+async def session_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await sessions.delete(memo.runtime, body)
+
+
+@kopf.timer(*KEYSESSIONS, labels={LABEL_ORIGIN: ORIGIN_APPLICATION}, interval=APPLICATION_SESSION_GC_S)
+async def application_session_gc(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await sessions.collect(memo.runtime, body)

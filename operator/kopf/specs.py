@@ -1,0 +1,426 @@
+"""What the operator creates for each resource, as plain manifests (dicts), built by pure functions.
+
+A QKDNode becomes its KM: a ConfigMap with the KM's configuration (``KMConfig`` JSON, the
+same file ``python -m vqkd.km --config`` reads in the local runtime), a Secret with its TLS
+identity, a Service and a one-replica StatefulSet. A QKDLink with an emulated key source
+becomes the emulated QKD module pair: a ConfigMap (``EmulatedLinkConfig``), a Secret with
+both ends' identities, a Service and a one-replica Deployment. Names derive from the
+resource names only, so a child is found again after any restart.
+
+Nothing here talks to Kubernetes or reads the clock; the handlers add owner references and
+apply the result, and the tests check these functions without a cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import PurePosixPath
+from typing import Any
+
+from vqkd.km import identity
+from vqkd.km.config import EmulatedLinkConfig, KMConfig, LinkEndConfig, ModuleEndConfig, TLSPaths
+from vqkd.operator.local.runner import block_bits_for
+from vqkd.operator.manifests import Network
+from vqkd.operator.resources import DEFAULT_KM_IMAGE, QKDLink, QKDNode
+
+# --- names, labels, ports -----------------------------------------------------------
+
+KM_PREFIX = "vqkd-km-"
+LINK_PREFIX = "vqkd-link-"
+MAX_NAME = 63  # Service names are DNS-1035 labels
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NODE = "vqkd.io/node"
+LABEL_LINK = "vqkd.io/link"
+LABEL_ORIGIN = "vqkd.io/origin"
+MANAGED_BY = "vqkd-operator"
+ORIGIN_APPLICATION = "application"
+
+# Changing a child's desired manifest changes this hash; the operator patches only then.
+ANNOTATION_SPEC_HASH = "vqkd.io/spec-hash"
+# On a pod template: the configuration the pod runs, so a new configuration rolls it out.
+ANNOTATION_CONFIG_HASH = "vqkd.io/config-hash"
+# On a pod template: set when the operator replaces an unhealthy KM (as `kubectl rollout restart`).
+ANNOTATION_RESTARTED_AT = "vqkd.io/restartedAt"
+# On a KeySession the operator created for a session an application opened at a KM.
+ANNOTATION_SESSION_ID = "vqkd.io/session-id"
+
+KM_ETSI014_PORT = 8443
+KM_GRPC_PORT = 9443
+KM_METRICS_PORT = 9090
+MODULE_PORTS = {"a": 8443, "b": 8444}
+MODULE_ADMIN_PORT = 9100
+CONTROL_PLANE_PORT = 9443
+CONTROL_PLANE_SERVICE = "vqkd-control-plane"
+
+CONFIG_DIR = PurePosixPath("/etc/vqkd/config")
+TLS_DIR = PurePosixPath("/etc/vqkd/tls")
+MODULE_CREDENTIALS_DIR = PurePosixPath("/etc/vqkd/modules")
+KM_CONFIG_FILE = "km.json"
+MODULE_CONFIG_FILE = "emulator.json"
+RUN_AS_USER = 10001
+
+
+def km_name(node: str) -> str:
+    """StatefulSet, Service and ConfigMap of a node's KM."""
+    return f"{KM_PREFIX}{node}"
+
+
+def km_tls_secret(node: str) -> str:
+    return f"{km_name(node)}-tls"
+
+
+def module_name(link: str) -> str:
+    """Deployment, Service and ConfigMap of a link's emulated module pair."""
+    return f"{LINK_PREFIX}{link}"
+
+
+def module_tls_secret(link: str) -> str:
+    return f"{module_name(link)}-tls"
+
+
+def km_pod(node: str) -> str:
+    """The one pod of a KM's StatefulSet."""
+    return f"{km_name(node)}-0"
+
+
+def name_problem(kind: str, name: str) -> str | None:
+    """Why ``name`` cannot name a vqkd resource whose children carry a prefix, or None."""
+    prefix = KM_PREFIX if kind == "QKDNode" else LINK_PREFIX
+    longest = MAX_NAME - len(prefix) - len("-tls")
+    if len(name) > longest:
+        return (f"{kind} {name}: metadata.name must be at most {longest} characters (its children are named "
+                f"{prefix}{name}-…, and Kubernetes names are at most {MAX_NAME}), got {len(name)}")
+    return None
+
+
+def service_hosts(service: str, namespace: str, cluster_domain: str = "cluster.local") -> tuple[str, ...]:
+    """Every DNS name a Service answers to inside the cluster, shortest first."""
+    return (service, f"{service}.{namespace}", f"{service}.{namespace}.svc",
+            f"{service}.{namespace}.svc.{cluster_domain}")
+
+
+def service_host(service: str, namespace: str) -> str:
+    return f"{service}.{namespace}.svc"
+
+
+def control_plane_address(namespace: str) -> str:
+    """Where the KMs of a namespace reach the operator's ControlPlane service."""
+    return f"{service_host(CONTROL_PLANE_SERVICE, namespace)}:{CONTROL_PLANE_PORT}"
+
+
+def node_labels(node: str) -> dict[str, str]:
+    return {LABEL_NAME: "vqkd-km", LABEL_INSTANCE: node, LABEL_COMPONENT: "key-manager",
+            LABEL_MANAGED_BY: MANAGED_BY, LABEL_NODE: node}
+
+
+def link_labels(link: str) -> dict[str, str]:
+    return {LABEL_NAME: "vqkd-qkd-module", LABEL_INSTANCE: link, LABEL_COMPONENT: "emulated-qkd-module",
+            LABEL_MANAGED_BY: MANAGED_BY, LABEL_LINK: link}
+
+
+def _selector(labels: Mapping[str, str]) -> dict[str, str]:
+    # Only the labels that never change: a workload's selector is immutable.
+    return {key: labels[key] for key in (LABEL_NAME, LABEL_INSTANCE)}
+
+
+def content_hash(value: Any) -> str:
+    """A short stable digest of a JSON-able value."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def with_spec_hash(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest annotated with the hash of itself (without that annotation)."""
+    annotations = manifest["metadata"].setdefault("annotations", {})
+    annotations.pop(ANNOTATION_SPEC_HASH, None)
+    annotations[ANNOTATION_SPEC_HASH] = content_hash(manifest)
+    return manifest
+
+
+# --- process configurations ---------------------------------------------------------
+
+
+def _listen(port: int) -> str:
+    return f"0.0.0.0:{port}"
+
+
+def _tls_paths(ca: str, cert: str, key: str) -> TLSPaths:
+    """Files of the TLS Secret as mounted in the pod."""
+    return TLSPaths(ca=str(TLS_DIR / ca), cert=str(TLS_DIR / cert), key=str(TLS_DIR / key))
+
+
+def build_km_config(node: QKDNode, network: Network, namespace: str, control_plane: str | None) -> KMConfig:
+    """The configuration of a node's KM in the cluster: peers and modules by Service DNS name.
+
+    Only links whose other node is known are included: a KM refuses a configuration that
+    names a peer it cannot reach, and the link is configured once both nodes exist.
+    """
+    name = node.name
+    links: list[LinkEndConfig] = []
+    for link_name, link in sorted(network.links.items()):
+        if name not in link.spec.nodes:
+            continue
+        a, b = link.spec.nodes
+        peer = b if name == a else a
+        peer_node = network.nodes.get(peer)
+        if peer_node is None:
+            continue
+        common = dict(
+            name=link_name, peer_node=peer, peer_kme_id=peer_node.kme_id,
+            peer_grpc=f"{service_host(km_name(peer), namespace)}:{KM_GRPC_PORT}",
+        )
+        if link.spec.emulated is not None:
+            end = "a" if name == a else "b"
+            links.append(LinkEndConfig(
+                **common,
+                module_url=f"https://{service_host(module_name(link_name), namespace)}:{MODULE_PORTS[end]}",
+                module_sae_id=name, peer_module_sae_id=peer,
+                block_bits=block_bits_for(link.spec.emulated.key_rate_bps),
+            ))
+        else:
+            device = link.spec.etsi014.endpoints[name]
+            links.append(LinkEndConfig(
+                **common, module_url=device.url, module_sae_id=device.sae_id, peer_module_sae_id=device.peer_sae_id,
+            ))
+    saes = {sae: other for other, other_node in sorted(network.nodes.items()) for sae in other_node.spec.sae_ids}
+    return KMConfig(
+        node=name, kme_id=node.kme_id,
+        etsi014_listen=_listen(KM_ETSI014_PORT), grpc_listen=_listen(KM_GRPC_PORT),
+        metrics_listen=_listen(KM_METRICS_PORT),
+        tls=_tls_paths("ca.crt", "tls.crt", "tls.key"),
+        saes=saes, links=links, limits=node.spec.km.key_limits(), control_plane=control_plane,
+    )
+
+
+def build_emulator_config(link: QKDLink) -> EmulatedLinkConfig:
+    """The configuration of a link's emulated module pair; end ``a`` serves ``spec.nodes[0]``."""
+    emulated = link.spec.emulated
+    if emulated is None:
+        raise ValueError(f"QKDLink {link.name} has no emulated key source; only emulated links get module workloads")
+    ends = {
+        end: ModuleEndConfig(
+            listen=_listen(MODULE_PORTS[end]), sae_id=node, client=identity.km(node).uri, kme_id=f"{link.name}-{end}",
+            tls=_tls_paths("ca.crt", f"{end}.crt", f"{end}.key"),
+        )
+        for end, node in zip(("a", "b"), link.spec.nodes)
+    }
+    return EmulatedLinkConfig(
+        link=link.name, key_rate_bps=emulated.key_rate_bps, qber=emulated.qber, buffer_bits=emulated.buffer_bits,
+        admin_listen=_listen(MODULE_ADMIN_PORT), ends=ends,
+    )
+
+
+def config_json(config: KMConfig | EmulatedLinkConfig) -> str:
+    return config.model_dump_json(indent=2)
+
+
+# --- manifests ----------------------------------------------------------------------
+
+
+def _meta(name: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    return {"name": name, "labels": dict(labels)}
+
+
+def build_configmap(name: str, labels: Mapping[str, str], files: Mapping[str, str]) -> dict[str, Any]:
+    return with_spec_hash({"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, labels),
+                           "data": dict(files)})
+
+
+def build_tls_secret(name: str, labels: Mapping[str, str], files: Mapping[str, bytes]) -> dict[str, Any]:
+    """A Secret holding PEM files (``ca.crt``, ``tls.crt``, ``tls.key``, or one pair per module end)."""
+    data = {key: base64.b64encode(value).decode() for key, value in sorted(files.items())}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(name, labels), "type": "Opaque", "data": data}
+
+
+def build_km_configmap(node: str, config: KMConfig) -> dict[str, Any]:
+    return build_configmap(km_name(node), node_labels(node), {KM_CONFIG_FILE: config_json(config)})
+
+
+def build_km_service(node: str) -> dict[str, Any]:
+    labels = node_labels(node)
+    return with_spec_hash({
+        "apiVersion": "v1", "kind": "Service", "metadata": _meta(km_name(node), labels),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": _selector(labels),
+            "ports": [
+                {"name": "etsi014", "port": KM_ETSI014_PORT, "targetPort": "etsi014", "protocol": "TCP"},
+                {"name": "grpc", "port": KM_GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
+                 "appProtocol": "grpc"},
+                {"name": "metrics", "port": KM_METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+            ],
+        },
+    })
+
+
+_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+_POD_SECURITY = {
+    "runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _resources(node: QKDNode) -> dict[str, Any]:
+    wanted = node.spec.km.resources.model_dump(exclude_none=True)
+    return {kind: values for kind, values in wanted.items() if values}
+
+
+def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "timeoutSeconds": 2,
+            "failureThreshold": failures}
+
+
+def build_km_statefulset(node: QKDNode, config_hash: str, module_secrets: Mapping[str, str] = {}) -> dict[str, Any]:
+    """The KM's StatefulSet; ``module_secrets`` maps link -> Secret with that link's device credentials."""
+    name = node.name
+    labels = node_labels(name)
+    mounts = [
+        {"name": "config", "mountPath": str(CONFIG_DIR), "readOnly": True},
+        {"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": km_name(name)}},
+        {"name": "tls", "secret": {"secretName": km_tls_secret(name), "defaultMode": 0o440}},
+    ]
+    for index, (link, secret) in enumerate(sorted(module_secrets.items())):
+        volume = f"module-{index}"
+        mounts.append({"name": volume, "mountPath": str(MODULE_CREDENTIALS_DIR / link), "readOnly": True})
+        volumes.append({"name": volume, "secret": {"secretName": secret, "defaultMode": 0o440}})
+    container = {
+        "name": "km",
+        "image": node.spec.km.image,
+        "imagePullPolicy": node.spec.km.image_pull_policy,
+        "command": ["python", "-P", "-m", "vqkd.km", "--config", str(CONFIG_DIR / KM_CONFIG_FILE)],
+        "ports": [
+            {"name": "etsi014", "containerPort": KM_ETSI014_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": KM_GRPC_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": KM_METRICS_PORT, "protocol": "TCP"},
+        ],
+        "resources": _resources(node),
+        "startupProbe": _probe("/healthz", "metrics", 1, 60),
+        "readinessProbe": _probe("/healthz", "metrics", 5, 2),
+        "livenessProbe": _probe("/healthz", "metrics", 10, 3),
+        "securityContext": _CONTAINER_SECURITY,
+        "volumeMounts": mounts,
+    }
+    return with_spec_hash({
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(km_name(name), labels),
+        "spec": {
+            "replicas": 1,
+            "serviceName": km_name(name),
+            "selector": {"matchLabels": _selector(labels)},
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {ANNOTATION_CONFIG_HASH: config_hash}},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "terminationGracePeriodSeconds": 10,
+                    "securityContext": _POD_SECURITY,
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    })
+
+
+def build_module_configmap(link: str, config: EmulatedLinkConfig) -> dict[str, Any]:
+    return build_configmap(module_name(link), link_labels(link), {MODULE_CONFIG_FILE: config_json(config)})
+
+
+def build_module_service(link: str) -> dict[str, Any]:
+    labels = link_labels(link)
+    return with_spec_hash({
+        "apiVersion": "v1", "kind": "Service", "metadata": _meta(module_name(link), labels),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": _selector(labels),
+            "ports": [
+                {"name": "end-a", "port": MODULE_PORTS["a"], "targetPort": "end-a", "protocol": "TCP"},
+                {"name": "end-b", "port": MODULE_PORTS["b"], "targetPort": "end-b", "protocol": "TCP"},
+                {"name": "admin", "port": MODULE_ADMIN_PORT, "targetPort": "admin", "protocol": "TCP"},
+            ],
+        },
+    })
+
+
+def build_module_deployment(link: str, image: str, config_hash: str) -> dict[str, Any]:
+    """The emulated module pair: one replica only (two would produce different keys), replaced
+    by Recreate so that old and new never run side by side."""
+    labels = link_labels(link)
+    container = {
+        "name": "module",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-P", "-m", "vqkd.km.emulator", "--config", str(CONFIG_DIR / MODULE_CONFIG_FILE)],
+        "ports": [
+            {"name": "end-a", "containerPort": MODULE_PORTS["a"], "protocol": "TCP"},
+            {"name": "end-b", "containerPort": MODULE_PORTS["b"], "protocol": "TCP"},
+            {"name": "admin", "containerPort": MODULE_ADMIN_PORT, "protocol": "TCP"},
+        ],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+        "readinessProbe": _probe("/metrics", "admin", 5, 2),
+        "livenessProbe": _probe("/metrics", "admin", 10, 3),
+        "securityContext": _CONTAINER_SECURITY,
+        "volumeMounts": [
+            {"name": "config", "mountPath": str(CONFIG_DIR), "readOnly": True},
+            {"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True},
+        ],
+    }
+    return with_spec_hash({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(module_name(link), labels),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": _selector(labels)},
+            "strategy": {"type": "Recreate"},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {ANNOTATION_CONFIG_HASH: config_hash}},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": _POD_SECURITY,
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": module_name(link)}},
+                        {"name": "tls", "secret": {"secretName": module_tls_secret(link), "defaultMode": 0o440}},
+                    ],
+                },
+            },
+        },
+    })
+
+
+def build_application_session(
+    session_id: str, user: str, source: tuple[str, str], destination: tuple[str, str], qos: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The KeySession recording a session an application opened at its KM (ETSI 004, or an
+    implicit ETSI 014 session), so that the session outlives any operator process."""
+    return {
+        "apiVersion": "vqkd.io/v1alpha1", "kind": "KeySession",
+        "metadata": {
+            "name": f"app-{session_id}",
+            "labels": {LABEL_ORIGIN: ORIGIN_APPLICATION, LABEL_MANAGED_BY: MANAGED_BY},
+            "annotations": {ANNOTATION_SESSION_ID: session_id},
+        },
+        "spec": {
+            "user": user,
+            "source": {"node": source[0], "saeId": source[1]},
+            "destination": {"node": destination[0], "saeId": destination[1]},
+            "qos": dict(qos),
+        },
+    }
+
+
+DEFAULT_MODULE_IMAGE = DEFAULT_KM_IMAGE  # one image holds the KM and the emulated module

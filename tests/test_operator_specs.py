@@ -1,0 +1,271 @@
+"""What the operator creates, checked without a cluster: the pure builders in ``vqkd.operator.kopf.specs``,
+plus the small pure helpers around them (status merge patches, endpoints, create-or-update)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from vqkd.km.config import EmulatedLinkConfig, KMConfig
+from vqkd.operator.kopf import specs
+from vqkd.operator.kopf.endpoints import ClusterEndpoints, LocalEndpoints
+from vqkd.operator.kopf.kube import CONFIGMAPS, SECRETS, Kube, Kind, KubeError
+from vqkd.operator.kopf.status import merge_patch
+from vqkd.operator.manifests import load_text
+from vqkd.operator.resources import parse
+
+NS = "qkd"
+NETWORK = """
+apiVersion: vqkd.io/v1alpha1
+kind: QKDNode
+metadata: {name: alice}
+spec:
+  saeIds: [sae-a]
+  km:
+    image: registry.example/vqkd:1.2
+    imagePullPolicy: Always
+    keySize: 512
+    resources: {requests: {cpu: 250m, memory: 256Mi}, limits: {memory: 1Gi}}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDNode
+metadata: {name: bob}
+spec: {saeIds: [sae-b1, sae-b2], kmeId: KME-BOB}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDNode
+metadata: {name: carol}
+spec: {saeIds: [sae-c]}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDLink
+metadata: {name: alice-bob}
+spec:
+  nodes: [alice, bob]
+  emulated: {keyRateBps: 1000000, qber: 0.02, bufferBits: 4096000}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDLink
+metadata: {name: bob-carol}
+spec:
+  nodes: [bob, carol]
+  etsi014:
+    endpoints:
+      bob: {url: "https://qkd-b.lab:443/", saeId: KM_B, peerSaeId: KM_C, secretRef: {name: qkd-b-creds}}
+      carol: {url: "https://qkd-c.lab:443/", saeId: KM_C, peerSaeId: KM_B, secretRef: {name: qkd-c-creds}}
+"""
+CONTROL_PLANE = "vqkd-control-plane.qkd.svc:9443"
+
+
+@pytest.fixture(scope="module")
+def network():
+    return load_text(NETWORK, "specs-test")
+
+
+def km_config(network, node: str) -> KMConfig:
+    return specs.build_km_config(network.nodes[node], network, NS, CONTROL_PLANE)
+
+
+def test_children_are_named_after_their_resource_and_too_long_names_are_refused():
+    assert (specs.km_name("n1"), specs.km_tls_secret("n1"), specs.km_pod("n1")) == (
+        "vqkd-km-n1", "vqkd-km-n1-tls", "vqkd-km-n1-0")
+    assert (specs.module_name("a-b"), specs.module_tls_secret("a-b")) == ("vqkd-link-a-b", "vqkd-link-a-b-tls")
+    assert specs.name_problem("QKDNode", "n" * 51) is None
+    problem = specs.name_problem("QKDNode", "n" * 52)
+    assert problem.startswith("QKDNode nnn") and "at most 51 characters" in problem and "got 52" in problem
+    assert "at most 49 characters" in specs.name_problem("QKDLink", "l" * 50)
+
+
+def test_km_config_reaches_peers_and_modules_by_service_name(network):
+    config = km_config(network, "bob")
+    assert (config.node, config.kme_id, config.control_plane) == ("bob", "KME-BOB", CONTROL_PLANE)
+    assert (config.etsi014_listen, config.grpc_listen, config.metrics_listen) == (
+        "0.0.0.0:8443", "0.0.0.0:9443", "0.0.0.0:9090")
+    assert config.saes == {"sae-a": "alice", "sae-b1": "bob", "sae-b2": "bob", "sae-c": "carol"}
+    assert [str(p) for p in (config.tls.ca, config.tls.cert, config.tls.key)] == [
+        "/etc/vqkd/tls/ca.crt", "/etc/vqkd/tls/tls.crt", "/etc/vqkd/tls/tls.key"]
+    emulated, device = config.links
+    # bob is the second node of alice-bob: end b of the module pair.
+    assert (emulated.name, emulated.peer_node, emulated.peer_kme_id, emulated.peer_grpc) == (
+        "alice-bob", "alice", "alice", "vqkd-km-alice.qkd.svc:9443")
+    assert emulated.module_url == "https://vqkd-link-alice-bob.qkd.svc:8444"
+    assert (emulated.module_sae_id, emulated.peer_module_sae_id, emulated.block_bits) == ("bob", "alice", 8192)
+    assert (device.module_url, device.module_sae_id, device.peer_module_sae_id, device.peer_grpc) == (
+        "https://qkd-b.lab:443/", "KM_B", "KM_C", "vqkd-km-carol.qkd.svc:9443")
+    assert km_config(network, "alice").links[0].module_url == "https://vqkd-link-alice-bob.qkd.svc:8443"
+    assert km_config(network, "alice").limits.key_size == 512
+    # The config is what `python -m vqkd.km --config` reads.
+    assert KMConfig.model_validate_json(specs.config_json(config)) == config
+
+
+def test_a_link_whose_other_node_is_unknown_is_left_out(network):
+    partial = load_text(NETWORK, "specs-test")
+    del partial.nodes["carol"]
+    assert [link.name for link in specs.build_km_config(partial.nodes["bob"], partial, NS, None).links] == [
+        "alice-bob"]
+
+
+def test_emulator_config_serves_each_node_at_its_own_end(network):
+    config = specs.build_emulator_config(network.links["alice-bob"])
+    assert (config.link, config.key_rate_bps, config.qber, config.buffer_bits) == ("alice-bob", 1e6, 0.02, 4096000)
+    assert config.admin_listen == "0.0.0.0:9100"
+    assert {end: (e.listen, e.sae_id, e.client, e.kme_id, str(e.tls.cert)) for end, e in config.ends.items()} == {
+        "a": ("0.0.0.0:8443", "alice", "vqkd://km/alice", "alice-bob-a", "/etc/vqkd/tls/a.crt"),
+        "b": ("0.0.0.0:8444", "bob", "vqkd://km/bob", "alice-bob-b", "/etc/vqkd/tls/b.crt"),
+    }
+    assert EmulatedLinkConfig.model_validate_json(specs.config_json(config)) == config
+    with pytest.raises(ValueError, match="QKDLink bob-carol has no emulated key source"):
+        specs.build_emulator_config(network.links["bob-carol"])
+
+
+def test_km_statefulset_runs_one_km_from_its_configmap_and_secret(network):
+    node = network.nodes["alice"]
+    configmap = specs.build_km_configmap("alice", km_config(network, "alice"))
+    digest = specs.content_hash(configmap["data"])
+    sts = specs.build_km_statefulset(node, digest)
+    spec = sts["spec"]
+    template = spec["template"]
+    pod = template["spec"]
+    (container,) = pod["containers"]
+    assert (sts["kind"], sts["metadata"]["name"], spec["replicas"], spec["serviceName"]) == (
+        "StatefulSet", "vqkd-km-alice", 1, "vqkd-km-alice")
+    assert spec["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert template["metadata"]["annotations"][specs.ANNOTATION_CONFIG_HASH] == digest
+    assert (container["image"], container["imagePullPolicy"]) == ("registry.example/vqkd:1.2", "Always")
+    assert container["resources"] == {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    assert container["command"][-2:] == ["--config", "/etc/vqkd/config/km.json"]
+    assert "km.json" in configmap["data"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"etsi014": 8443, "grpc": 9443, "metrics": 9090}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "vqkd-km-alice"
+    assert volumes["tls"]["secret"]["secretName"] == "vqkd-km-alice-tls"
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/etc/vqkd/config", "/etc/vqkd/tls"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+
+
+def test_a_km_on_a_device_link_mounts_the_device_credentials(network):
+    sts = specs.build_km_statefulset(network.nodes["bob"], "0", {"bob-carol": "qkd-b-creds"})
+    pod = sts["spec"]["template"]["spec"]
+    assert {"name": "module-0", "secret": {"secretName": "qkd-b-creds", "defaultMode": 0o440}} in pod["volumes"]
+    assert {"name": "module-0", "mountPath": "/etc/vqkd/modules/bob-carol", "readOnly": True} in \
+        pod["containers"][0]["volumeMounts"]
+
+
+def test_km_service_selects_the_km_pod_and_exposes_its_named_ports(network):
+    service = specs.build_km_service("alice")
+    sts = specs.build_km_statefulset(network.nodes["alice"], "0")
+    assert service["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    container_ports = {port["name"] for port in sts["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert {port["targetPort"] for port in service["spec"]["ports"]} == container_ports
+    assert {port["name"]: port["port"] for port in service["spec"]["ports"]} == {
+        "etsi014": 8443, "grpc": 9443, "metrics": 9090}
+
+
+def test_module_deployment_runs_one_pair_and_never_two(network):
+    deployment = specs.build_module_deployment("alice-bob", "registry.example/vqkd:1.2", "abc")
+    service = specs.build_module_service("alice-bob")
+    spec = deployment["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    assert (spec["replicas"], spec["strategy"]["type"]) == (1, "Recreate")
+    assert container["command"][-1] == "/etc/vqkd/config/emulator.json"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"end-a": 8443, "end-b": 8444, "admin": 9100}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {p["name"] for p in container["ports"]}
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "vqkd-link-alice-bob-tls"
+    assert volumes["config"]["configMap"]["name"] == "vqkd-link-alice-bob"
+
+
+def test_spec_hash_changes_with_the_manifest_only(network):
+    first = specs.build_km_configmap("alice", km_config(network, "alice"))
+    again = specs.build_km_configmap("alice", km_config(network, "alice"))
+    assert first == again
+    assert specs.with_spec_hash(dict(first)) == first  # rehashing a hashed manifest changes nothing
+    changed = load_text(NETWORK.replace("keySize: 512", "keySize: 1024"), "changed")
+    other = specs.build_km_configmap("alice", km_config(changed, "alice"))
+    key = specs.ANNOTATION_SPEC_HASH
+    assert other["metadata"]["annotations"][key] != first["metadata"]["annotations"][key]
+
+
+def test_tls_secret_and_application_session_manifests():
+    secret = specs.build_tls_secret("s", {"a": "b"}, {"tls.crt": b"cert", "ca.crt": b"ca"})
+    assert secret["data"] == {"ca.crt": base64.b64encode(b"ca").decode(), "tls.crt": base64.b64encode(b"cert").decode()}
+    body = specs.build_application_session(
+        "7f1f9a8e-0000-4000-8000-000000000001", "lab", ("n1", "sae-1"), ("n2", "sae-2"), {"minBps": 0})
+    assert body["metadata"]["name"] == "app-7f1f9a8e-0000-4000-8000-000000000001"
+    assert body["metadata"]["labels"][specs.LABEL_ORIGIN] == specs.ORIGIN_APPLICATION
+    assert body["metadata"]["annotations"][specs.ANNOTATION_SESSION_ID] == "7f1f9a8e-0000-4000-8000-000000000001"
+    session = parse(body)  # a valid KeySession
+    assert (session.spec.user, session.spec.source.sae_id, session.spec.destination.node) == ("lab", "sae-1", "n2")
+
+
+def test_status_merge_patch_removes_what_is_gone_and_keeps_what_is_equal():
+    old = {"phase": "Active", "reason": "x", "endpoints": {"grpc": "a", "metrics": "m"}, "path": ["a", "b"]}
+    new = {"phase": "Active", "endpoints": {"grpc": "b", "metrics": "m"}, "path": ["a", "c", "b"]}
+    assert merge_patch(old, new) == {"reason": None, "endpoints": {"grpc": "b"}, "path": ["a", "c", "b"]}
+    assert merge_patch(new, new) == {}
+
+
+def test_endpoints_in_a_cluster_and_from_a_local_runtime():
+    cluster = ClusterEndpoints("qkd")
+    assert cluster.km_grpc("n1") == "vqkd-km-n1.qkd.svc:9443"
+    assert cluster.km_etsi014("n1") == "https://vqkd-km-n1.qkd.svc:8443"
+    assert cluster.km_metrics("n1") == "http://vqkd-km-n1.qkd.svc:9090/metrics"
+    assert cluster.module_metrics("l") == "http://vqkd-link-l.qkd.svc:9100/metrics"
+    local = LocalEndpoints({"nodes": {"n1": {"grpc": "127.0.0.1:1", "etsi014_url": "https://127.0.0.1:2",
+                                             "metrics_url": "http://127.0.0.1:3/metrics"}}, "links": {}})
+    assert (local.km_grpc("n1"), local.module_metrics("l")) == ("127.0.0.1:1", None)
+    with pytest.raises(LookupError, match="no endpoints for node 'n9' in the local runtime \\(known: n1\\)"):
+        local.km_grpc("n9")
+    assert specs.control_plane_address("qkd") == CONTROL_PLANE
+
+
+class MemoryKube(Kube):
+    """Kube's create-or-update logic over a dict instead of an API server."""
+
+    def __init__(self):
+        self.namespace = NS
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.calls: list[str] = []
+
+    def get(self, kind: Kind, name: str):
+        return self.objects.get((kind.plural, name))
+
+    def create(self, kind: Kind, body: dict):
+        self.calls.append("create")
+        self.objects[kind.plural, body["metadata"]["name"]] = body
+        return body
+
+    def patch(self, kind: Kind, name: str, patch: dict, subresource=None):
+        self.calls.append("patch")
+        self.objects[kind.plural, name] = patch
+        return patch
+
+    def delete(self, kind: Kind, name: str, grace_period_s=None):
+        return self.objects.pop((kind.plural, name), None) is not None
+
+
+def test_ensure_creates_then_patches_only_when_the_wish_changed(network):
+    kube = MemoryKube()
+    configmap = specs.build_km_configmap("alice", km_config(network, "alice"))
+    assert kube.ensure(CONFIGMAPS, configmap) == "created"
+    # The API server adds fields of its own; the hash still says nothing changed.
+    kube.objects["configmaps", "vqkd-km-alice"]["metadata"]["resourceVersion"] = "7"
+    assert kube.ensure(CONFIGMAPS, configmap) == "unchanged"
+    changed = specs.build_km_configmap("alice", km_config(load_text(NETWORK.replace("sae-c]", "sae-c, sae-d]"),
+                                                                         "x"), "alice"))
+    assert kube.ensure(CONFIGMAPS, changed) == "updated"
+    secret = specs.build_tls_secret("vqkd-km-alice-tls", {}, {"tls.crt": b"one"})
+    assert kube.ensure(SECRETS, secret, create_only=True) == "created"
+    assert kube.ensure(SECRETS, specs.build_tls_secret("vqkd-km-alice-tls", {}, {"tls.crt": b"two"}),
+                       create_only=True) == "unchanged"
+    assert kube.calls == ["create", "patch", "create"]
+    kube.objects["configmaps", "vqkd-km-alice"]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    with pytest.raises(KubeError, match="ConfigMap vqkd-km-alice is being deleted"):
+        kube.ensure(CONFIGMAPS, configmap)
+
