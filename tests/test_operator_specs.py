@@ -1,5 +1,5 @@
 """What the operator creates, checked without a cluster: the pure builders in ``vqkd.operator.kopf.specs``,
-plus the small pure helpers around them (status merge patches, endpoints, create-or-update)."""
+plus the helpers around them (status merge patches, endpoints, create-or-update, the CA Secret)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from vqkd.km.config import EmulatedLinkConfig, KMConfig
 from vqkd.operator.kopf import specs
 from vqkd.operator.kopf.endpoints import ClusterEndpoints, LocalEndpoints
+from vqkd.operator.kopf.handlers.lifecycle import load_ca
 from vqkd.operator.kopf.kube import CONFIGMAPS, SECRETS, Kube, Kind, KubeError
 from vqkd.operator.kopf.status import merge_patch
 from vqkd.operator.manifests import load_text
@@ -269,3 +270,22 @@ def test_ensure_creates_then_patches_only_when_the_wish_changed(network):
     with pytest.raises(KubeError, match="ConfigMap vqkd-km-alice is being deleted"):
         kube.ensure(CONFIGMAPS, configmap)
 
+
+
+def test_the_ca_comes_from_its_secret_in_either_layout_or_is_created_once(tmp_path):
+    kube = MemoryKube()
+    created = load_ca(kube, tmp_path / "first")
+    stored = kube.objects["secrets", "vqkd-ca"]["data"]
+    assert base64.b64decode(stored["ca.crt"]) == created.cert_path.read_bytes()
+    # A second operator process, or a restart with a fresh working directory, uses the same CA.
+    again = load_ca(kube, tmp_path / "second")
+    assert again.cert_path.read_bytes() == created.cert_path.read_bytes()
+    # cert-manager's layout: the CA certificate and key as tls.crt and tls.key.
+    cert_manager = MemoryKube()
+    cert_manager.objects["secrets", "vqkd-ca"] = {"metadata": {"name": "vqkd-ca"}, "data": {
+        "tls.crt": stored["ca.crt"], "tls.key": stored["ca.key"], "ca.crt": stored["ca.crt"]}}
+    assert load_ca(cert_manager, tmp_path / "third").cert_path.read_bytes() == created.cert_path.read_bytes()
+    cert_manager.objects["secrets", "vqkd-ca"]["data"] = {"ca.crt": stored["ca.crt"]}
+    with pytest.raises(KubeError, match="must hold ca.crt and ca.key, or tls.crt and tls.key of a CA certificate; "
+                                        "it has ca.crt"):
+        load_ca(cert_manager, tmp_path / "fourth")

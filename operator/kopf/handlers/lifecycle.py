@@ -127,9 +127,12 @@ def endpoints_for(options: OperatorOptions) -> EndpointResolver:
 
 
 def load_ca(kube: Kube, directory: Path) -> DevCA:
-    """The operator's CA from Secret ``vqkd-ca`` (ca.crt, ca.key), created on first start.
+    """The operator's CA from Secret ``vqkd-ca``, created on first start when there is none.
 
-    Certificates are issued into ``directory``; a leaf issued by another CA is never reused.
+    The Secret holds ``ca.crt`` and ``ca.key`` (as the operator creates it), or is a
+    kubernetes.io/tls Secret of a CA certificate (``tls.crt``, ``tls.key``, as cert-manager
+    writes one). Certificates are issued into ``directory``; a leaf issued by another CA
+    is never reused.
     """
     directory.mkdir(parents=True, exist_ok=True)
     secret = kube.get(SECRETS, CA_SECRET)
@@ -146,16 +149,21 @@ def load_ca(kube: Kube, directory: Path) -> DevCA:
                 raise
             secret = kube.get(SECRETS, CA_SECRET) or {}  # another operator process created it first
     files = _decoded(secret.get("data") or {})
-    if set(files) < {"ca.crt", "ca.key"}:
-        raise KubeError(422, "Invalid", f"Secret {CA_SECRET} must hold ca.crt and ca.key, has {sorted(files)}",
+    for cert_name, key_name in (("ca.crt", "ca.key"), ("tls.crt", "tls.key")):
+        if cert_name in files and key_name in files:
+            cert, key = files[cert_name], files[key_name]
+            break
+    else:
+        raise KubeError(422, "Invalid", f"Secret {CA_SECRET} must hold ca.crt and ca.key, or tls.crt and tls.key "
+                                        f"of a CA certificate; it has {', '.join(sorted(files)) or 'nothing'}",
                         f"read Secret {CA_SECRET}")
     cert_path, key_path = directory / "ca.crt", directory / "ca.key"
-    if not cert_path.exists() or cert_path.read_bytes() != files["ca.crt"]:
+    if not cert_path.exists() or cert_path.read_bytes() != cert:
         for stale in directory.iterdir():
             stale.unlink()
-        cert_path.write_bytes(files["ca.crt"])
+        cert_path.write_bytes(cert)
         key_path.touch(mode=0o600)
-        key_path.write_bytes(files["ca.key"])
+        key_path.write_bytes(key)
     return DevCA.load_or_create(directory)
 
 
