@@ -669,3 +669,33 @@ def test_the_kms_command_is_served_by_the_km_image():
         assert command[0] == "python"  # on PATH in the image, from /opt/vqkd/bin
     assert '"python", "-P", "-m", "vqkd.km"' in text
     assert str(specs.CONFIG_DIR / specs.KM_CONFIG_FILE) in text
+
+
+@needs_helm
+def test_with_cert_manager_the_operator_starts_once_the_ca_is_issued(tmp_path):
+    """The init container, run as the kubelet would, against an API server emulator."""
+    from operator_harness import ApiServer
+
+    deployment = one(render("--set", "certManager.enabled=true"), "Deployment")
+    (wait,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    assert wait["image"] == deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert wait["command"][0] == "python"
+    api = ApiServer(tmp_path, NAMESPACE).start()
+    kube = api.client()
+    env = {**os.environ, "KUBECONFIG": str(api.kubeconfig), "VQKD_NAMESPACE": NAMESPACE}
+    process = subprocess.Popen([sys.executable, *wait["command"][1:]], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "waiting for cert-manager to issue Secret vqkd-ca in qkd" in process.stdout.readline()
+        # The operator's own layout (no cert-manager) does not count: cert-manager would overwrite it.
+        kube.create(operator_kube.SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vqkd-ca"},
+                                            "data": {"ca.crt": "eA==", "ca.key": "eA=="}})
+        assert "waiting" in process.stdout.readline() and process.poll() is None
+        kube.patch(operator_kube.SECRETS, "vqkd-ca", {"data": {"tls.crt": "eA==", "tls.key": "eA=="}})
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stdout.close()
+        kube.close()
+        api.stop()
+    assert "initContainers" not in one(render(), "Deployment")["spec"]["template"]["spec"]
