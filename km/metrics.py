@@ -7,8 +7,29 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from vqkd.km import errors
+from vqkd.km.tokenbucket import TokenBucketRefusal
+
 if TYPE_CHECKING:
     from vqkd.km.manager import KeyManager
+
+# Why a KM refused a key request; every reason is exported from the start (at 0), so a
+# first refusal shows in rate() and increase() like any later one.
+REFUSAL_REASONS = ("insufficient_key", "token_bucket", "no_path", "peer_unavailable", "not_authorized",
+                   "invalid_request", "peer_not_connected", "timeout", "qos_not_met", "unavailable")
+RELAY_REJECTION_REASONS = ("tampered", "replayed", "unknown_session", "bad_material", "malformed", "no_route",
+                           "unknown_relay", "fallback_not_allowed")
+
+
+def refusal_reason(error: errors.KMError) -> str:
+    """The refusal-reason label of a KM error (most specific class first)."""
+    for cls, reason in ((TokenBucketRefusal, "token_bucket"), (errors.InsufficientKey, "insufficient_key"),
+                        (errors.NoPath, "no_path"), (errors.PeerUnavailable, "peer_unavailable"),
+                        (errors.NotAuthorized, "not_authorized"), (errors.Unavailable, "unavailable")):
+        if isinstance(error, cls):
+            return reason
+    return "invalid_request"
+
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -40,6 +61,17 @@ class KMMetrics:
         self.fallback_keys = Counter(
             "vqkd_km_fallback_keys", "Keys made by the hybrid ML-KEM-768 + X25519 fallback instead of QKD",
             ["node"], registry=r).labels
+        self.refusals = Counter(
+            "vqkd_km_refusals", "Key requests refused, by reason (ETSI 014 and 004)", ["node", "reason"],
+            registry=r).labels
+        self.relay_seconds = Histogram(
+            "vqkd_km_relay_duration_seconds", "From taking link key at the source to the destination's commit",
+            ["node", "direct"], buckets=LATENCY_BUCKETS, registry=r).labels
+        for reason in REFUSAL_REASONS:
+            self.refusals(node, reason)
+        for reason in RELAY_REJECTION_REASONS:
+            self.relay_rejected(node, reason)
+        self.fallback_keys(node)
         self.node = node
         r.register(_PoolCollector(km))
 

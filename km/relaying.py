@@ -93,7 +93,8 @@ class RelayService:
                  on_reject: Callable[[str], None] = lambda reason: None,
                  on_relayed: Callable[[str, int], None] = lambda role, bits: None,
                  on_fallback: Callable[[int], None] = lambda keys: None,
-                 configuration_grace_s: float = CONFIGURATION_GRACE_S):
+                 configuration_grace_s: float = CONFIGURATION_GRACE_S,
+                 on_relay_done: Callable[[bool, float], None] = lambda direct, seconds: None):
         self.km = km
         self.sessions = sessions
         self.clock = clock
@@ -104,6 +105,7 @@ class RelayService:
         self.on_relayed = on_relayed
         self.on_fallback = on_fallback
         self.configuration_grace_s = configuration_grace_s
+        self.on_relay_done = on_relay_done
 
     # -- source ------------------------------------------------------------------------
 
@@ -146,6 +148,7 @@ class RelayService:
                 raise
             return await self._send_hybrid(session, link, master, slaves, number, size_bits, stream, index)
         self.sessions.note(session, "QKD key available", f"{nbytes * 8} bits on link {link.name}")
+        started = self.clock()
         keys_material = pad if direct else secrets.token_bytes(nbytes)
         ids = new_key_ids(number)
         fields = relay.RelayFields(
@@ -159,6 +162,7 @@ class RelayService:
         )
         await link.peer.relay(fields, relay.tag(mac_key, relay.authenticated_bytes(fields)))
         await link.peer.commit(link.name, session.session_id, fields.relay_id)
+        self.on_relay_done(direct, self.clock() - started)
         self.on_relayed("source", nbytes * 8)
         return list(zip(ids, split(keys_material, size_bits // 8))), None
 

@@ -309,3 +309,17 @@ async def test_openapi_document_and_metrics(net):
     assert 'vqkd_km_pool_bits{direction="outgoing",link="alice-bob",node="alice"}' in text
     with urllib.request.urlopen(net.endpoints["links"]["alice-bob"]["metrics_url"], timeout=5) as resp:
         assert "vqkd_module_generated_bits_total" in resp.read().decode()
+
+
+async def test_refusals_are_counted_by_reason_from_zero(net):
+    def refusals() -> dict[str, float]:
+        with urllib.request.urlopen(net.endpoints["nodes"]["alice"]["metrics_url"], timeout=5) as resp:
+            text = resp.read().decode()
+        return {line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line.startswith("vqkd_km_refusals_total{")}
+
+    before = refusals()
+    assert {"insufficient_key", "token_bucket", "no_path"} <= set(before)  # exported at 0 from the start
+    status, _ = await raw(net, "sae-a1", "alice", "POST", "/api/v1/keys/sae-c1/enc_keys", json={})
+    assert status == 503
+    assert refusals()["no_path"] == before["no_path"] + 1

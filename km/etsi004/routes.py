@@ -14,6 +14,11 @@ from vqkd.km.controlplane import QoS
 from vqkd.km.etsi004 import schema
 from vqkd.km.etsi004.service import Status
 from vqkd.km.etsi014.routes import RequestError, caller_of
+from vqkd.km.metrics import refusal_reason
+
+# GET_KEY and OPEN_CONNECT statuses that refuse a request, as refusal-reason labels.
+REFUSED = {Status.INSUFFICIENT_KEY: "insufficient_key", Status.GET_KEY_PEER_NOT_CONNECTED: "peer_not_connected",
+           Status.NO_QKD_CONNECTION: "no_path", Status.TIMEOUT: "timeout", Status.QOS_NOT_MET: "qos_not_met"}
 
 if TYPE_CHECKING:
     from vqkd.km.etsi004.service import ETSI004Service
@@ -60,10 +65,12 @@ class ETSI004Routes:
                                                                                               status=e.status)
             except errors.NotAuthorized as e:
                 response = web.json_response({"message": str(e)}, status=401)
+                self.metrics.refusals(node, "not_authorized").inc()
             except errors.InvalidRequest as e:
                 response = web.json_response({"message": str(e)}, status=400)
             except errors.KMError as e:
                 response = web.json_response({"status": int(Status.NO_QKD_CONNECTION), "message": str(e)})
+                self.metrics.refusals(node, refusal_reason(e)).inc()
             self.metrics.responses(node, f"etsi004_{call}", str(response.status)).inc()
             return response
 
@@ -75,6 +82,7 @@ class ETSI004Routes:
             key_chunk_size=q.Key_chunk_size, max_bps=q.Max_bps, min_bps=q.Min_bps, jitter=q.Jitter,
             priority=q.Priority, timeout_ms=q.Timeout, ttl_s=q.TTL, fallback=q.vqkd_fallback,
         ), m.Key_stream_ID)
+        self._count_refusal(result.status)
         body = {"status": int(result.status), "Key_stream_ID": result.key_stream_id, "QoS": qos_out(result.qos)}
         if result.message:
             body["message"] = result.message
@@ -82,6 +90,7 @@ class ETSI004Routes:
 
     async def get_key(self, caller: str, m: schema.GetKey) -> dict:
         result = await self.service.get_key(caller, m.Key_stream_ID, m.index, m.Metadata_size)
+        self._count_refusal(result.status)
         body = {"status": int(result.status), "index": result.index}
         if result.status is Status.SUCCESS:
             body["Key_buffer"] = base64.b64encode(result.key).decode()
@@ -91,6 +100,10 @@ class ETSI004Routes:
         if result.message:
             body["message"] = result.message
         return body
+
+    def _count_refusal(self, status: Status) -> None:
+        if status in REFUSED:
+            self.metrics.refusals(self.metrics.node, REFUSED[status]).inc()
 
     async def close(self, caller: str, m: schema.Close) -> dict:
         return {"status": int(await self.service.close(caller, m.Key_stream_ID))}

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from vqkd.km import errors, identity
 from vqkd.km.etsi014 import schema
 from vqkd.km.etsi014.openapi import openapi_document
+from vqkd.km.metrics import refusal_reason
 
 if TYPE_CHECKING:
     from vqkd.km.etsi014.service import ETSI014Service
@@ -141,6 +142,8 @@ class ETSI014Routes:
                 response = web.Response(status=401) if e.status == 401 else _error(e.status, str(e))
             except errors.KMError as e:
                 response = _error(STATUS_OF[next(c for c in STATUS_OF if isinstance(e, c))], str(e))
+                if not isinstance(e, (errors.InvalidRequest, errors.KeysNotFound)):
+                    self.metrics.refusals(node, refusal_reason(e)).inc()
             latency.observe(time.perf_counter() - started)
             responses(response.status).inc()
             return response

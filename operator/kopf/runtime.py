@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from vqkd.km.tls import TLSFiles
 from vqkd.operator.control.admission import AdmissionSettings, Session
 from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.events import Event, Subject
-from vqkd.operator.control.kmconfig import KMPusher, KMSessionConfig
 from vqkd.operator.control.monitoring import MonitoringSettings
 from vqkd.operator.kmgrpc import GrpcKMs
 from vqkd.operator.kopf.endpoints import EndpointResolver
@@ -99,24 +97,6 @@ class NodeHealth:
     replacements: int = 0  # pods replaced since it last answered
 
 
-class TimedPusher:
-    """The control core's way to the KMs, timing every confirmed push for the metrics."""
-
-    def __init__(self, kms: GrpcKMs, observe: Callable[[str, float], None]):
-        self.kms = kms
-        self.observe = observe
-
-    async def configure(self, node: str, config: KMSessionConfig) -> None:
-        start = time.perf_counter()
-        await self.kms.configure(node, config)
-        self.observe("configure", time.perf_counter() - start)
-
-    async def delete(self, node: str, session_id: str, reason: str) -> None:
-        start = time.perf_counter()
-        await self.kms.delete(node, session_id, reason)
-        self.observe("delete", time.perf_counter() - start)
-
-
 # Core transitions worth a Warning Event rather than a Normal one.
 _WARNING_STATES = {"Down", "DOWN", "Held", "Degraded"}
 
@@ -130,10 +110,9 @@ class Runtime:
         self.endpoints = endpoints
         self.ca = ca
         self.controller_tls = controller_tls
-        self.kms = GrpcKMs(endpoints.km_grpc, controller_tls)
-        pusher: KMPusher = TimedPusher(self.kms, lambda call, seconds: self.metrics.control.push_seconds(call)
-                                       .observe(seconds))
-        self.core = ControlCore(pusher, namespace=self.namespace, token_lookup=self._token,
+        self.kms = GrpcKMs(endpoints.km_grpc, controller_tls,
+                           on_push=lambda call, seconds: self.metrics.control.push_seconds(call).observe(seconds))
+        self.core = ControlCore(self.kms, namespace=self.namespace, token_lookup=self._token,
                                 admission=options.admission, monitoring=options.monitoring)
         self.metrics = OperatorMetrics(self.core)
         self.resources = Network(namespace=self.namespace)  # latest valid spec of each resource, by kind and name

@@ -48,7 +48,8 @@ class LocalControlPlane:
         network.plan()
         controller = network._tls(identity.controller()).files()
         self.tls_files = controller
-        self.kms = GrpcKMs(lambda node: network.endpoints["nodes"][node]["grpc"], controller)
+        self.kms = GrpcKMs(lambda node: network.endpoints["nodes"][node]["grpc"], controller,
+                           on_push=lambda call, seconds: self.metrics.push_seconds(call).observe(seconds))
         self.core = ControlCore(
             self.kms,
             admission=admission or AdmissionSettings(),
