@@ -69,6 +69,10 @@ class KMMetrics:
             ["node", "direct"], buckets=LATENCY_BUCKETS, registry=r).labels
         for reason in REFUSAL_REASONS:
             self.refusals(node, reason)
+        for role in ("source", "intermediate", "destination"):
+            self.relayed_bits(node, role)
+        for direct in ("yes", "no"):
+            self.relay_seconds(node, direct)
         for reason in RELAY_REJECTION_REASONS:
             self.relay_rejected(node, reason)
         self.fallback_keys(node)

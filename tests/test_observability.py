@@ -54,8 +54,6 @@ PROMTOOL = shutil.which("promtool")
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None or PROMTOOL is None,
                                       reason=f"Prometheus is not installed; run: {INSTALL_PROMETHEUS}")
 OPERATOR_ONLY = "served only by the operator in a cluster; a local network has no operator"
-# Defined with the control plane's metrics, but only the operator times its pushes to the KMs.
-FED_BY_THE_OPERATOR = {"vqkd_control_push_duration_seconds_bucket"}
 # Grafana's variables, as a query over this test's few minutes of data needs them.
 GRAFANA_VARIABLES = {"$namespace": ".*", "$__rate_interval": "1m", "$__range": "1h"}
 # The alerts' `for:` shortened so that they fire within the test.
@@ -94,7 +92,7 @@ def alert_rules(*extra: str) -> list[dict]:
 
 
 def operator_only(expr: str) -> bool:
-    return any(name.startswith("vqkd_operator_") or name in FED_BY_THE_OPERATOR for name in METRIC.findall(expr))
+    return any(name.startswith("vqkd_operator_") for name in METRIC.findall(expr))
 
 
 def exported_metrics() -> dict[str, str]:
@@ -390,8 +388,8 @@ async def test_every_dashboard_expression_returns_data(observed):
         elif not result:
             empty.append(f"{title}: {expr}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
-    assert sorted(set(skipped)) == ["Configuration push latency", "KM replacement time", "Operator errors",
-                                    "Reconciliations by result"], OPERATOR_ONLY
+    assert sorted(set(skipped)) == ["KM replacement time", "Operator errors", "Reconciliations by result"], \
+        OPERATOR_ONLY
 
 
 @in_module_loop
