@@ -147,28 +147,26 @@ class KeyExchange:
         return Issued(keys, extension)
 
     def accept(self, link_name: str, master: str, slaves: list[str], key_ids: list[str],
-               sizes_bits: list[int], spans: list[Span]) -> int:
-        """Store keys a peer KM made from shared link material; returns the bits stored."""
+               size_bits: int, spans: list[Span]) -> int:
+        """Store keys a peer KM made from shared link material, all of ``size_bits``; returns the
+        bits stored."""
         km = self.km
         link = km.links[link_name]
-        if not key_ids or len(key_ids) != len(sizes_bits):
-            raise DeliveryRefused("a delivery needs one size per key and at least one key")
+        if not key_ids:
+            raise DeliveryRefused("a delivery needs at least one key")
         try:
             material = link.incoming.consume(spans)
         except SpanError as e:
             raise DeliveryRefused(f"link {link_name}: {e}") from None
         # The material is consumed from here on: whatever is refused below is lost on both
         # sides (the sender dropped it too), never used for something else.
-        if sum(sizes_bits) != len(material) * 8 or any(s <= 0 or s % 8 for s in sizes_bits):
-            raise DeliveryRefused(f"key sizes {sum(sizes_bits)} bits do not match {len(material) * 8} bits of material")
+        if size_bits <= 0 or size_bits % 8 or len(key_ids) * size_bits != len(material) * 8:
+            raise DeliveryRefused(f"{len(key_ids)} keys of {size_bits} bits do not match "
+                                  f"{len(material) * 8} bits of material")
         not_here = [s for s in slaves if not km.is_local(s)]
         if not slaves or not_here:
             raise DeliveryRefused(f"slave SAEs {not_here or slaves} are not attached to node {km.node}")
-        keys, offset = [], 0
-        for key_id, size in zip(key_ids, sizes_bits):
-            keys.append((key_id, material[offset:offset + size // 8]))
-            offset += size // 8
-        self._store(master, slaves, keys)
+        self._store(master, slaves, list(zip(key_ids, split(material, size_bits // 8))))
         return len(material) * 8
 
     def _store(self, master: str, slaves: list[str], keys: list[tuple[str, bytes]]) -> None:

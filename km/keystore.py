@@ -7,8 +7,9 @@ taken by one of the slave SAEs named at issue time, or dropped when its time to 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable
+from collections import Counter
+from itertools import repeat
+from typing import Callable, NamedTuple
 
 
 class KeysNotFound(Exception):
@@ -23,8 +24,8 @@ class StoreFull(Exception):
     """Accepting the keys would exceed the store's bound."""
 
 
-@dataclass(slots=True)
-class StoredKey:
+class StoredKey(NamedTuple):
+    """A key as ``take`` hands it out."""
     key: bytes
     master: str
     slaves: frozenset[str]
@@ -32,13 +33,37 @@ class StoredKey:
     extension: dict | None = None
 
 
+def _stored_keys(keys: list[bytes], master: str, slaves: frozenset[str], expires: float,
+                 extension: dict | None):
+    """A StoredKey per key, all built in C: one per key in Python code would cost ``take``
+    more than all of its dictionary work."""
+    return map(tuple.__new__, repeat(StoredKey), zip(keys, repeat(master), repeat(slaves), repeat(expires),
+                                                     repeat(extension)))
+
+
+# What the keys of one delivery share, held once for all of them: [master, slaves, expires,
+# extension, keys still held, key IDs]. Indices into that list:
+_MASTER, _SLAVES, _EXPIRES, _EXTENSION, _LEFT, _IDS = range(6)
+
+
 class KeyStore:
+    """Per key, the store holds two dictionary entries, ``key ID -> key`` and ``key ID ->
+    delivery number``, and no object of its own: bytes, strings and ints are not tracked by
+    the cyclic garbage collector, and neither are dictionaries holding only them, so a store
+    of millions of keys adds nothing to the collector's passes. What the keys of one delivery
+    share is kept once per delivery."""
+
     def __init__(self, ttl_s: float, max_bits: int, clock: Callable[[], float] = time.monotonic):
         self._ttl = ttl_s
         self._max_bits = max_bits
         self._clock = clock
-        # Insertion order is expiry order (one TTL for all), so expiry pops from the front.
-        self._keys: dict[str, StoredKey] = {}
+        self._keys: dict[str, bytes] = {}
+        self._delivery_of: dict[str, int] = {}
+        # Deliveries that still hold keys, by number. Numbers grow with insertion and all share
+        # one TTL, so the lowest number expires first: expiry looks at `_oldest` only.
+        self._deliveries: dict[int, list] = {}
+        self._next = 0
+        self._oldest = 0
         self._bits = 0
 
     @property
@@ -50,32 +75,53 @@ class KeyStore:
 
     def expire(self) -> int:
         """Drop keys past their time to live; returns how many."""
+        deliveries, keys, delivery_of = self._deliveries, self._keys, self._delivery_of
+        oldest, newest = self._oldest, self._next
         now = self._clock()
         dropped = 0
-        while self._keys:
-            key_id, entry = next(iter(self._keys.items()))
-            if entry.expires > now:
-                break
-            del self._keys[key_id]
-            self._bits -= len(entry.key) * 8
-            dropped += 1
+        while oldest < newest:
+            delivery = deliveries.get(oldest)
+            if delivery is not None:
+                if delivery[_EXPIRES] > now:
+                    break
+                del deliveries[oldest]
+                for key_id in delivery[_IDS]:
+                    if delivery_of.get(key_id) == oldest:  # not taken (nor taken and named again)
+                        del delivery_of[key_id]
+                        self._bits -= len(keys.pop(key_id)) * 8
+                        dropped += 1
+            oldest += 1
+        self._oldest = oldest
         return dropped
 
     def put(self, master: str, slaves: frozenset[str], keys: list[tuple[str, bytes]],
             extension: dict | None = None) -> None:
         self.expire()
-        incoming = sum(len(k) for _, k in keys) * 8
+        key_ids = [key_id for key_id, _ in keys]
+        material = [key for _, key in keys]
+        incoming = sum(map(len, material)) * 8
         if self._bits + incoming > self._max_bits:
             raise StoreFull(
                 f"{incoming} bits would exceed the bound of {self._max_bits} bits for keys "
                 f"waiting for slave SAEs ({self._bits} held)"
             )
-        duplicates = [key_id for key_id, _ in keys if key_id in self._keys]
-        if duplicates:
+        store = self._keys
+        if not store.keys().isdisjoint(key_ids):
+            duplicates = [key_id for key_id in key_ids if key_id in store]
             raise KeysNotFound(f"key IDs already in use: {duplicates[:3]}")
-        expires = self._clock() + self._ttl
-        for key_id, key in keys:
-            self._keys[key_id] = StoredKey(key, master, slaves, expires, extension)
+        if not key_ids:
+            return
+        held = len(store)
+        store.update(zip(key_ids, material))
+        if len(store) != held + len(key_ids):  # an ID named twice in this delivery
+            for key_id in key_ids:
+                store.pop(key_id, None)
+            raise KeysNotFound("the same key ID is named more than once")
+        number = self._next
+        self._next = number + 1
+        self._delivery_of.update(zip(key_ids, repeat(number)))
+        self._deliveries[number] = [master, slaves, self._clock() + self._ttl, extension, len(key_ids),
+                                    tuple(key_ids)]  # a tuple of strings: not tracked by the collector
         self._bits += incoming
 
     def take(self, caller: str, master: str, key_ids: list[str]) -> list[tuple[str, StoredKey]]:
@@ -83,15 +129,32 @@ class KeyStore:
         self.expire()
         if len(set(key_ids)) != len(key_ids):
             raise KeysNotFound("the same key ID is named more than once")
-        found = []
-        for key_id in key_ids:
-            entry = self._keys.get(key_id)
-            if entry is None or entry.master != master:
-                raise KeysNotFound(key_id)
-            found.append((key_id, entry))
-        if any(caller not in entry.slaves for _, entry in found):
+        delivery_of, deliveries = self._delivery_of, self._deliveries
+        found = [delivery_of.get(key_id) for key_id in key_ids]
+        numbers = set(found)
+        if None in numbers or any(deliveries[number][_MASTER] != master for number in numbers):
+            raise KeysNotFound(next(key_id for key_id, number in zip(key_ids, found)
+                                    if number is None or deliveries[number][_MASTER] != master))
+        if any(caller not in deliveries[number][_SLAVES] for number in numbers):
             raise NotASlave(caller)
-        for key_id, entry in found:
-            del self._keys[key_id]
-            self._bits -= len(entry.key) * 8
-        return found
+        pop = self._keys.pop
+        keys = [pop(key_id) for key_id in key_ids]
+        for key_id in key_ids:
+            del delivery_of[key_id]
+        if len(numbers) == 1:  # the usual case: keys of one delivery
+            number = numbers.pop()
+            delivery = deliveries[number]
+            slaves, expires, extension = delivery[_SLAVES], delivery[_EXPIRES], delivery[_EXTENSION]
+            taken = list(zip(key_ids, _stored_keys(keys, master, slaves, expires, extension)))
+            counts = {number: len(key_ids)}
+        else:
+            taken = [(key_id, StoredKey(key, master, *deliveries[number][_SLAVES:_LEFT]))
+                     for key_id, key, number in zip(key_ids, keys, found)]
+            counts = Counter(found)
+        for number, count in counts.items():
+            delivery = deliveries[number]
+            delivery[_LEFT] -= count
+            if not delivery[_LEFT]:
+                del deliveries[number]
+        self._bits -= sum(map(len, keys)) * 8
+        return taken

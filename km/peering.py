@@ -92,7 +92,7 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
         try:
             self.exchange.accept(
                 link.name, request.master_sae_id, list(request.slave_sae_ids),
-                [k.key_id for k in request.keys], [k.size_bits for k in request.keys], spans,
+                list(request.key_ids), request.size_bits, spans,
             )
         except DeliveryRefused as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -230,6 +230,6 @@ class PeerClient:
         await self._call(self.stub.Deliver, lambda inc: km_pb2.DeliverRequest(
             link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
             master_sae_id=master, slave_sae_ids=slaves,
-            keys=[km_pb2.DeliveredKey(key_id=k, size_bits=size_bits) for k in key_ids],
+            key_ids=key_ids, size_bits=size_bits,
             material=[km_pb2.Span(block_id=s.block_id, offset=s.offset, length=s.length) for s in spans],
         ))

@@ -1,5 +1,7 @@
 """Keys waiting for slave SAEs leave the store exactly once."""
 
+import gc
+
 import pytest
 
 from vqkd.km.keystore import KeysNotFound, KeyStore, NotASlave, StoreFull
@@ -62,3 +64,68 @@ def test_expiry_and_bound():
         s.take("s", "m", ["k1"])
     s.put("m", frozenset({"s"}), [("k2", b"a" * 64)])
     assert s.bits == 512
+
+
+def test_expiry_drops_each_delivery_when_its_time_is_up():
+    s, clock = store(ttl=10)
+    s.put("m", frozenset({"s"}), [("k1", b"a" * 32), ("k2", b"b" * 32)])
+    clock.t = 5
+    s.put("m", frozenset({"s"}), [("k3", b"c" * 32)])
+    assert [k for k, _ in s.take("s", "m", ["k1"])] == ["k1"]
+    clock.t = 10
+    assert s.expire() == 1  # k2; k1 was taken
+    assert len(s) == 1 and s.bits == 256
+    with pytest.raises(KeysNotFound):
+        s.take("s", "m", ["k2"])
+    clock.t = 15
+    assert s.expire() == 1
+    assert len(s) == 0 and s.bits == 0
+
+
+def test_a_key_id_taken_and_named_again_lives_by_its_new_delivery():
+    s, clock = store(ttl=10)
+    s.put("m", frozenset({"s"}), [("k1", b"a" * 32)])
+    s.take("s", "m", ["k1"])
+    clock.t = 5
+    s.put("m", frozenset({"s"}), [("k1", b"b" * 32)])
+    clock.t = 11
+    assert s.expire() == 0
+    assert [(k, e.key) for k, e in s.take("s", "m", ["k1"])] == [("k1", b"b" * 32)]
+
+
+def test_a_key_id_named_twice_in_one_delivery_is_refused():
+    s, _ = store()
+    with pytest.raises(KeysNotFound):
+        s.put("m", frozenset({"s"}), [("k1", b"a" * 32), ("k1", b"b" * 32)])
+    assert len(s) == 0 and s.bits == 0
+    s.put("m", frozenset({"s"}), [("k1", b"a" * 32)])
+    assert len(s) == 1
+
+
+def test_keys_of_several_deliveries_keep_their_own_slaves_and_extension():
+    s, clock = store(ttl=10)
+    s.put("m", frozenset({"s", "t"}), [("k1", b"a" * 32), ("k2", b"b" * 32)], {"hybrid": True})
+    clock.t = 1
+    s.put("m", frozenset({"s"}), [("k3", b"c" * 32)])
+    with pytest.raises(NotASlave):
+        s.take("t", "m", ["k1", "k3"])
+    got = s.take("s", "m", ["k3", "k1"])
+    assert [(k, e.key, e.master, e.slaves, e.expires, e.extension) for k, e in got] == [
+        ("k3", b"c" * 32, "m", frozenset({"s"}), 11, None),
+        ("k1", b"a" * 32, "m", frozenset({"s", "t"}), 10, {"hybrid": True}),
+    ]
+    assert len(s) == 1 and s.bits == 256
+    assert [(k, e.key) for k, e in s.take("t", "m", ["k2"])] == [("k2", b"b" * 32)]
+    assert len(s) == 0 and s.bits == 0
+
+
+def test_stored_keys_add_no_objects_for_the_garbage_collector():
+    # A store holding millions of keys must not make every full collection walk them all.
+    s, _ = store(max_bits=10**9)
+    gc.collect()
+    before = len(gc.get_objects())
+    for d in range(10):
+        s.put("m", frozenset({"s"}), [(f"{d}-{i}", i.to_bytes(32, "big")) for i in range(1000)])
+    gc.collect()
+    assert len(s) == 10_000
+    assert len(gc.get_objects()) - before < 100

@@ -69,22 +69,24 @@ class DeliveredKey(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., size_bits: _Optional[int] = ...) -> None: ...
 
 class DeliverRequest(_message.Message):
-    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "master_sae_id", "slave_sae_ids", "keys", "material")
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "master_sae_id", "slave_sae_ids", "material", "key_ids", "size_bits")
     LINK_FIELD_NUMBER: _ClassVar[int]
     SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     MASTER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
     SLAVE_SAE_IDS_FIELD_NUMBER: _ClassVar[int]
-    KEYS_FIELD_NUMBER: _ClassVar[int]
     MATERIAL_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BITS_FIELD_NUMBER: _ClassVar[int]
     link: str
     sender_incarnation: str
     receiver_incarnation: str
     master_sae_id: str
     slave_sae_ids: _containers.RepeatedScalarFieldContainer[str]
-    keys: _containers.RepeatedCompositeFieldContainer[DeliveredKey]
     material: _containers.RepeatedCompositeFieldContainer[Span]
-    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[DeliveredKey, _Mapping]]] = ..., material: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    size_bits: int
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., material: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., key_ids: _Optional[_Iterable[str]] = ..., size_bits: _Optional[int] = ...) -> None: ...
 
 class DeliverReply(_message.Message):
     __slots__ = ()
