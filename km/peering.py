@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 import grpc
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_S = 5.0
+# Keys per Deliver request, however many deliveries wait: bounds the message (~40 bytes a key)
+# and the time the peer spends on one request. A single larger delivery still goes alone.
+MAX_KEYS_PER_DELIVER = 4096
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> identity.Identity | None:
@@ -88,15 +93,19 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
     async def Deliver(self, request, context):
         link = await self._link(request, context)
         await self._check_incarnations(link, request, context)
-        spans = [Span(s.block_id, s.offset, s.length) for s in request.material]
-        try:
-            self.exchange.accept(
-                link.name, request.master_sae_id, list(request.slave_sae_ids),
-                list(request.key_ids), request.size_bits, spans,
-            )
-        except DeliveryRefused as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return km_pb2.DeliverReply()
+        if not request.deliveries:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Deliver request needs at least one delivery")
+        refused = []
+        for d in request.deliveries:  # one by one, each whole or not at all
+            spans = [Span(s.block_id, s.offset, s.length) for s in d.material]
+            try:
+                self.exchange.accept(link.name, d.master_sae_id, list(d.slave_sae_ids), list(d.key_ids), d.size_bits,
+                                     spans)
+            except DeliveryRefused as e:
+                refused.append(str(e) or "refused")
+            else:
+                refused.append("")
+        return km_pb2.DeliverReply(refused=refused)
 
     async def Relay(self, request, context):
         link = await self._link(request, context)
@@ -174,6 +183,9 @@ class PeerClient:
         self.km = km
         self.link = link
         self.stub = km_pb2_grpc.LinkPeerStub(channel)
+        # Deliveries waiting for the next Deliver request, and the task sending them.
+        self._deliveries: deque[tuple[km_pb2.Delivery, int, asyncio.Future]] = deque()
+        self._delivering: asyncio.Task | None = None
 
     async def hello(self) -> None:
         reply = await self.stub.Hello(
@@ -227,9 +239,59 @@ class PeerClient:
 
     async def deliver(self, master: str, slaves: list[str], key_ids: list[str], size_bits: int,
                       spans: list[Span]) -> None:
-        await self._call(self.stub.Deliver, lambda inc: km_pb2.DeliverRequest(
-            link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
-            master_sae_id=master, slave_sae_ids=slaves,
-            key_ids=key_ids, size_bits=size_bits,
+        """Hand keys to the peer KM; returns once it holds them all, raises if it holds none.
+
+        A delivery made while a Deliver request is under way waits for it and then goes with
+        the others made meanwhile in one request: under load one request carries many
+        deliveries, and an idle link sends each at once."""
+        delivery = km_pb2.Delivery(
+            master_sae_id=master, slave_sae_ids=slaves, key_ids=key_ids, size_bits=size_bits,
             material=[km_pb2.Span(block_id=s.block_id, offset=s.offset, length=s.length) for s in spans],
-        ))
+        )
+        done = asyncio.get_running_loop().create_future()
+        self._deliveries.append((delivery, len(key_ids), done))
+        if self._delivering is None:
+            self._delivering = asyncio.create_task(self._send_deliveries(), name=f"deliver-{self.link.name}")
+        await done
+
+    async def _send_deliveries(self) -> None:
+        batch: list = []
+        try:
+            while self._deliveries:
+                batch, keys = [], 0
+                while self._deliveries and (not batch or keys + self._deliveries[0][1] <= MAX_KEYS_PER_DELIVER):
+                    batch.append(self._deliveries.popleft())
+                    keys += batch[-1][1]
+                try:
+                    reply, _ = await self._call(self.stub.Deliver, lambda inc: km_pb2.DeliverRequest(
+                        link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
+                        deliveries=[delivery for delivery, _, _ in batch],
+                    ))
+                except errors.KMError as e:
+                    failures = [errors.PeerUnavailable(str(e)) for _ in batch]
+                except Exception as e:  # not the peer's doing, but these keys go to no one all the same
+                    failures = [e] * len(batch)
+                else:
+                    failures = [errors.PeerUnavailable(self._refused(reason)) if reason else None
+                                for reason in reply.refused]
+                    if len(failures) != len(batch):
+                        failures = [errors.PeerUnavailable(self._refused(
+                            f"answered for {len(failures)} of {len(batch)} deliveries")) for _ in batch]
+                for (_, _, done), failure in zip(batch, failures):
+                    if done.done():  # its caller gave up waiting
+                        continue
+                    if failure is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(failure)
+                batch = []
+        finally:  # cancelled: whatever was not answered was delivered to no one
+            self._delivering = None
+            for _, _, done in [*batch, *self._deliveries]:
+                if not done.done():
+                    done.set_exception(errors.PeerUnavailable(
+                        f"KM of node {self.link.peer_node} (link {self.link.name}): the delivery was cancelled"))
+            self._deliveries.clear()
+
+    def _refused(self, reason: str) -> str:
+        return f"KM of node {self.link.peer_node} (link {self.link.name}): INVALID_ARGUMENT: {reason}"

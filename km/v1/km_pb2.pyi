@@ -68,29 +68,37 @@ class DeliveredKey(_message.Message):
     size_bits: int
     def __init__(self, key_id: _Optional[str] = ..., size_bits: _Optional[int] = ...) -> None: ...
 
+class Delivery(_message.Message):
+    __slots__ = ("master_sae_id", "slave_sae_ids", "key_ids", "size_bits", "material")
+    MASTER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLAVE_SAE_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BITS_FIELD_NUMBER: _ClassVar[int]
+    MATERIAL_FIELD_NUMBER: _ClassVar[int]
+    master_sae_id: str
+    slave_sae_ids: _containers.RepeatedScalarFieldContainer[str]
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    size_bits: int
+    material: _containers.RepeatedCompositeFieldContainer[Span]
+    def __init__(self, master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., key_ids: _Optional[_Iterable[str]] = ..., size_bits: _Optional[int] = ..., material: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
+
 class DeliverRequest(_message.Message):
-    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "master_sae_id", "slave_sae_ids", "material", "key_ids", "size_bits")
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "deliveries")
     LINK_FIELD_NUMBER: _ClassVar[int]
     SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
-    MASTER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
-    SLAVE_SAE_IDS_FIELD_NUMBER: _ClassVar[int]
-    MATERIAL_FIELD_NUMBER: _ClassVar[int]
-    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
-    SIZE_BITS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     link: str
     sender_incarnation: str
     receiver_incarnation: str
-    master_sae_id: str
-    slave_sae_ids: _containers.RepeatedScalarFieldContainer[str]
-    material: _containers.RepeatedCompositeFieldContainer[Span]
-    key_ids: _containers.RepeatedScalarFieldContainer[str]
-    size_bits: int
-    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., material: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., key_ids: _Optional[_Iterable[str]] = ..., size_bits: _Optional[int] = ...) -> None: ...
+    deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ...) -> None: ...
 
 class DeliverReply(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("refused",)
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    refused: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, refused: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RelayRequest(_message.Message):
     __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id", "index", "master_sae_id", "slave_sae_ids", "keys", "direct", "ciphertext", "pad", "mac_key", "tag", "key_extension", "stream")

@@ -109,7 +109,8 @@ class LinkPeerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Deliver(self, request, context):
-        """Delivers keys made of shared link material to SAEs attached to the receiver.
+        """Delivers keys made of shared link material to SAEs attached to the receiver; a request
+        carries the deliveries that were ready together.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
