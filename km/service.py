@@ -63,6 +63,8 @@ class KMService:
             on_reject=lambda reason: self.metrics.relay_rejected(self.km.node, reason).inc(),
             on_relayed=self._relayed,
             on_fallback=lambda keys: self.metrics.fallback_keys(self.km.node).inc(keys),
+            on_relay_done=lambda direct, seconds: self.metrics.relay_seconds(
+                self.km.node, "yes" if direct else "no").observe(seconds),
         )
         self.tls_files = config.tls.files()
         self.control_plane: GrpcControlPlane | None = None
