@@ -59,6 +59,9 @@ class LinkEndConfig(_Strict):
     module_url: str = Field(description="https URL of this node's end of the QKD module (ETSI 014)")
     module_sae_id: str = Field(description="the SAE ID this KM has at its module end")
     peer_module_sae_id: str = Field(description="the SAE ID the peer KM has at its module end")
+    module_tls: TLSPaths | None = Field(
+        None, description="credentials for the module's ETSI 014 interface (a real device's CA and this KM's "
+                          "certificate there); default: the KM's own")
     block_bits: int = Field(8192, gt=0, multiple_of=8, description="size of the keys drawn from the module")
     pool_target_bits: int = Field(64 * 1024 * 1024, gt=0, description="keep this much outgoing key in the pool")
 

@@ -74,7 +74,11 @@ class KMService:
             self.control_plane = GrpcControlPlane(config.node, channel)
         self.exchange = KeyExchange(self.km, self.sessions, self.relays, self.control_plane)
         self.modules = {
-            link.name: ETSI014Client(link.config.module_url, self.tls_files) for link in self.km.links.values()
+            link.name: ETSI014Client(
+                link.config.module_url,
+                link.config.module_tls.files() if link.config.module_tls else self.tls_files,
+            )
+            for link in self.km.links.values()
         }
         self._channels: list[grpc.aio.Channel] = []
         self._tasks: list[asyncio.Task] = []

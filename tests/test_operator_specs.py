@@ -94,6 +94,11 @@ def test_km_config_reaches_peers_and_modules_by_service_name(network):
     assert (emulated.module_sae_id, emulated.peer_module_sae_id, emulated.block_bits) == ("bob", "alice", 8192)
     assert (device.module_url, device.module_sae_id, device.peer_module_sae_id, device.peer_grpc) == (
         "https://qkd-b.lab:443/", "KM_B", "KM_C", "vqkd-km-carol.qkd.svc:9443")
+    # The device is reached with the credentials of the link's Secret, mounted in the KM's pod.
+    assert [str(p) for p in (device.module_tls.ca, device.module_tls.cert, device.module_tls.key)] == [
+        "/etc/vqkd/modules/bob-carol/ca.crt", "/etc/vqkd/modules/bob-carol/tls.crt",
+        "/etc/vqkd/modules/bob-carol/tls.key"]
+    assert emulated.module_tls is None  # the emulated module trusts the KM's own certificate
     assert km_config(network, "alice").links[0].module_url == "https://vqkd-link-alice-bob.qkd.svc:8443"
     assert km_config(network, "alice").limits.key_size == 512
     # The config is what `python -m vqkd.km --config` reads.

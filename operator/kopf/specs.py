@@ -186,8 +186,11 @@ def build_km_config(node: QKDNode, network: Network, namespace: str, control_pla
             ))
         else:
             device = link.spec.etsi014.endpoints[name]
+            credentials = MODULE_CREDENTIALS_DIR / link_name  # the link's Secret, mounted by the StatefulSet
             links.append(LinkEndConfig(
                 **common, module_url=device.url, module_sae_id=device.sae_id, peer_module_sae_id=device.peer_sae_id,
+                module_tls=TLSPaths(ca=str(credentials / "ca.crt"), cert=str(credentials / "tls.crt"),
+                                    key=str(credentials / "tls.key")),
             ))
     saes = {sae: other for other, other_node in sorted(network.nodes.items()) for sae in other_node.spec.sae_ids}
     return KMConfig(
