@@ -1,17 +1,21 @@
 """The operator on a real cluster (opt-in): skipped unless VQKD_KUBECONFIG names a kubeconfig.
 
-The cluster must already run the vqkd operator for VQKD_NAMESPACE (default ``vqkd``) with
-the CRDs installed (``kubectl apply -f crds/`` and the operator's Deployment, or the Helm
-chart), and be able to pull the KM image. The test applies a two-node network with a
-declared session, waits for the KMs and the session, then deletes everything and checks
-that finalizers are released and the children are gone.
+The test installs the Helm chart (helm/vqkd) into VQKD_NAMESPACE (default ``vqkd``) as
+release ``vqkd-test`` and uninstalls it afterwards; set VQKD_SKIP_HELM=1 when the cluster
+already runs the operator there. The cluster must be able to pull the images. The test
+applies a two-node network with a declared session, waits for the KMs and the session,
+then deletes everything and checks that finalizers are released and the children are gone.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -38,8 +42,31 @@ def wait_for(check, timeout: float, what: str):
     raise AssertionError(f"{what} not reached within {timeout:.0f} s; last seen: {last!r}")
 
 
+CHART = Path(__file__).resolve().parent.parent / "helm" / "vqkd"
+
+
+def helm(*args: str) -> None:
+    binary = shutil.which("helm") or str(Path(sys.executable).parent / "helm")  # `make tools` puts it in .venv/bin
+    subprocess.run([binary, "--kubeconfig", os.environ["VQKD_KUBECONFIG"], *args], check=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def chart():
+    """The operator as users install it: the Helm chart, waited for until it is ready."""
+    if os.environ.get("VQKD_SKIP_HELM"):
+        yield
+        return
+    namespace = os.environ.get("VQKD_NAMESPACE", "vqkd")
+    helm("upgrade", "--install", "vqkd-test", str(CHART), "--namespace", namespace, "--create-namespace",
+         "--wait", "--timeout", "10m")
+    try:
+        yield
+    finally:
+        helm("uninstall", "vqkd-test", "--namespace", namespace, "--wait")
+
+
 @pytest.fixture
-def kube():
+def kube(chart):
     client = Kube.connect(os.environ["VQKD_KUBECONFIG"], os.environ.get("VQKD_NAMESPACE", "vqkd"))
     try:
         client.list(VQKD["QKDNode"])
