@@ -57,18 +57,20 @@ spec:
 async def drive(endpoints: dict, slave: str, seconds: float, clients: int, batch: int) -> dict:
     latencies: list[float] = []
     errors = 0
+    first_error = ""
     stop = time.monotonic() + seconds
 
     async def one() -> None:
-        nonlocal errors
+        nonlocal errors, first_error
         async with client(endpoints, "sae-0") as c:
             while time.monotonic() < stop:
                 started = time.perf_counter()
                 try:
                     await c.enc_keys(slave, batch, KEY_BITS)
                     latencies.append(time.perf_counter() - started)
-                except ETSI014Error:
+                except ETSI014Error as e:
                     errors += 1
+                    first_error = first_error or f"HTTP {e.status}: {e.message}"
                     await asyncio.sleep(0.01)
 
     began = time.monotonic()
@@ -80,7 +82,7 @@ async def drive(endpoints: dict, slave: str, seconds: float, clients: int, batch
         "requests": len(latencies), "errors": errors, "seconds": round(elapsed, 2),
         "keys_per_s": round(len(latencies) * batch / elapsed, 1),
         "key_mbit_per_s": round(len(latencies) * batch * KEY_BITS / elapsed / 1e6, 3),
-        "p50_ms": q(0.5), "p99_ms": q(0.99),
+        "p50_ms": q(0.5), "p99_ms": q(0.99), **({"first_error": first_error} if first_error else {}),
     }
 
 

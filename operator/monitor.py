@@ -25,6 +25,8 @@ from vqkd.operator.kmgrpc import GrpcKMs
 
 log = logging.getLogger(__name__)
 
+BUFFER_FULL_SHARE = 0.99  # a module buffer this full has paused production
+
 
 @dataclass
 class _Previous:
@@ -90,12 +92,21 @@ class LinkMonitor:
         load = max(0.0, drawn - previous.drawn_bits) / dt
         if generated is not None and previous.generated_bits is not None:
             rate = max(0.0, generated - previous.generated_bits) / dt
+            if rate == 0 and _buffer_full(module):
+                # Nobody drew key, so the module stopped at its bound: the link is idle, not
+                # broken. Its own figure for what it would produce stands in for the measurement.
+                rate = module.get("vqkd_module_secret_key_rate_bits_per_second", 0.0)
         else:
             rate = load
         pools = sum(ls.outgoing_bits + ls.incoming_bits for ls in per_end)
         buffered = module.get("vqkd_module_buffer_bits", 0) if module else 0
         return LinkSample(link=link, at=now, key_rate_bps=rate, qber=module.get("vqkd_module_qber") if module else None,
                           stored_key_bits=int(pools + buffered), load_bps=load)
+
+
+def _buffer_full(module: dict[str, float]) -> bool:
+    capacity = module.get("vqkd_module_buffer_capacity_bits", 0.0)
+    return capacity > 0 and module.get("vqkd_module_buffer_bits", 0.0) >= capacity * BUFFER_FULL_SHARE
 
 
 def _scrape(url: str) -> dict[str, float]:
