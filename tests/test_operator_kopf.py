@@ -223,15 +223,22 @@ def test_resources_become_km_workloads_and_an_active_session(cluster):
 
     for node in NODES:
         owner = c.get("QKDNode", node)
-        statefulset = wait_for(lambda: c.kube.get(STATEFULSETS, f"vqkd-km-{node}"), what=f"StatefulSet of {node}")
+        def rolled_out(node=node):
+            """The StatefulSet and the ConfigMap it was rendered from (the operator writes them in turn)."""
+            statefulset = c.kube.get(STATEFULSETS, f"vqkd-km-{node}")
+            configmap = c.kube.get(CONFIGMAPS, f"vqkd-km-{node}")
+            if statefulset and configmap and statefulset["spec"]["template"]["metadata"]["annotations"].get(
+                    ANNOTATION_CONFIG_HASH) == content_hash(configmap["data"]):
+                return statefulset, configmap
+            return None
+
+        statefulset, configmap = wait_for(rolled_out, what=f"StatefulSet of {node} rendered from its ConfigMap")
         assert statefulset["spec"]["replicas"] == 1
         reference = statefulset["metadata"]["ownerReferences"][0]
         assert (reference["kind"], reference["name"], reference["uid"], reference["controller"]) == (
             "QKDNode", node, owner["metadata"]["uid"], True)
-        configmap = c.kube.get(CONFIGMAPS, f"vqkd-km-{node}")
         config = KMConfig.model_validate_json(configmap["data"]["km.json"])
         template = statefulset["spec"]["template"]
-        assert template["metadata"]["annotations"][ANNOTATION_CONFIG_HASH] == content_hash(configmap["data"])
         assert template["spec"]["containers"][0]["image"] == "ghcr.io/vqkd/km:0.1.0"
         assert config.saes == {"sae-n0": "n0", "sae-n1": "n1", "sae-n2": "n2"}
         assert config.control_plane == c.options.control_plane_address
