@@ -15,3 +15,10 @@ def test_every_package_folder_is_listed():
             rel = init.parent.relative_to(ROOT / folder).parts
             found.add(".".join((name, *rel)))
     assert found == listed
+
+
+def test_the_key_manager_never_imports_the_control_plane():
+    """Dependency direction of the design: operator/ may use km/, never the reverse."""
+    offenders = [str(path.relative_to(ROOT)) for path in (ROOT / "km").rglob("*.py")
+                 if "vqkd.operator" in path.read_text()]
+    assert offenders == []
