@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import base64
-import json
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from pydantic import ValidationError
 
 from vqkd.km import errors
 from vqkd.km.controlplane import QoS
 from vqkd.km.etsi004 import schema
 from vqkd.km.etsi004.service import Status
-from vqkd.km.etsi014.routes import RequestError, caller_of
+from vqkd.km.etsi014.routes import RequestError, caller_of, json_body, validated
 from vqkd.km.metrics import refusal_reason
 
 # GET_KEY and OPEN_CONNECT statuses that refuse a request, as refusal-reason labels.
@@ -48,17 +46,7 @@ class ETSI004Routes:
         async def endpoint(request: web.Request) -> web.Response:
             try:
                 caller = caller_of(request)
-                try:
-                    body = json.loads(await request.read() or b"{}")
-                    if not isinstance(body, dict):
-                        raise RequestError(400, f"request body must be a JSON object, got {type(body).__name__}")
-                    message = model.model_validate(body)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise RequestError(400, f"request body is not valid JSON: {e}") from None
-                except ValidationError as e:
-                    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-                                         for err in e.errors())
-                    raise RequestError(400, f"invalid {model.__name__}: {problems}") from None
+                message = validated(model, await json_body(request))
                 response = web.json_response(await handler(caller, message))
             except RequestError as e:
                 response = web.Response(status=401) if e.status == 401 else web.json_response({"message": str(e)},

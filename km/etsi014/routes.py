@@ -76,7 +76,8 @@ def _error(status: int, message: str) -> web.Response:
     return _json(status, {"message": message})
 
 
-async def _body(request: web.Request) -> dict:
+async def json_body(request: web.Request) -> dict:
+    """The request's JSON object ({} for an empty body); 400 for anything else."""
     if not request.can_read_body:
         return {}
     raw = await request.read()
@@ -91,7 +92,8 @@ async def _body(request: web.Request) -> dict:
     return body
 
 
-def _validated(model, data: dict):
+def validated(model, data: dict):
+    """``data`` as ``model``; 400 naming every field that is wrong."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -169,7 +171,7 @@ class ETSI014Routes:
 
     async def enc_keys_post(self, request: web.Request) -> web.Response:
         caller = caller_of(request)
-        return await self._enc_keys(request, caller, _validated(schema.KeyRequest, await _body(request)))
+        return await self._enc_keys(request, caller, validated(schema.KeyRequest, await json_body(request)))
 
     async def _dec_keys(self, request: web.Request, caller: str, key_ids: list[str]) -> web.Response:
         found = self.service.dec_keys(caller, request.match_info["master_SAE_ID"], key_ids)
@@ -186,7 +188,7 @@ class ETSI014Routes:
 
     async def dec_keys_post(self, request: web.Request) -> web.Response:
         caller = caller_of(request)
-        ids = _validated(schema.KeyIDs, await _body(request))
+        ids = validated(schema.KeyIDs, await json_body(request))
         return await self._dec_keys(request, caller, [ref.key_ID for ref in ids.key_IDs])
 
     def _key_container(self, keys: list[tuple[str, bytes]], role: str,
