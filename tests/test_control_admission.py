@@ -176,16 +176,16 @@ async def test_key_requests_restart_the_timer_and_silence_expires_the_session(km
     session_id = await open_pair(core, A, C)
     for _ in range(3):
         clock.now += 50
-        assert core.key_requested(session_id, "a")
+        assert await core.key_requested(session_id, "a")
         await core.tick()
     assert core.session(session_id).state is SessionState.ACTIVE and core.session(session_id).key_requests == 3
-    assert not core.key_requested(session_id, "d"), "a key-request signal comes from an endpoint KM"
+    assert not await core.key_requested(session_id, "d"), "a key-request signal comes from an endpoint KM"
     clock.now += 61
     await core.tick()
     session = core.session(session_id)
     assert session.state is SessionState.TERMINATED and session.reason == "InactivityTimeout"
     assert kms.holders(session_id) == set() and reserved(core) == {}
-    assert not core.key_requested(session_id, "a")
+    assert not await core.key_requested(session_id, "a")
 
 
 async def test_qber_spike_takes_the_link_down_raises_an_alarm_and_reroutes(kms, clock):
@@ -247,7 +247,7 @@ async def test_session_without_alternative_is_held_and_resumes_when_the_node_is_
     assert kms.holders(session_id) == {"a", "b", "c", "e"}, "KMs keep their entries while the session is Held"
 
     clock.now += 10
-    assert core.key_requested(session_id, "a"), "a Held session stays alive while the application asks"
+    assert await core.key_requested(session_id, "a"), "a Held session stays alive while the application asks"
     await core.tick()
     assert session.state is SessionState.HELD and session.retries == 1
 
@@ -268,7 +268,7 @@ async def test_held_endpoint_retries_with_backoff(kms, clock):
     retry_times = []
     for _ in range(4):
         clock.now = session.retry_at
-        core.key_requested(session_id, "a")
+        await core.key_requested(session_id, "a")
         await core.tick()
         retry_times.append(session.retry_at - clock.now)
     assert retry_times == [10, 20, 20, 20], "retries back off, up to held_retry_max_s"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vqkd.operator.control.access import Credentials
-from vqkd.operator.control.admission import AdmissionSettings, SessionState
+from vqkd.operator.control.admission import AdmissionSettings, SessionState, Side
 from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
 from vqkd.operator.control.kmconfig import Endpoint, Role
@@ -110,6 +110,42 @@ async def test_key_session_status_is_honoured_after_a_restart(kms, clock):
     await core.apply(key_session("ended", "user-2-3", 2, 3, generation=4,
                                  status={"phase": "Terminated", "observedGeneration": 4}))
     assert core.declared_session("ended") is None, "an ended session is not revived by a restart"
+
+
+async def test_a_recorded_session_still_waiting_for_its_peer_is_restored_waiting(kms, clock):
+    """The record of an ETSI 004 session only its source had opened, applied by a restarted
+    control plane: no path until the destination's open joins it under the same ID."""
+    core = ControlCore(kms, clock=clock)
+    network = load_files([PAPER])
+    for resource in [*network.nodes.values(), *network.links.values(), *network.users.values()]:
+        await core.apply(resource)
+    kept = "5c0b9a2e-7d41-4c55-9a43-0e6f2b1d9c11"
+    record = key_session("app-record", "user-2-3", 2, 3, status={"sessionId": kept, "phase": "Accepted"})
+    await core.apply(record, registered=frozenset({Side.SOURCE}))
+    waiting = core.session(kept)
+    assert waiting.state == "Accepted" and waiting.registered == {Side.SOURCE} and waiting.route is None
+    assert kms.holders(kept) == set(), "nothing configured before the peer opens"
+    joined = await core.open_session("node-3", Credentials("sae-3"), endpoint(2), endpoint(3), session_id=kept)
+    assert joined.accepted and joined.peer_registered and joined.session_id == kept
+    assert core.session(kept).state == "Active" and kms.holders(kept) == {"node-2", "node-0", "node-3"}
+
+    # The peer had opened, but the record did not say so yet: its KM's key request tells.
+    stale = "8e2d7c1a-3b44-4f0e-b6a1-7c9d2e4f5a60"
+    await core.apply(key_session("app-stale", "user-4-5", 4, 5, status={"sessionId": stale}),
+                     registered=frozenset({Side.SOURCE}))
+    assert kms.holders(stale) == set()
+    assert not await core.key_requested(stale, "node-2"), "only an endpoint KM's signal counts"
+    assert core.session(stale).state == "Accepted"
+    assert await core.key_requested(stale, "node-5")
+    assert core.session(stale).state == "Active" and kms.holders(stale) == {"node-4", "node-5"}
+
+    await core.apply(key_session("app-lonely", "user-0-1", 0, 1, status={"sessionId": str(uuid.uuid4())}),
+                     registered=frozenset({Side.DESTINATION}))
+    lonely = core.declared_session("app-lonely")
+    clock.now += AdmissionSettings().peer_wait_s + 1
+    await core.tick()
+    assert lonely.state == "Terminated" and lonely.reason == "PeerNotRegistered"
+    assert kms.holders(lonely.id) == set()
 
 
 async def test_declared_session_checks(paper):

@@ -9,6 +9,7 @@ refuse invalid resources.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import signal
@@ -22,6 +23,7 @@ import pytest
 
 from operator_harness import ApiServer, InProcessOperator, Kubelet, manifests
 from conftest import free_port
+from test_km_control_plane import get_key_when_connected, post
 from test_km_etsi014 import client, enc_keys_retrying
 from vqkd.km import identity
 from vqkd.km.config import EmulatedLinkConfig, KMConfig
@@ -32,7 +34,8 @@ from vqkd.operator.kopf.endpoints import LocalEndpoints
 from vqkd.operator.kopf.kube import CONFIGMAPS, DEPLOYMENTS, EVENTS, SECRETS, SERVICES, STATEFULSETS, VQKD, Kube
 from vqkd.operator.kopf.runtime import OperatorOptions
 from vqkd.operator.kopf.specs import (
-    ANNOTATION_CONFIG_HASH, ANNOTATION_RESTARTED_AT, ANNOTATION_SESSION_ID, LABEL_ORIGIN, ORIGIN_APPLICATION, content_hash,
+    ANNOTATION_CONFIG_HASH, ANNOTATION_REGISTERED, ANNOTATION_RESTARTED_AT, ANNOTATION_SESSION_ID, LABEL_ORIGIN,
+    ORIGIN_APPLICATION, content_hash,
 )
 from vqkd.operator.local.runner import LocalNetwork
 from vqkd.operator.manifests import load_text
@@ -318,6 +321,53 @@ async def test_keys_still_match_after_the_operator_restart(cluster):
         assert await destination.dec_keys("sae-n0", [key_id for key_id, _ in sent]) == sent
 
 
+async def test_a_session_waiting_for_its_peer_survives_an_operator_restart(cluster):
+    """ETSI 004: the source application opens, the operator restarts, then the destination
+    application joins with the Key_stream_ID the source got; both draw the same keys."""
+    c = cluster
+    net = c.network
+    status, opened = await post(net, "sae-n0", "/api/v1/etsi004/open_connect",
+                                {"source": "sae-n0", "destination": "sae-n1", "QoS": {"Timeout": 300}})
+    assert status == 200 and opened["status"] == 1, opened  # the destination has not connected yet
+    ksid = opened["Key_stream_ID"]
+    name = f"app-{ksid}"
+
+    def waiting():
+        record = c.get("KeySession", name)
+        status = record["status"]
+        return record if status["phase"] == "Accepted" and status.get("peersRegistered") == ["sae-n0"] else None
+
+    record = await asyncio.to_thread(wait_for, waiting, what=f"{name} recorded, waiting for sae-n1")
+    assert record["metadata"]["annotations"][ANNOTATION_REGISTERED] == "source"
+    assert (record["spec"]["source"], record["spec"]["destination"]) == (
+        {"node": "n0", "saeId": "sae-n0"}, {"node": "n1", "saeId": "sae-n1"})
+    assert c.condition("KeySession", name, "Routed")["reason"] == "WaitingForPeer"
+    assert not c.km_holds("n0", ksid) and not c.km_holds("n1", ksid)  # no path before both opened
+
+    await asyncio.to_thread(c.operator.stop)
+    await asyncio.to_thread(c.operator.start)
+    assert not c.km_holds("n0", ksid), "restored as waiting, not given a path"
+
+    status, joined = await post(net, "sae-n1", "/api/v1/etsi004/open_connect",
+                                {"source": "sae-n0", "destination": "sae-n1", "Key_stream_ID": ksid})
+    assert status == 200 and joined["status"] == 0 and joined["Key_stream_ID"] == ksid, joined
+    source_keys = [await get_key_when_connected(net, "sae-n0", ksid, index) for index in range(3)]
+    dest_keys = [await get_key_when_connected(net, "sae-n1", ksid, index) for index in range(3)]
+    assert [reply["status"] for _, reply in source_keys + dest_keys] == [0] * 6
+    assert [reply["Key_buffer"] for _, reply in source_keys] == [reply["Key_buffer"] for _, reply in dest_keys]
+    assert len({reply["Key_buffer"] for _, reply in source_keys}) == 3
+
+    def active_record():
+        record = c.get("KeySession", name)
+        annotated = record["metadata"]["annotations"][ANNOTATION_REGISTERED] == "source,destination"
+        return record if annotated and record["status"]["phase"] == "Active" else None
+
+    record = await asyncio.to_thread(wait_for, active_record, what=f"{name} Active with both ends registered")
+    assert record["status"]["path"] == ["n0", "n1"] and record["status"]["peersRegistered"] == ["sae-n0", "sae-n1"]
+    _, closed = await post(net, "sae-n0", "/api/v1/etsi004/close", {"Key_stream_ID": ksid})
+    assert closed["status"] == 0
+
+
 def test_a_crashed_km_is_restarted_and_configured_again(cluster):
     c = cluster
     session_id = c.status("KeySession", "s02")["sessionId"]
@@ -417,6 +467,16 @@ spec:
   user: nobody
   source: {node: n0, saeId: sae-n0}
   destination: {node: n1, saeId: sae-n1}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: KeySession
+metadata:
+  name: garbled
+  annotations: {vqkd.io/registered: "source,both"}
+spec:
+  user: lab
+  source: {node: n0, saeId: sae-n0}
+  destination: {node: n1, saeId: sae-n1}
 """
 
 
@@ -429,6 +489,7 @@ def test_invalid_resources_get_a_condition_saying_why_and_no_children(cluster):
         ("QKDNode", "n8"): ("Conflict", "SAE 'sae-n0' is already attached to QKDNode n0"),
         ("KeySession", "greedy"): ("InvalidSpec", "spec.qos.minBps: must not exceed maxBps"),
         ("KeySession", "orphan"): ("UnresolvedReference", "UserProfile 'nobody', which is not registered"),
+        ("KeySession", "garbled"): ("InvalidSpec", "expected source, destination or source,destination"),
     }
     for (kind, name), (reason, words) in expected.items():
         ready = wait_for(lambda: (r := c.condition(kind, name, "Ready")) and r["reason"] == reason and r,

@@ -202,11 +202,12 @@ def test_tls_secret_and_application_session_manifests():
     secret = specs.build_tls_secret("s", {"a": "b"}, {"tls.crt": b"cert", "ca.crt": b"ca"})
     assert secret["data"] == {"ca.crt": base64.b64encode(b"ca").decode(), "tls.crt": base64.b64encode(b"cert").decode()}
     body = specs.build_application_session(
-        "7f1f9a8e-0000-4000-8000-000000000001", "lab", ("n1", "sae-1"), ("n2", "sae-2"), {"minBps": 0})
+        "7f1f9a8e-0000-4000-8000-000000000001", "lab", ("n1", "sae-1"), ("n2", "sae-2"), {"minBps": 0}, "source")
     assert body["metadata"]["name"] == "app-7f1f9a8e-0000-4000-8000-000000000001"
     assert body["metadata"]["labels"][specs.LABEL_ORIGIN] == specs.ORIGIN_APPLICATION
     assert body["metadata"]["annotations"][specs.ANNOTATION_SESSION_ID] == "7f1f9a8e-0000-4000-8000-000000000001"
     session = parse(body)  # a valid KeySession
+    assert body["metadata"]["annotations"][specs.ANNOTATION_REGISTERED] == "source"
     assert (session.spec.user, session.spec.source.sae_id, session.spec.destination.node) == ("lab", "sae-1", "n2")
 
 

@@ -95,8 +95,13 @@ class ControlCore:
         for resource in network.resources():
             await self.apply(resource)
 
-    async def apply(self, resource: Resource) -> None:
-        """Create or update one resource. Raises ControlError (UnresolvedReference: retry later)."""
+    async def apply(self, resource: Resource, *, registered: frozenset[Side] = BOTH_SIDES) -> None:
+        """Create or update one resource. Raises ControlError (UnresolvedReference: retry later).
+
+        ``registered`` is for a KeySession recording a session applications opened: the SAEs
+        that had opened it. A session still waiting for its peer is restored waiting (no
+        path), and the peer's open joins it under the same session ID.
+        """
         now = self.clock()
         if isinstance(resource, QKDNode):
             if resource.name not in self.topology.nodes:
@@ -108,7 +113,7 @@ class ControlCore:
         elif isinstance(resource, UserProfile):
             await self._apply_user(resource, now)
         elif isinstance(resource, KeySession):
-            await self._apply_key_session(resource, now)
+            await self._apply_key_session(resource, now, registered)
         else:
             raise ControlError(f"cannot apply {type(resource).__name__}: expected QKDNode, QKDLink, UserProfile "
                                "or KeySession")
@@ -173,8 +178,9 @@ class ControlCore:
                     session, "UserDisabled", f"UserProfile {user.name} was disabled (spec.enabled: false)", now,
                 )
 
-    async def _apply_key_session(self, resource: KeySession, now: float) -> None:
-        """A declared session: both SAEs count as registered, so it is routed at once.
+    async def _apply_key_session(self, resource: KeySession, now: float, registered: frozenset[Side]) -> None:
+        """A declared session: both SAEs count as registered (unless told otherwise), so it is
+        routed at once.
 
         Applying the same spec again changes nothing; a changed spec ends the session and
         admits it again under the same session ID. A session whose status says it ended,
@@ -217,9 +223,9 @@ class ControlCore:
             self.admission.refuse(session_id, user.name, source, destination, decision.reason, decision.message, now,
                                   declared_as=name)
             return
-        session = self.admission.admit(user, source, destination, spec.qos, BOTH_SIDES, now,
+        session = self.admission.admit(user, source, destination, spec.qos, registered, now,
                                        session_id=session_id, declared_as=name)
-        await self.admission.activate(session, now)
+        await self.admission.activate(session, now)  # nothing yet while a peer is missing
 
     # --- the KMs' calls (ControlPlane service) -----------------------------------------
 
@@ -305,12 +311,23 @@ class ControlCore:
         self.events.record(now, Subject.SESSION, session_id, None, SessionState.TERMINATED, reason, message)
         return OpenResult(False, session_id, reason, message, None, False, etsi004_status, unauthorized)
 
-    def key_requested(self, session_id: str, node: str | None = None) -> bool:
-        """A key-request signal from an endpoint KM; False when the session cannot serve keys."""
+    async def key_requested(self, session_id: str, node: str | None = None) -> bool:
+        """A key-request signal from an endpoint KM; False when the session cannot serve keys.
+
+        A KM signals only for a session it holds the configuration of, which is pushed once
+        both ends have opened. So a signal for a session waiting for its peer means the peer
+        had opened before the control plane restarted and its record said so: both ends
+        count as registered and the session is configured again.
+        """
+        now = self.clock()
         session = self.admission.sessions.get(session_id)
         if session is None or (node is not None and session.side_of(node) is None):
             return False
-        return self.admission.key_requested(session, self.clock())
+        if node is not None and session.state is SessionState.ACCEPTED and not session.both_registered:
+            for side in BOTH_SIDES - session.registered:
+                self.admission.register(session, side, now)
+            await self.admission.activate(session, now)
+        return self.admission.key_requested(session, now)
 
     async def session_closed(self, session_id: str, node: str, reason: str = "") -> bool:
         """A close request from an endpoint KM; False when unknown, already ended or not from an endpoint."""

@@ -122,10 +122,13 @@ class Runtime:
         self.health: dict[str, NodeHealth] = defaultdict(NodeHealth)
         self.replacing: dict[str, float] = {}  # node -> when its KM was found unreachable or missing
         self.app_sessions: dict[str, str] = {}  # session ID -> KeySession of a session an application opened
+        self.app_recorded: dict[str, str] = {}  # session ID -> its record's vqkd.io/registered, as written
+        self.app_recording: dict[str, bool] = {}  # session ID -> whether its recorder must look again
         self.tokens: dict[tuple[str, str, str], str] = {}  # (namespace, Secret, key) -> bearer token
         self.workload_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.status = StatusWriter(kube, self.refs.get, on_error=lambda kind: self.metrics.errors(kind).inc())
-        # Set by the sessions concern: records a session an application opened as a KeySession.
+        # Set by the sessions concern: records (and keeps up to date) a session an application
+        # opened as a KeySession.
         self.on_application_session: Callable[[Session], None] = lambda session: None
         self._tasks: set[asyncio.Task] = set()
         self.core.events.subscribe(self._on_core_event)
@@ -191,10 +194,10 @@ class Runtime:
                 self.mark("UserProfile", session.user)
                 for link in session.route.links if session.route else ():
                     self.mark("QKDLink", link)
+            if session is not None and session.live and session.grant is not None \
+                    and (session.declared_as is None or session.id in self.app_sessions):
+                self.on_application_session(session)
             if name is None:
-                if session is not None and session.declared_as is None and event.to_state == "Active" \
-                        and event.from_state != "Active":
-                    self.on_application_session(session)
                 return
         warning = event.to_state in _WARNING_STATES or (
             event.subject is Subject.SESSION and event.to_state == "Terminated" and event.from_state in (None, "Accepted"))

@@ -50,6 +50,10 @@ ANNOTATION_CONFIG_HASH = "vqkd.io/config-hash"
 ANNOTATION_RESTARTED_AT = "vqkd.io/restartedAt"
 # On a KeySession the operator created for a session an application opened at a KM.
 ANNOTATION_SESSION_ID = "vqkd.io/session-id"
+# On the same KeySession: the ends whose applications have opened it ("source", "destination"
+# or both, comma-separated), so a restarted operator restores a session still waiting for its
+# peer as waiting.
+ANNOTATION_REGISTERED = "vqkd.io/registered"
 
 KM_ETSI014_PORT = 8443
 KM_GRPC_PORT = 9443
@@ -407,15 +411,17 @@ def build_module_deployment(link: str, image: str, config_hash: str) -> dict[str
 
 def build_application_session(
     session_id: str, user: str, source: tuple[str, str], destination: tuple[str, str], qos: Mapping[str, Any],
+    registered: str,
 ) -> dict[str, Any]:
     """The KeySession recording a session an application opened at its KM (ETSI 004, or an
-    implicit ETSI 014 session), so that the session outlives any operator process."""
+    implicit ETSI 014 session), so that the session outlives any operator process.
+    ``registered`` is the ``vqkd.io/registered`` value: the ends that have opened it."""
     return {
         "apiVersion": "vqkd.io/v1alpha1", "kind": "KeySession",
         "metadata": {
             "name": f"app-{session_id}",
             "labels": {LABEL_ORIGIN: ORIGIN_APPLICATION, LABEL_MANAGED_BY: MANAGED_BY},
-            "annotations": {ANNOTATION_SESSION_ID: session_id},
+            "annotations": {ANNOTATION_SESSION_ID: session_id, ANNOTATION_REGISTERED: registered},
         },
         "spec": {
             "user": user,

@@ -6,10 +6,13 @@ answer) and both endpoint KMs answering. Resources arrive in no particular order
 applied earlier a session would be refused for good (no path, or no KM to configure).
 
 Sessions applications open at their KM (ETSI 004, or an implicit ETSI 014 session) start in
-the control core; once Active, each is recorded as a KeySession labelled
-``vqkd.io/origin=application`` and annotated with its session ID. That resource is the
-durable record: a restarted operator applies it under the same session ID and pushes its
-configuration again, so the applications' key stream continues.
+the control core; once admitted, each is recorded as a KeySession labelled
+``vqkd.io/origin=application``, annotated with its session ID and with the ends whose
+applications have opened it (``vqkd.io/registered``, kept up to date). That resource is the
+durable record: a restarted operator applies it under the same session ID. An Active session
+gets its configuration pushed again, so the applications' key stream continues; a session
+still waiting for its peer waits again, and the peer's OPEN_CONNECT with the Key_stream_ID
+the first application got joins it.
 
 Deleting a KeySession sends the deletion to every KM that may hold the session and keeps
 the finalizer until each confirmed (a KM that is away gets it when it is back).
@@ -20,19 +23,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 import kopf
 
-from vqkd.operator.control.admission import Session, SessionState, Side
+from vqkd.operator.control.admission import BOTH_SIDES, Session, SessionState, Side
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
-from vqkd.operator.kopf.handlers.common import dump, plain, refuse, validated, wait
+from vqkd.operator.kopf.handlers.common import INVALID, dump, plain, refuse, validated, wait
 from vqkd.operator.kopf.kube import VQKD, KubeError
 from vqkd.operator.kopf.runtime import Runtime
 from vqkd.operator.kopf.specs import (
-    ANNOTATION_SESSION_ID, LABEL_ORIGIN, ORIGIN_APPLICATION, build_application_session,
+    ANNOTATION_REGISTERED, ANNOTATION_SESSION_ID, LABEL_ORIGIN, ORIGIN_APPLICATION, build_application_session,
 )
 from vqkd.operator.resources import ConditionType, KeySession, KeySessionStatus, SessionPhase
 
@@ -61,9 +64,15 @@ async def reconcile(runtime: Runtime, body: Mapping[str, Any]) -> None:
     with runtime.metrics.reconcile(KIND):
         resource = validated(runtime, KIND, body, _document(body))
         name = resource.name
-        session_id = (body["metadata"].get("annotations") or {}).get(ANNOTATION_SESSION_ID)
+        annotations = body["metadata"].get("annotations") or {}
+        session_id = annotations.get(ANNOTATION_SESSION_ID)
+        registered = registered_sides(annotations)
+        if registered is None:
+            refuse(runtime, KIND, name, INVALID, f"annotation {ANNOTATION_REGISTERED}="
+                   f"{annotations[ANNOTATION_REGISTERED]!r}: expected source, destination or source,destination")
         if session_id:
             runtime.app_sessions[session_id] = name
+            runtime.app_recorded.setdefault(session_id, annotations.get(ANNOTATION_REGISTERED, ""))
             live = runtime.core.session(session_id)
             if live is not None and live.declared_as is None:
                 # Opened by an application in this operator's lifetime: the core holds it already.
@@ -75,7 +84,7 @@ async def reconcile(runtime: Runtime, body: Mapping[str, Any]) -> None:
             if waiting is not None:
                 wait(runtime, KIND, name, *waiting, delay=runtime.options.poll_interval_s)
         try:
-            await runtime.core.apply(resource)
+            await runtime.core.apply(resource, registered=registered)
         except UnresolvedReference as e:
             wait(runtime, KIND, name, "UnresolvedReference", str(e))
         except ControlError as e:
@@ -146,47 +155,100 @@ async def delete(runtime: Runtime, body: Mapping[str, Any]) -> None:
                     f"KeySession {name}: the KMs of {', '.join(unconfirmed)} have not confirmed the deletion of "
                     f"session {session_id}; it is sent again when they answer", delay=runtime.options.retry_delay_s)
             runtime.app_sessions.pop(session_id, None)
+            runtime.app_recorded.pop(session_id, None)
         runtime.forget(KIND, name)
 
 
 # --- sessions opened by applications -------------------------------------------------
 
 
+def registered_value(sides: Iterable[Side]) -> str:
+    """The ``vqkd.io/registered`` annotation for these ends: "source", "destination" or both."""
+    return ",".join(str(side) for side in Side if side in set(sides))
+
+
+def registered_sides(annotations: Mapping[str, str]) -> frozenset[Side] | None:
+    """The ends a KeySession's applications had opened: both for a declared session, and
+    for the record of one applications opened, what its ``vqkd.io/registered`` says (None
+    when that is not a list of ends)."""
+    value = annotations.get(ANNOTATION_REGISTERED)
+    if value is None:
+        return BOTH_SIDES
+    try:
+        sides = frozenset(Side(part.strip()) for part in value.split(","))
+    except ValueError:
+        return None
+    return sides
+
+
 def record_application_session(runtime: Runtime, session: Session) -> None:
-    """Called by the core's event listener when a session an application opened turns Active."""
-    if session.id in runtime.app_sessions:
+    """Called by the core's event listener on each transition of a live session applications
+    opened: its KeySession is created, and its ``vqkd.io/registered`` kept up to date.
+
+    One recorder runs per session; events arriving meanwhile make it look once more, so the
+    writes follow the session's state in order."""
+    runtime.app_sessions.setdefault(session.id, f"app-{session.id}")
+    if session.id in runtime.app_recording:
+        runtime.app_recording[session.id] = True
         return
-    runtime.app_sessions[session.id] = f"app-{session.id}"
-    runtime.spawn(_create_application_session(runtime, session.id), name=f"record-session-{session.id}")
+    runtime.app_recording[session.id] = True
+    runtime.spawn(_record(runtime, session.id), name=f"record-session-{session.id}")
 
 
-async def _create_application_session(runtime: Runtime, session_id: str) -> None:
+async def _record(runtime: Runtime, session_id: str) -> None:
+    try:
+        while runtime.app_recording.get(session_id):
+            runtime.app_recording[session_id] = False
+            await _write_record(runtime, session_id)
+    finally:
+        runtime.app_recording.pop(session_id, None)
+
+
+async def _write_record(runtime: Runtime, session_id: str) -> None:
     session = runtime.core.session(session_id)
     if session is None or not session.live or session.grant is None:
         return
-    qos = session.grant.qos.model_dump(mode="json", by_alias=True, exclude_none=True)
-    body = build_application_session(session_id, session.user, (session.source.node, session.source.sae_id),
-                                     (session.destination.node, session.destination.sae_id), qos)
-    ref = runtime.refs.get(("UserProfile", session.user))
-    if ref is not None and ref.uid:
-        # Deleting the user deletes the records of its sessions along with it.
-        kopf.append_owner_reference(body, owner={"apiVersion": "vqkd.io/v1alpha1", "kind": "UserProfile",
-                                                 "metadata": {"name": session.user, "uid": ref.uid}})
+    registered = registered_value(session.registered)
+    if runtime.app_recorded.get(session_id) == registered:
+        return
+    name = runtime.app_sessions.get(session_id, f"app-{session_id}")
     for attempt in range(1, RECORD_ATTEMPTS + 1):
         try:
-            await asyncio.to_thread(runtime.kube.create, VQKD[KIND], body)
+            if session_id in runtime.app_recorded:
+                await asyncio.to_thread(runtime.kube.patch, VQKD[KIND], name,
+                                        {"metadata": {"annotations": {ANNOTATION_REGISTERED: registered}}})
+            else:
+                await asyncio.to_thread(runtime.kube.create, VQKD[KIND], _application_record(runtime, session))
+            runtime.app_recorded[session_id] = registered
             return
         except KubeError as e:
-            if e.conflict:
+            if e.conflict:  # created already (by an earlier attempt whose answer was lost): patch it
+                runtime.app_recorded[session_id] = ""
+                continue
+            if e.not_found and session_id in runtime.app_recorded:  # the record was deleted: the session ends with it
                 return
             error: Exception = e
         except OSError as e:
             error = e
         runtime.metrics.errors(KIND).inc()
-        log.warning("recording session %s as KeySession %s failed (attempt %d of %d): %s", session_id,
-                    body["metadata"]["name"], attempt, RECORD_ATTEMPTS, error)
+        log.warning("recording session %s in KeySession %s failed (attempt %d of %d): %s", session_id, name,
+                    attempt, RECORD_ATTEMPTS, error)
         await asyncio.sleep(runtime.options.retry_delay_s)
-    log.error("session %s has no KeySession: an operator restart would not restore it", session_id)
+    log.error("session %s has no up-to-date KeySession: an operator restart would not restore it as it is",
+              session_id)
+
+
+def _application_record(runtime: Runtime, session: Session) -> dict[str, Any]:
+    qos = session.grant.qos.model_dump(mode="json", by_alias=True, exclude_none=True)
+    body = build_application_session(session.id, session.user, (session.source.node, session.source.sae_id),
+                                     (session.destination.node, session.destination.sae_id), qos,
+                                     registered_value(session.registered))
+    ref = runtime.refs.get(("UserProfile", session.user))
+    if ref is not None and ref.uid:
+        # Deleting the user deletes the records of its sessions along with it.
+        kopf.append_owner_reference(body, owner={"apiVersion": "vqkd.io/v1alpha1", "kind": "UserProfile",
+                                                 "metadata": {"name": session.user, "uid": ref.uid}})
+    return body
 
 
 async def collect(runtime: Runtime, body: Mapping[str, Any]) -> None:
@@ -202,6 +264,8 @@ async def collect(runtime: Runtime, body: Mapping[str, Any]) -> None:
     settings = runtime.options.admission
     session = runtime.session_of(name)
     if session is not None and session.live and session.declared_as is not None:
+        if not session.both_registered:
+            return  # still waiting for its peer: admission's peer wait ends it (PeerNotRegistered)
         last_used = session.last_key_request_at or session.activated_at or session.created_at
         idle = runtime.core.clock() - last_used
         if idle >= settings.inactivity_timeout_s:
