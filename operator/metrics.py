@@ -59,6 +59,9 @@ class _CoreCollector:
         rate = GaugeMetricFamily("vqkd_control_link_key_rate_bits_per_second", "Measured secret key rate per link",
                                  labels=["link"])
         qber = GaugeMetricFamily("vqkd_control_link_qber", "Measured QBER per link", labels=["link"])
+        threshold = GaugeMetricFamily("vqkd_control_link_qber_threshold",
+                                      "QBER at which the control plane takes the link Down (spec.qberThreshold)",
+                                      labels=["link"])
         reserved = GaugeMetricFamily("vqkd_control_link_reserved_bits_per_second",
                                      "Key rate reserved by sessions per link", labels=["link"])
         for link in core.links():
@@ -67,6 +70,7 @@ class _CoreCollector:
             rate.add_metric([link["name"]], link["keyRateBps"] or 0)
             if link["qber"] is not None:
                 qber.add_metric([link["name"]], link["qber"])
+            threshold.add_metric([link["name"]], link["qberThreshold"])
             reserved.add_metric([link["name"]], link["reservedBps"])
         refusals = CounterMetricFamily("vqkd_control_session_refusals", "Sessions refused, by reason",
                                        labels=["reason"])
@@ -76,4 +80,4 @@ class _CoreCollector:
                                      labels=["link", "kind"])
         for (link, kind), count in Tally((a.link, str(a.kind)) for a in core.alarms()).items():
             alarms.add_metric([link, kind], count)
-        yield from (phases, held, state, rate, qber, reserved, refusals, alarms)
+        yield from (phases, held, state, rate, qber, threshold, reserved, refusals, alarms)

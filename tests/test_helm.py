@@ -613,6 +613,14 @@ def test_alerts_can_be_tuned_and_switched_off():
     assert "VqkdKeyPoolNearEmpty" not in alerts
     assert alerts["VqkdLinkDown"]["for"] == "10s"
     assert alerts["VqkdQBERAboveThreshold"]["expr"].endswith("> 0.08")
+    assert "above 0.08" in alerts["VqkdQBERAboveThreshold"]["annotations"]["description"]
+    # By default each link is held to its own spec.qberThreshold, as the control plane does.
+    default = one(render("--set", "metrics.prometheusRule.enabled=true"), "PrometheusRule")
+    qber = next(r for group in default["spec"]["groups"] for r in group["rules"] if r["alert"] == "VqkdQBERAboveThreshold")
+    assert qber["expr"].split() == ["max", "by", "(namespace,", "link)", "(vqkd_control_link_qber)", ">=", "on",
+                                    "(namespace,", "link)", "max", "by", "(namespace,", "link)",
+                                    "(vqkd_control_link_qber_threshold)"]
+    assert "spec.qberThreshold" in qber["annotations"]["description"]
 
 
 @needs_helm
