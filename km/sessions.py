@@ -160,6 +160,9 @@ class SessionTable:
     events: deque[Event] = field(default_factory=lambda: deque(maxlen=10_000))
     on_terminated: Callable[[Session, str], None] = lambda session, reason: None
     _awaited: dict[str, tuple[asyncio.Event, int]] = field(default_factory=dict)  # session -> (event, waiters)
+    # The SAE pair of each session (either direction) -> its session IDs, oldest first: every
+    # ETSI 014 request looks its session up this way.
+    _by_pair: dict[frozenset[str], list[str]] = field(default_factory=dict)
 
     def _record(self, session: Session, event: str, to: State, detail: str = "") -> None:
         if to not in ALLOWED[session.state] and to is not session.state:
@@ -199,12 +202,24 @@ class SessionTable:
         return session if session is not None and session.config is not None else None
 
     def between(self, sae_a: str, sae_b: str) -> Session | None:
-        """The live session of an SAE pair, in either direction."""
-        pair = {sae_a, sae_b}
-        for session in self.sessions.values():
-            if {session.source.sae_id, session.destination.sae_id} == pair and session.state is not State.TERMINATED:
-                return session
-        return None
+        """The oldest live session of an SAE pair, in either direction."""
+        ids = self._by_pair.get(frozenset((sae_a, sae_b)))
+        return self.sessions[ids[0]] if ids else None
+
+    def _add(self, session: Session) -> None:
+        self.sessions[session.session_id] = session
+        self._by_pair.setdefault(frozenset((session.source.sae_id, session.destination.sae_id)), []).append(
+            session.session_id)
+
+    def _remove(self, session_id: str) -> Session | None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            pair = frozenset((session.source.sae_id, session.destination.sae_id))
+            ids = self._by_pair[pair]
+            ids.remove(session_id)
+            if not ids:
+                del self._by_pair[pair]
+        return session
 
     def open(self, session_id: str, source: Endpoint, destination: Endpoint, detail: str = "",
              implicit: bool = False) -> Session:
@@ -212,7 +227,7 @@ class SessionTable:
         session = self.sessions.get(session_id)
         if session is None:
             session = Session(session_id, source, destination, implicit=implicit, last_activity=self.clock())
-            self.sessions[session_id] = session
+            self._add(session)
             self.events.append(Event(self.wall(), session_id, "open request", State.AUTHENTICATING, detail))
         if session.state is State.AUTHENTICATING:
             self._record(session, "user authenticated", State.USER_ACCEPTED, detail)
@@ -226,7 +241,7 @@ class SessionTable:
         if session is None:
             # Declared by the control plane (a KeySession, or an intermediate KM): no open to wait for.
             session = Session(config.session_id, config.source, config.destination, state=State.USER_ACCEPTED)
-            self.sessions[config.session_id] = session
+            self._add(session)
         if session.bucket is None:
             session.bucket = self._bucket(config)
         else:
@@ -270,7 +285,7 @@ class SessionTable:
 
     def terminate(self, session_id: str, reason: str) -> Session | None:
         """Close request, deletion signal or expiry: forget the session and free what it held."""
-        session = self.sessions.pop(session_id, None)
+        session = self._remove(session_id)
         if session is None:
             return None
         if session.state is not State.TERMINATED:

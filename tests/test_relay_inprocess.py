@@ -351,3 +351,19 @@ async def test_open_then_configure_walks_the_session_cycle():
         ("open request", State.AUTHENTICATING), ("user authenticated", State.USER_ACCEPTED),
         ("route configured", State.OPERATIVE), ("deletion signal: control plane", State.TERMINATED),
     ]
+
+
+def test_the_session_of_an_sae_pair_is_the_oldest_live_one_in_either_direction():
+    table = SessionTable("n0")
+    a, b, c = Endpoint("n0", "sae-a"), Endpoint("n1", "sae-b"), Endpoint("n2", "sae-c")
+    assert table.between("sae-a", "sae-b") is None
+    table.open("s-1", a, b)
+    table.open("s-2", b, a)
+    table.open("s-3", a, c)
+    assert table.between("sae-b", "sae-a").session_id == "s-1"
+    assert table.between("sae-c", "sae-a").session_id == "s-3"
+    table.terminate("s-1", "close request")
+    assert table.between("sae-a", "sae-b").session_id == "s-2"
+    table.terminate("s-2", "close request")
+    assert table.between("sae-a", "sae-b") is None and table.between("sae-a", "sae-c").session_id == "s-3"
+    assert table.terminate("s-2", "again") is None
