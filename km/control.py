@@ -97,6 +97,8 @@ class KeyManagerControlService(km_pb2_grpc.KeyManagerControlServicer):
         return km_pb2.Stats(
             node=self.km.node, incarnation=self.km.incarnation, sessions=len(self.sessions.sessions),
             keys_delivered_total=sum(s.keys_delivered for s in self.sessions.sessions.values()),
+            delivered=[km_pb2.SessionDelivered(session_id=s.session_id, keys=s.keys_delivered, bits=s.bits_delivered)
+                       for s in self.sessions.sessions.values() if s.keys_delivered],
             links=[
                 km_pb2.LinkStats(link=link.name, peer_node=link.peer_node,
                                  outgoing_bits=link.outgoing.available_bits,

@@ -321,6 +321,4 @@ class RelayService:
             except (StoreFull, KeysNotFound) as e:
                 raise DeliveryRefused(str(e)) from None
         if session is not None:
-            session.keys_delivered += len(pending.keys)
-            session.bits_delivered += sum(len(k) for _, k in pending.keys) * 8
-            self.sessions.touch(session)
+            self.sessions.touch(session)  # counted as delivered where they were issued, not here

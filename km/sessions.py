@@ -124,7 +124,7 @@ class Session:
     bucket: TokenBucket | None = None
     state: State = State.AUTHENTICATING
     last_activity: float = 0.0
-    keys_delivered: int = 0
+    keys_delivered: int = 0  # issued here: to a master SAE, or as chunks of the stream this KM sources
     bits_delivered: int = 0
     refused_by_bucket: int = 0
     busy: int = 0  # key exchanges in flight

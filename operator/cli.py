@@ -75,6 +75,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         "metrics_listen": args.metrics_listen, "liveness_endpoint": args.liveness, "endpoints_file": args.endpoints,
         "state_dir": Path(args.state_dir) if args.state_dir else None, "module_image": args.module_image,
         "poll_interval_s": args.poll_interval, "replace_after_s": args.replace_after,
+        "counts_interval_s": args.counts_interval,
     }
     # Flags win over VQKD_* variables, which win over the defaults; an empty listen address turns that server off.
     options = dataclasses.replace(OperatorOptions.from_env(), **{
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--poll-interval", type=float, help="seconds between KM and module polls (default 5)")
     op.add_argument("--replace-after", type=float, help="seconds a KM may not answer before its pod is replaced "
                                                          "(default 15)")
+    op.add_argument("--counts-interval", type=float,
+                    help="seconds between writes of keys delivered to KeySession and UserProfile status (default 30)")
     op.set_defaults(func=cmd_operator)
 
     args = parser.parse_args(argv)

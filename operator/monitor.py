@@ -74,6 +74,7 @@ class LinkMonitor:
             return
         replaced = node in self._incarnations and self._incarnations[node] != result.incarnation
         self._incarnations[node] = result.incarnation
+        self.core.keys_issued(node, result.incarnation, ((d.session_id, d.keys, d.bits) for d in result.delivered))
         if node in self._down or replaced:
             self._down.discard(node)
             await self.core.node_up(node, "KMReplaced" if replaced else "KMReady",

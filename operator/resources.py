@@ -505,8 +505,9 @@ class UserProfileSpec(_Wire):
 
 class Usage(_Observed):
     reserved_bps: int = Field(0, ge=0, description="key rate reserved by the user's active sessions, bit/s")
-    delivered_keys: int = Field(0, ge=0)
-    delivered_bits: int = Field(0, ge=0)
+    delivered_keys: int = Field(0, ge=0, description="keys delivered by the user's active sessions, as counted "
+                                                      "by their endpoint KMs")
+    delivered_bits: int = Field(0, ge=0, description="bits of those keys")
 
 
 class UserProfileStatus(_Status):
@@ -560,7 +561,8 @@ class KeySessionStatus(_Status):
         default_factory=list, max_length=2, json_schema_extra=_SET, description="SAEs that have opened the session",
     )
     reserved_bps: int = Field(0, ge=0, description="key rate reserved on every link of the path, bit/s")
-    keys_delivered: int = Field(0, ge=0)
+    keys_delivered: int = Field(0, ge=0, description="keys handed to the applications, counted once per key by "
+                                                     "the endpoint KM that issued it; refreshed every 30 s by default")
     reason: str | None = None
 
 

@@ -148,6 +148,18 @@ async def test_a_recorded_session_still_waiting_for_its_peer_is_restored_waiting
     assert kms.holders(lonely.id) == set()
 
 
+async def test_keys_issued_are_counted_once_per_endpoint_km_instance(paper):
+    relayed = paper.declared_session("session-2-3")
+    paper.keys_issued("node-2", "inc-a", [(relayed.id, 10, 2560)])
+    paper.keys_issued("node-0", "inc-z", [(relayed.id, 99, 99)])  # the relay is no endpoint
+    paper.keys_issued("node-3", "inc-b", [(relayed.id, 2, 512), ("no-such-session", 5, 5)])
+    paper.keys_issued("node-2", "inc-a", [(relayed.id, 12, 3072)])  # a later poll: totals, not increments
+    assert (relayed.keys_delivered, relayed.bits_delivered) == (14, 3584)
+    paper.keys_issued("node-2", "inc-c", [(relayed.id, 1, 256)])  # replaced KM: starts from zero
+    view = next(s for s in paper.sessions() if s["sessionId"] == relayed.id)
+    assert (view["keysDelivered"], view["bitsDelivered"]) == (15, 3840)
+
+
 async def test_declared_session_checks(paper):
     with pytest.raises(UnresolvedReference, match="UserProfile 'nobody', which is not registered"):
         await paper.apply(key_session("orphan", "nobody", 0, 1))

@@ -72,6 +72,12 @@ async def test_paper_scenario_three_pairs_in_parallel(paper_net):
     assert session(cp, "session-4-5")["path"] == ["node-4", "node-5"]
     await asyncio.gather(keys_match(cp, "sae-0", "sae-1"), keys_match(cp, "sae-2", "sae-3"),
                          keys_match(cp, "sae-4", "sae-5"))
+    # Each key counted once, by the KM that issued it (node-0 relayed 2-3's keys, the KM of
+    # node 3 received them: neither counts them again).
+    drawn = paper.ROUNDS * paper.KEYS_PER_REQUEST
+    names = ("session-0-1", "session-2-3", "session-4-5")
+    await eventually(lambda: all(session(cp, name)["keysDelivered"] == drawn for name in names), timeout=5)
+    assert all(session(cp, name)["bitsDelivered"] == drawn * 256 for name in names)
     events = paper.km_events(cp.network.endpoints)
     assert "relayed key received" in [e["event"] for e in events["node-0"]]  # node 0 is the trusted relay
 

@@ -119,7 +119,8 @@ class Cluster:
             control_plane_listen=control_plane, control_plane_address=control_plane,
             metrics_listen=f"127.0.0.1:{self.metrics_port}", liveness_endpoint=f"http://127.0.0.1:{free_port()}/healthz",
             endpoints=LocalEndpoints(self.network.endpoints), state_dir=tmp / "operator",
-            poll_interval_s=POLL_S, replace_after_s=3.0, workload_check_s=0.3, retry_delay_s=0.5,
+            poll_interval_s=POLL_S, counts_interval_s=POLL_S, replace_after_s=3.0, workload_check_s=0.3,
+            retry_delay_s=0.5,
             admission=AdmissionSettings(inactivity_timeout_s=600, held_retry_s=0.5, held_retry_max_s=1.0),
         )
         self.operator = InProcessOperator(self.options)
@@ -277,9 +278,21 @@ def test_resources_become_km_workloads_and_an_active_session(cluster):
 async def test_both_saes_draw_the_same_keys_and_application_sessions_become_resources(cluster):
     c = cluster
     net = c.network
+    session_id = c.status("KeySession", "s02")["sessionId"]
+
+    def shown() -> int | None:
+        """keysDelivered of s02, once it shows what its endpoint KMs count."""
+        counted = sum(c.km_sessions(node)[session_id].keys_delivered for node in ("n0", "n2"))
+        return counted if c.status("KeySession", "s02").get("keysDelivered", 0) == counted else None
+
+    before = await asyncio.to_thread(wait_for, lambda: (n := shown()) is not None and (n,), what="s02 keys shown")
     async with client(net, "sae-n0") as source, client(net, "sae-n2") as destination:
         sent = await enc_keys_retrying(source, "sae-n2", 4, 256)
         assert await destination.dec_keys("sae-n0", [key_id for key_id, _ in sent]) == sent
+    await asyncio.to_thread(wait_for, lambda: c.status("KeySession", "s02").get("keysDelivered") == before[0] + 4,
+                            what="s02 showing its 4 new keys")
+    usage = c.status("UserProfile", "lab")["usage"]
+    assert usage["deliveredKeys"] >= before[0] + 4 and usage["deliveredBits"] == 256 * usage["deliveredKeys"]
     # No KeySession names sae-n1 and sae-n2: the KM of n1 opens an implicit ETSI 014 session.
     async with client(net, "sae-n1") as source, client(net, "sae-n2") as destination:
         sent = await enc_keys_retrying(source, "sae-n2", 2, 256)

@@ -304,19 +304,31 @@ class LinkStats(_message.Message):
     relayed_bits_total: int
     def __init__(self, link: _Optional[str] = ..., peer_node: _Optional[str] = ..., outgoing_bits: _Optional[int] = ..., incoming_bits: _Optional[int] = ..., drawn_bits_total: _Optional[int] = ..., relayed_bits_total: _Optional[int] = ...) -> None: ...
 
+class SessionDelivered(_message.Message):
+    __slots__ = ("session_id", "keys", "bits")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    keys: int
+    bits: int
+    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[int] = ..., bits: _Optional[int] = ...) -> None: ...
+
 class Stats(_message.Message):
-    __slots__ = ("node", "incarnation", "links", "sessions", "keys_delivered_total")
+    __slots__ = ("node", "incarnation", "links", "sessions", "keys_delivered_total", "delivered")
     NODE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KEYS_DELIVERED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
     node: str
     incarnation: str
     links: _containers.RepeatedCompositeFieldContainer[LinkStats]
     sessions: int
     keys_delivered_total: int
-    def __init__(self, node: _Optional[str] = ..., incarnation: _Optional[str] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., keys_delivered_total: _Optional[int] = ...) -> None: ...
+    delivered: _containers.RepeatedCompositeFieldContainer[SessionDelivered]
+    def __init__(self, node: _Optional[str] = ..., incarnation: _Optional[str] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., keys_delivered_total: _Optional[int] = ..., delivered: _Optional[_Iterable[_Union[SessionDelivered, _Mapping]]] = ...) -> None: ...
 
 class QoS(_message.Message):
     __slots__ = ("key_chunk_size", "max_bps", "min_bps", "jitter", "priority", "timeout_ms", "ttl_s", "fallback")

@@ -116,6 +116,9 @@ class Session:
     retry_at: float | None = None  # Held: next attempt to find a path
     retries: int = 0
     ended_at: float | None = None
+    # What each endpoint KM instance reported issuing: (node, incarnation) -> (keys, bits). A
+    # replaced KM starts counting from zero; what its predecessor counted stays here.
+    issued: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -125,6 +128,14 @@ class Session:
     @property
     def both_registered(self) -> bool:
         return self.registered >= BOTH_SIDES
+
+    @property
+    def keys_delivered(self) -> int:
+        return sum(keys for keys, _ in self.issued.values())
+
+    @property
+    def bits_delivered(self) -> int:
+        return sum(bits for _, bits in self.issued.values())
 
     @property
     def priority(self) -> int:
@@ -166,6 +177,8 @@ class Session:
             "priority": self.priority,
             "version": self.version,
             "keyRequests": self.key_requests,
+            "keysDelivered": self.keys_delivered,
+            "bitsDelivered": self.bits_delivered,
             "createdAt": self.created_at,
             "activatedAt": self.activated_at,
             "lastKeyRequestAt": self.last_key_request_at,

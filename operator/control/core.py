@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -337,6 +337,15 @@ class ControlCore:
         detail = f": {reason}" if reason else ""
         return await self.admission.terminate(session, "Closed", f"close request from the KM of {node}{detail}",
                                               self.clock())
+
+    def keys_issued(self, node: str, incarnation: str, counts: Iterable[tuple[str, int, int]]) -> None:
+        """What the KM instance ``incarnation`` of ``node`` reports having issued per session
+        since it started, as (session ID, keys, bits); sessions it is no endpoint of are skipped."""
+        sessions = self.admission.sessions
+        for session_id, keys, bits in counts:
+            session = sessions.get(session_id)
+            if session is not None and session.side_of(node) is not None:
+                session.issued[(node, incarnation)] = (keys, bits)
 
     # --- monitoring and liveness -------------------------------------------------------
 

@@ -52,6 +52,7 @@ class OperatorOptions:
     state_dir: Path = Path("/tmp/vqkd-operator")  # the CA's working copy and the certificates issued from it
     module_image: str = DEFAULT_MODULE_IMAGE
     poll_interval_s: float = 5.0  # KM and module statistics
+    counts_interval_s: float = 30.0  # how often keys delivered are written to KeySession and UserProfile status
     replace_after_s: float = 15.0  # a KM unreachable this long gets its pod replaced
     workload_check_s: float = 10.0  # how often each node's workload is compared with the wish
     retry_delay_s: float = 10.0  # before retrying a resource that waits for another one
@@ -124,6 +125,7 @@ class Runtime:
         self.app_sessions: dict[str, str] = {}  # session ID -> KeySession of a session an application opened
         self.app_recorded: dict[str, str] = {}  # session ID -> its record's vqkd.io/registered, as written
         self.app_recording: dict[str, bool] = {}  # session ID -> whether its recorder must look again
+        self.counts_shown_at = 0.0  # monotonic time the delivered-key counts were last marked for writing
         self.tokens: dict[tuple[str, str, str], str] = {}  # (namespace, Secret, key) -> bearer token
         self.workload_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.status = StatusWriter(kube, self.refs.get, on_error=lambda kind: self.metrics.errors(kind).inc())

@@ -9,7 +9,8 @@ from pathlib import Path
 COLUMNS = {
     "sessions": [("KEYSESSION", "keySession"), ("SESSION", "sessionId"), ("SOURCE", "source"),
                  ("DESTINATION", "destination"), ("PHASE", "phase"), ("STATE", "state"), ("PATH", "path"),
-                 ("RATE", "rateBps"), ("RESERVED", "reservedBps"), ("REQUESTS", "keyRequests"), ("REASON", "reason")],
+                 ("RATE", "rateBps"), ("RESERVED", "reservedBps"), ("REQUESTS", "keyRequests"), ("KEYS", "keysDelivered"),
+                 ("REASON", "reason")],
     "links": [("LINK", "name"), ("NODES", "nodes"), ("STATE", "state"), ("KEYRATE", "keyRateBps"), ("QBER", "qber"),
               ("STORED", "storedKeyBits"), ("RESERVED", "reservedBps"), ("SESSIONS", "sessions"), ("REASON", "reason")],
     "nodes": [("NODE", "name"), ("STATUS", "status"), ("SAES", "saeIds"), ("LINKS", "links"),

@@ -49,7 +49,5 @@ def wait(runtime: Runtime, kind: str, name: str, reason: str, message: str, dela
 
 
 def dump(status: Any) -> dict[str, Any]:
-    """A status model in its wire form. Counters of delivered keys are left out: the control
-    plane does not see key deliveries (the KMs do), and a 0 there would be a false claim."""
-    return status.model_dump(mode="json", by_alias=True, exclude_none=True,
-                             exclude={"keys_delivered": True, "usage": {"delivered_keys": True, "delivered_bits": True}})
+    """A status model in its wire form."""
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)

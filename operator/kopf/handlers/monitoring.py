@@ -79,6 +79,17 @@ async def poll_once(runtime: Runtime, monitor: LinkMonitor) -> None:
     await runtime.core.tick()
     for link in monitor.links:
         runtime.mark("QKDLink", link)
+    now = time.monotonic()
+    if now - runtime.counts_shown_at >= runtime.options.counts_interval_s:
+        # Keys delivered change with every key request: written at this slower pace, and only
+        # for the resources whose figures changed (the status writer skips equal statuses).
+        runtime.counts_shown_at = now
+        for session in runtime.core.admission.sessions.values():
+            if session.live:
+                name = runtime.session_resource(session.id)
+                if name is not None:
+                    runtime.mark("KeySession", name)
+                runtime.mark("UserProfile", session.user)
 
 
 async def poll_forever(runtime: Runtime, monitor: LinkMonitor) -> None:

@@ -315,6 +315,7 @@ def _show(status: KeySessionStatus, session: Session, condition) -> None:
     status.session_id = uuid.UUID(session.id)
     status.path = view["path"]  # for an ended session: the last path it had
     status.reserved_bps = view["reservedBps"]
+    status.keys_delivered = session.keys_delivered
     ends = {Side.SOURCE: session.source.sae_id, Side.DESTINATION: session.destination.sae_id}
     status.peers_registered = sorted(ends[side] for side in session.registered)
     status.reason = None if active else why

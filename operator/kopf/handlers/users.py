@@ -77,6 +77,9 @@ def status_of(runtime: Runtime, name: str, previous: dict[str, Any]) -> dict[str
     usage = runtime.core.admission.usage(name)
     status.active_sessions = usage.sessions
     status.usage.reserved_bps = round(usage.reserved_bps)
+    live = runtime.core.admission.live_sessions_of(name)
+    status.usage.delivered_keys = sum(session.keys_delivered for session in live)
+    status.usage.delivered_bits = sum(session.bits_delivered for session in live)
     if problem is not None:
         status.set_condition(ConditionType.READY, "False", problem.reason, problem.message,
                              observed_generation=generation)
