@@ -134,7 +134,7 @@ class ControlPlaneService(km_pb2_grpc.ControlPlaneServicer):
 
     async def KeyRequested(self, request, context):
         node = await self._node(request, context)
-        await self.core.key_requested(request.session_id, node)
+        await self.core.key_requested(request.session_id, node, max(1, request.requests))
         return km_pb2.SignalReply()
 
     async def SessionClosed(self, request, context):

@@ -387,14 +387,16 @@ class OpenSessionReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ..., qos: _Optional[_Union[QoS, _Mapping]] = ..., peer_registered: _Optional[bool] = ..., etsi004_status: _Optional[int] = ..., unauthorized: _Optional[bool] = ...) -> None: ...
 
 class SessionSignal(_message.Message):
-    __slots__ = ("node", "session_id", "reason")
+    __slots__ = ("node", "session_id", "reason", "requests")
     NODE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     node: str
     session_id: str
     reason: str
-    def __init__(self, node: _Optional[str] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    requests: int
+    def __init__(self, node: _Optional[str] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class SignalReply(_message.Message):
     __slots__ = ()

@@ -577,7 +577,9 @@ class KeyManagerControl:
 class ControlPlaneStub:
     """---------------------------------------------------------------------------------------
     KM -> control plane (paper Fig. 2): configuration requests when an application opens a
-    session, a signal per key request (keeps the session alive), and closes.
+    session, key-request signals (keep the session alive; the first request of a session is
+    signalled at once, later ones at most once a second per session, with their count), and
+    closes.
     ---------------------------------------------------------------------------------------
     """
 
@@ -607,7 +609,9 @@ class ControlPlaneStub:
 class ControlPlaneServicer:
     """---------------------------------------------------------------------------------------
     KM -> control plane (paper Fig. 2): configuration requests when an application opens a
-    session, a signal per key request (keeps the session alive), and closes.
+    session, key-request signals (keep the session alive; the first request of a session is
+    signalled at once, later ones at most once a second per session, with their count), and
+    closes.
     ---------------------------------------------------------------------------------------
     """
 
@@ -658,7 +662,9 @@ def add_ControlPlaneServicer_to_server(servicer, server):
 class ControlPlane:
     """---------------------------------------------------------------------------------------
     KM -> control plane (paper Fig. 2): configuration requests when an application opens a
-    session, a signal per key request (keeps the session alive), and closes.
+    session, key-request signals (keep the session alive; the first request of a session is
+    signalled at once, later ones at most once a second per session, with their count), and
+    closes.
     ---------------------------------------------------------------------------------------
     """
 

@@ -382,11 +382,12 @@ class Admission:
         else:
             session.deadline = math.inf  # outlives the peer-wait deadline armed when it was declared
 
-    def key_requested(self, session: Session, now: float) -> bool:
-        """A key-request signal: the session is in use, its timer restarts. False when it cannot serve."""
+    def key_requested(self, session: Session, now: float, requests: int = 1) -> bool:
+        """A key-request signal (for ``requests`` requests): the session is in use, its timer
+        restarts. False when it cannot serve."""
         if session.state not in (SessionState.ACTIVE, SessionState.HELD):
             return False
-        session.key_requests += 1
+        session.key_requests += requests
         session.last_key_request_at = now
         self._arm_inactivity(session, now)
         return True

@@ -311,8 +311,9 @@ class ControlCore:
         self.events.record(now, Subject.SESSION, session_id, None, SessionState.TERMINATED, reason, message)
         return OpenResult(False, session_id, reason, message, None, False, etsi004_status, unauthorized)
 
-    async def key_requested(self, session_id: str, node: str | None = None) -> bool:
-        """A key-request signal from an endpoint KM; False when the session cannot serve keys.
+    async def key_requested(self, session_id: str, node: str | None = None, requests: int = 1) -> bool:
+        """A key-request signal from an endpoint KM, for ``requests`` key requests since its
+        previous one; False when the session cannot serve keys.
 
         A KM signals only for a session it holds the configuration of, which is pushed once
         both ends have opened. So a signal for a session waiting for its peer means the peer
@@ -327,7 +328,7 @@ class ControlCore:
             for side in BOTH_SIDES - session.registered:
                 self.admission.register(session, side, now)
             await self.admission.activate(session, now)
-        return self.admission.key_requested(session, now)
+        return self.admission.key_requested(session, now, requests)
 
     async def session_closed(self, session_id: str, node: str, reason: str = "") -> bool:
         """A close request from an endpoint KM; False when unknown, already ended or not from an endpoint."""
