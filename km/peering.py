@@ -122,13 +122,13 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
     async def Hybrid(self, request, context):
         link = await self._link(request, context)
         await self._check_incarnations(link, request, context)
-        sizes = {k.size_bits for k in request.keys}
-        if len(sizes) != 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a hybrid exchange needs keys of one size")
+        if not request.key_ids or request.key_size_bits <= 0 or request.key_size_bits % 8:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a hybrid exchange needs at least one key ID and "
+                                f"a key size that is a positive multiple of 8 bits, got {request.key_size_bits}")
         message = HybridMessage(
             link=request.link, session_id=request.session_id, relay_id=request.relay_id, index=request.index,
             master_sae_id=request.master_sae_id, slave_sae_ids=tuple(request.slave_sae_ids),
-            key_ids=tuple(k.key_id for k in request.keys), size_bits=sizes.pop(), stream=request.stream,
+            key_ids=tuple(request.key_ids), size_bits=request.key_size_bits, stream=request.stream,
             offer=request.offer,
         )
         try:
@@ -156,7 +156,7 @@ def fields_from_pb(r: km_pb2.RelayRequest) -> relay.RelayFields:
     return relay.RelayFields(
         link=r.link, sender_incarnation=r.sender_incarnation, receiver_incarnation=r.receiver_incarnation,
         session_id=r.session_id, relay_id=r.relay_id, index=r.index, master_sae_id=r.master_sae_id,
-        slave_sae_ids=tuple(r.slave_sae_ids), keys=tuple((k.key_id, k.size_bits) for k in r.keys),
+        slave_sae_ids=tuple(r.slave_sae_ids), key_ids=tuple(r.key_ids), key_size_bits=r.key_size_bits,
         direct=r.direct, ciphertext=r.ciphertext,
         pad=tuple((s.block_id, s.offset, s.length) for s in r.pad),
         mac_key=tuple((s.block_id, s.offset, s.length) for s in r.mac_key),
@@ -168,7 +168,7 @@ def fields_to_pb(f: relay.RelayFields, tag: bytes) -> km_pb2.RelayRequest:
     return km_pb2.RelayRequest(
         link=f.link, sender_incarnation=f.sender_incarnation, receiver_incarnation=f.receiver_incarnation,
         session_id=f.session_id, relay_id=f.relay_id, index=f.index, master_sae_id=f.master_sae_id,
-        slave_sae_ids=list(f.slave_sae_ids), keys=[km_pb2.DeliveredKey(key_id=k, size_bits=n) for k, n in f.keys],
+        slave_sae_ids=f.slave_sae_ids, key_ids=f.key_ids, key_size_bits=f.key_size_bits,
         direct=f.direct, ciphertext=f.ciphertext,
         pad=[km_pb2.Span(block_id=b, offset=o, length=n) for b, o, n in f.pad],
         mac_key=[km_pb2.Span(block_id=b, offset=o, length=n) for b, o, n in f.mac_key],
@@ -225,8 +225,7 @@ class PeerClient:
         reply, _ = await self._call(self.stub.Hybrid, lambda inc: km_pb2.HybridRequest(
             link=m.link, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
             session_id=m.session_id, relay_id=m.relay_id, index=m.index, master_sae_id=m.master_sae_id,
-            slave_sae_ids=list(m.slave_sae_ids),
-            keys=[km_pb2.DeliveredKey(key_id=k, size_bits=m.size_bits) for k in m.key_ids],
+            slave_sae_ids=m.slave_sae_ids, key_ids=m.key_ids, key_size_bits=m.size_bits,
             stream=m.stream, offer=m.offer,
         ))
         return reply.reply

@@ -26,9 +26,8 @@ from __future__ import annotations
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.poly1305 import Poly1305
@@ -38,17 +37,10 @@ TAG_BYTES = 16
 
 # Names the format, so bytes authenticated for this message can never be taken for bytes
 # of another message or of a later version of this encoding.
-_DOMAIN = b"vqkd.km.v1.RelayRequest/2"
+_DOMAIN = b"vqkd.km.v1.RelayRequest/3"
 
 _U32_MAX = 2**32 - 1
 _U64_MAX = 2**64 - 1
-
-
-class RelayedKey(NamedTuple):
-    """One key of the message: a plain ``(key_id, size_bits)`` tuple is just as good."""
-
-    key_id: str
-    size_bits: int
 
 
 # A byte range of a link key block, ``(block_id, offset, length)``: a ``keypool.Span``
@@ -62,7 +54,8 @@ class RelayFields:
 
     The gRPC adapter converts the protobuf message into this and back, so the bytes that
     are authenticated do not depend on protobuf's serialisation, which is not canonical.
-    Keys are ``(key_id, size_bits)`` and spans ``(block_id, offset, length)`` tuples.
+    The keys are ``key_ids``, all of ``key_size_bits`` (an ETSI 014 request or an ETSI 004
+    chunk asks for one size); spans are ``(block_id, offset, length)`` tuples.
     """
 
     link: str
@@ -73,7 +66,8 @@ class RelayFields:
     index: int
     master_sae_id: str
     slave_sae_ids: tuple[str, ...]
-    keys: tuple[RelayedKey | tuple[str, int], ...]
+    key_ids: tuple[str, ...]
+    key_size_bits: int
     direct: bool
     ciphertext: bytes
     pad: tuple[SpanRef, ...]
@@ -134,13 +128,9 @@ def authenticated_bytes(fields: RelayFields) -> bytes:
         _put_str(out, text)
     _put_u64(out, fields.index, "index")
     _put_str(out, fields.master_sae_id)
-    _put_count(out, fields.slave_sae_ids, "slave_sae_ids")
-    for sae_id in fields.slave_sae_ids:
-        _put_str(out, sae_id)
-    _put_count(out, fields.keys, "keys")
-    for key_id, size_bits in fields.keys:
-        _put_str(out, key_id)
-        _put_u32(out, size_bits, "key size_bits")
+    _put_strs(out, fields.slave_sae_ids, "slave_sae_ids")
+    _put_strs(out, fields.key_ids, "key_ids")
+    _put_u32(out, fields.key_size_bits, "key_size_bits")
     out += b"\x01" if fields.direct else b"\x00"
     _put_bytes(out, fields.ciphertext)
     _put_spans(out, fields.pad, "pad")
@@ -173,6 +163,19 @@ def _put_bytes(out: bytearray, data: bytes) -> None:
 
 def _put_str(out: bytearray, text: str) -> None:
     _put_bytes(out, text.encode("utf-8"))
+
+
+def _put_strs(out: bytearray, texts: tuple[str, ...], what: str) -> None:
+    """A list of strings: their number, the length of each in characters, then the UTF-8
+    encoding of them all concatenated. UTF-8 decodes in one way only, so the concatenation
+    gives back one text, which the lengths cut into the strings: no two lists encode alike.
+    Written in three calls whatever the number of strings (a relay carries one key ID per key)."""
+    _put_count(out, texts, what)
+    lengths = list(map(len, texts))
+    if lengths and max(lengths) > _U32_MAX:
+        raise ValueError(f"a string of {what} is longer than 2**32 - 1 characters")
+    out += struct.pack(f">{len(lengths)}I", *lengths)
+    _put_bytes(out, "".join(texts).encode("utf-8"))
 
 
 def _put_spans(out: bytearray, spans: tuple[SpanRef, ...], what: str) -> None:
@@ -216,20 +219,15 @@ def verify_fields(mac_key: bytes, fields: RelayFields, received_tag: bytes) -> b
     return verify(mac_key, authenticated_bytes(fields), received_tag)
 
 
-def split_keys(plaintext: bytes, keys: Iterable[RelayedKey | tuple[str, int]]) -> list[bytes]:
-    """Cuts the decrypted concatenation back into the relayed keys, in order."""
-    sizes = []
-    for key_id, size_bits in keys:
-        if size_bits <= 0 or size_bits % 8:
-            raise ValueError(f"key {key_id}: size must be a positive multiple of 8 bits, got {size_bits}")
-        sizes.append(size_bits // 8)
-    if sum(sizes) != len(plaintext):
-        raise ValueError(f"the keys add up to {sum(sizes)} bytes but the plaintext has {len(plaintext)}")
-    parts, start = [], 0
-    for size in sizes:
-        parts.append(plaintext[start:start + size])
-        start += size
-    return parts
+def split_keys(plaintext: bytes, number: int, size_bits: int) -> list[bytes]:
+    """Cuts the decrypted concatenation back into ``number`` keys of ``size_bits``, in order."""
+    if size_bits <= 0 or size_bits % 8:
+        raise ValueError(f"a key's size must be a positive multiple of 8 bits, got {size_bits}")
+    size = size_bits // 8
+    if number * size != len(plaintext):
+        raise ValueError(f"{number} keys of {size_bits} bits make {number * size} bytes, but the plaintext has "
+                         f"{len(plaintext)}")
+    return [plaintext[start:start + size] for start in range(0, len(plaintext), size)]
 
 
 class ReplayGuard:

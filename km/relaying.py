@@ -154,7 +154,7 @@ class RelayService:
         fields = relay.RelayFields(
             link=link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=link.peer_incarnation or "",
             session_id=session.session_id, relay_id=uuid.uuid4().hex, index=index,
-            master_sae_id=master, slave_sae_ids=tuple(slaves), keys=tuple((i, size_bits) for i in ids),
+            master_sae_id=master, slave_sae_ids=tuple(slaves), key_ids=tuple(ids), key_size_bits=size_bits,
             direct=direct, ciphertext=b"" if direct else relay.xor(keys_material, pad),
             pad=tuple((s.block_id, s.offset, s.length) for s in pad_spans),
             mac_key=tuple((s.block_id, s.offset, s.length) for s in mac_spans),
@@ -217,13 +217,15 @@ class RelayService:
         if not fields.direct and len(fields.ciphertext) != len(pad):
             raise self._reject("malformed", "ciphertext and pad lengths differ")
         plain = pad if fields.direct else relay.xor(fields.ciphertext, pad)
-        if sum(size for _, size in fields.keys) != len(plain) * 8:
-            raise self._reject("malformed", "key sizes do not add up to the relayed material")
+        try:
+            keys = relay.split_keys(plain, len(fields.key_ids), fields.key_size_bits)
+        except ValueError as e:
+            raise self._reject("malformed", f"the keys do not match the relayed material: {e}") from None
 
         link_out = self._onward(session, link_in)
         self.sessions.note(session, "relayed key received", f"{len(plain) * 8} bits from {link_in.peer_node}")
         if link_out is None:
-            keys = list(zip((k for k, _ in fields.keys), relay.split_keys(plain, fields.keys)))
+            keys = list(zip(fields.key_ids, keys))
             extension = json.loads(fields.key_extension) if fields.key_extension else None
             self._hold(session, fields.relay_id, fields.master_sae_id, fields.slave_sae_ids, keys, extension,
                        fields.index if fields.stream else None)
@@ -234,7 +236,8 @@ class RelayService:
             link=link_out.name, sender_incarnation=self.km.incarnation,
             receiver_incarnation=link_out.peer_incarnation or "", session_id=session.session_id,
             relay_id=fields.relay_id, index=fields.index, master_sae_id=fields.master_sae_id,
-            slave_sae_ids=fields.slave_sae_ids, keys=fields.keys, direct=False,
+            slave_sae_ids=fields.slave_sae_ids, key_ids=fields.key_ids, key_size_bits=fields.key_size_bits,
+            direct=False,
             ciphertext=relay.xor(plain, pad_out),
             pad=tuple((s.block_id, s.offset, s.length) for s in pad_spans),
             mac_key=tuple((s.block_id, s.offset, s.length) for s in mac_spans),

@@ -10,7 +10,6 @@ import pytest
 from vqkd.km.keypool import IncomingPool, OutgoingPool, Span
 from vqkd.km.relay import (
     MAC_KEY_BYTES,
-    RelayedKey,
     RelayFields,
     ReplayGuard,
     authenticated_bytes,
@@ -36,7 +35,8 @@ def fields(**changes) -> RelayFields:
         index=42,
         master_sae_id="sae-a",
         slave_sae_ids=("sae-b", "sae-c"),
-        keys=(RelayedKey("k1", 32), RelayedKey("k2", 16)),
+        key_ids=("k1", "k2", "k3"),
+        key_size_bits=16,
         direct=False,
         ciphertext=bytes(range(6)),
         pad=(("b1", 0, 6),),
@@ -107,14 +107,16 @@ def test_key_survives_reencryption_at_every_hop(hops):
             seen_on_the_wire.append(message.ciphertext)
     assert decrypt_hop(message.ciphertext, pad_in) == key
     assert key not in seen_on_the_wire and len(set(seen_on_the_wire)) == hops
-    assert split_keys(key, [("k1", 256), RelayedKey("k2", 128)]) == [key[:32], key[32:]]
+    assert split_keys(key, 3, 128) == [key[:16], key[16:32], key[32:]]
 
 
 def test_split_keys_checks_the_sizes():
-    with pytest.raises(ValueError, match="add up to 3 bytes but the plaintext has 4"):
-        split_keys(b"1234", [RelayedKey("k", 24)])
-    with pytest.raises(ValueError, match="key k: size must be a positive multiple of 8 bits, got 12"):
-        split_keys(b"12", [RelayedKey("k", 12)])
+    with pytest.raises(ValueError, match="1 keys of 24 bits make 3 bytes, but the plaintext has 4"):
+        split_keys(b"1234", 1, 24)
+    with pytest.raises(ValueError, match="size must be a positive multiple of 8 bits, got 12"):
+        split_keys(b"12", 1, 12)
+    with pytest.raises(ValueError, match="got 0"):
+        split_keys(b"", 0, 0)
 
 
 # --- MAC --------------------------------------------------------------------------------
@@ -199,7 +201,8 @@ def test_dropped_or_added_list_items_fail_verification():
     for tampered in (
         fields(slave_sae_ids=("sae-b",)),
         fields(slave_sae_ids=("sae-b", "sae-c", "sae-d")),
-        fields(keys=message.keys[:1]),
+        fields(key_ids=message.key_ids[:1]),
+        fields(key_ids=message.key_ids + ("k4",)),
         fields(pad=()),
         fields(mac_key=message.mac_key + (("b1", 38, 1),)),
         fields(ciphertext=message.ciphertext[:-1]),
@@ -224,17 +227,19 @@ def test_encoding_separates_list_items_and_fields():
         (fields(slave_sae_ids=()), fields(slave_sae_ids=("",))),
         (fields(link="n1", sender_incarnation="-n2"), fields(link="n1-", sender_incarnation="n2")),
         (fields(pad=(("b", 0, 1),), mac_key=()), fields(pad=(), mac_key=(("b", 0, 1),))),
-        (fields(keys=(RelayedKey("k1", 8),)), fields(keys=(RelayedKey("k", 8),), key_extension="1")),
+        (fields(key_ids=("k1",)), fields(key_ids=("k",), key_extension="1")),
+        (fields(key_ids=("ab", "c")), fields(key_ids=("a", "bc"))),
+        (fields(key_ids=("é", "")), fields(key_ids=("", "é"))),  # lengths count characters, not bytes
+        (fields(key_ids=("a",), key_size_bits=0), fields(key_ids=("a", ""), key_size_bits=0)),
         (fields(ciphertext=b"", key_extension="\x00"), fields(ciphertext=b"\x00", key_extension="")),
     ]
     for a, b in pairs:
         assert authenticated_bytes(a) != authenticated_bytes(b), (a, b)
-    assert authenticated_bytes(fields(keys=(("k", 8),))) == authenticated_bytes(fields(keys=(RelayedKey("k", 8),)))
 
 
 def test_encoding_is_injective_over_many_near_collisions():
     rng = random.Random(7)
-    tokens = ["", "a", "b", "ab"]
+    tokens = ["", "a", "b", "ab", "é", "aé"]
 
     def text():
         return rng.choice(tokens)
@@ -248,7 +253,7 @@ def test_encoding_is_injective_over_many_near_collisions():
             link=text(), sender_incarnation=text(), receiver_incarnation=text(), session_id=text(),
             relay_id=text(), index=rng.randrange(3), master_sae_id=text(),
             slave_sae_ids=tuple(text() for _ in range(rng.randrange(3))),
-            keys=tuple(RelayedKey(text(), rng.randrange(2)) for _ in range(rng.randrange(2))),
+            key_ids=tuple(text() for _ in range(rng.randrange(3))), key_size_bits=rng.randrange(2),
             direct=rng.random() < 0.5, ciphertext=text().encode(),
             pad=tuple(span() for _ in range(rng.randrange(2))),
             mac_key=tuple(span() for _ in range(rng.randrange(2))), key_extension=text(),
@@ -258,9 +263,10 @@ def test_encoding_is_injective_over_many_near_collisions():
 
 
 def test_encoding_is_stable_across_versions():
-    """Both ends of a link may run different releases: the authenticated bytes must not drift."""
+    """Both ends of a link may run different releases: the authenticated bytes must not drift.
+    A new encoding comes with a new domain string (now ``.../3``: key IDs and one key size)."""
     digest = hashlib.sha256(authenticated_bytes(fields())).hexdigest()
-    assert digest == "3c6b798cd74ccc39808d39e539d887f58b13f4be6acba4e38506c4b9dfa25cf6"
+    assert digest == "1e11342fdfa5880513ebf808cedf13277e7cf970f939b57d160b600a0c412f3c"
 
 
 def test_values_outside_the_wire_types_are_refused():

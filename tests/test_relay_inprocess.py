@@ -154,7 +154,7 @@ async def test_non_adjacent_keys_are_not_sent_in_the_clear():
     assert keys[0][1] not in wire
 
 
-@pytest.mark.parametrize("field", ["ciphertext", "tag", "slave_sae_ids", "keys", "index"])
+@pytest.mark.parametrize("field", ["ciphertext", "tag", "slave_sae_ids", "key_ids", "key_size_bits", "index"])
 async def test_tampering_on_any_hop_is_detected_and_nobody_gets_the_key(field):
     nodes, names, _ = chain(3)
     configure(nodes, names)
@@ -166,8 +166,11 @@ async def test_tampering_on_any_hop_is_detected_and_nobody_gets_the_key(field):
             pb.tag = bytes([pb.tag[0] ^ 0x80]) + pb.tag[1:]
         elif field == "slave_sae_ids":
             pb.slave_sae_ids[0] = "sae-n1"
-        elif field == "keys":
-            pb.keys[0].key_id = "00000000-0000-4000-8000-000000000000"
+        elif field == "key_ids":
+            pb.key_ids[0] = "00000000-0000-4000-8000-000000000000"
+        elif field == "key_size_bits":
+            pb.key_size_bits = 128  # two keys of 128 bits in place of one of 256
+            pb.key_ids.append("00000000-0000-4000-8000-000000000000")
         else:
             pb.index += 1
 

@@ -60,14 +60,6 @@ class Span(_message.Message):
     length: int
     def __init__(self, block_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
-class DeliveredKey(_message.Message):
-    __slots__ = ("key_id", "size_bits")
-    KEY_ID_FIELD_NUMBER: _ClassVar[int]
-    SIZE_BITS_FIELD_NUMBER: _ClassVar[int]
-    key_id: str
-    size_bits: int
-    def __init__(self, key_id: _Optional[str] = ..., size_bits: _Optional[int] = ...) -> None: ...
-
 class Delivery(_message.Message):
     __slots__ = ("master_sae_id", "slave_sae_ids", "key_ids", "size_bits", "material")
     MASTER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -101,7 +93,7 @@ class DeliverReply(_message.Message):
     def __init__(self, refused: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RelayRequest(_message.Message):
-    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id", "index", "master_sae_id", "slave_sae_ids", "keys", "direct", "ciphertext", "pad", "mac_key", "tag", "key_extension", "stream")
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id", "index", "master_sae_id", "slave_sae_ids", "key_ids", "key_size_bits", "direct", "ciphertext", "pad", "mac_key", "tag", "key_extension", "stream")
     LINK_FIELD_NUMBER: _ClassVar[int]
     SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -110,7 +102,8 @@ class RelayRequest(_message.Message):
     INDEX_FIELD_NUMBER: _ClassVar[int]
     MASTER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
     SLAVE_SAE_IDS_FIELD_NUMBER: _ClassVar[int]
-    KEYS_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEY_SIZE_BITS_FIELD_NUMBER: _ClassVar[int]
     DIRECT_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
     PAD_FIELD_NUMBER: _ClassVar[int]
@@ -126,7 +119,8 @@ class RelayRequest(_message.Message):
     index: int
     master_sae_id: str
     slave_sae_ids: _containers.RepeatedScalarFieldContainer[str]
-    keys: _containers.RepeatedCompositeFieldContainer[DeliveredKey]
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    key_size_bits: int
     direct: bool
     ciphertext: bytes
     pad: _containers.RepeatedCompositeFieldContainer[Span]
@@ -134,14 +128,14 @@ class RelayRequest(_message.Message):
     tag: bytes
     key_extension: str
     stream: bool
-    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ..., index: _Optional[int] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[DeliveredKey, _Mapping]]] = ..., direct: _Optional[bool] = ..., ciphertext: _Optional[bytes] = ..., pad: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., mac_key: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., tag: _Optional[bytes] = ..., key_extension: _Optional[str] = ..., stream: _Optional[bool] = ...) -> None: ...
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ..., index: _Optional[int] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., key_ids: _Optional[_Iterable[str]] = ..., key_size_bits: _Optional[int] = ..., direct: _Optional[bool] = ..., ciphertext: _Optional[bytes] = ..., pad: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., mac_key: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., tag: _Optional[bytes] = ..., key_extension: _Optional[str] = ..., stream: _Optional[bool] = ...) -> None: ...
 
 class RelayReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class HybridRequest(_message.Message):
-    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id", "index", "master_sae_id", "slave_sae_ids", "keys", "stream", "offer")
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id", "index", "master_sae_id", "slave_sae_ids", "key_ids", "key_size_bits", "stream", "offer")
     LINK_FIELD_NUMBER: _ClassVar[int]
     SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -150,7 +144,8 @@ class HybridRequest(_message.Message):
     INDEX_FIELD_NUMBER: _ClassVar[int]
     MASTER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
     SLAVE_SAE_IDS_FIELD_NUMBER: _ClassVar[int]
-    KEYS_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEY_SIZE_BITS_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     OFFER_FIELD_NUMBER: _ClassVar[int]
     link: str
@@ -161,10 +156,11 @@ class HybridRequest(_message.Message):
     index: int
     master_sae_id: str
     slave_sae_ids: _containers.RepeatedScalarFieldContainer[str]
-    keys: _containers.RepeatedCompositeFieldContainer[DeliveredKey]
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    key_size_bits: int
     stream: bool
     offer: bytes
-    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ..., index: _Optional[int] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[DeliveredKey, _Mapping]]] = ..., stream: _Optional[bool] = ..., offer: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ..., index: _Optional[int] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., key_ids: _Optional[_Iterable[str]] = ..., key_size_bits: _Optional[int] = ..., stream: _Optional[bool] = ..., offer: _Optional[bytes] = ...) -> None: ...
 
 class HybridReply(_message.Message):
     __slots__ = ("reply",)
