@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -26,6 +27,7 @@ RPC_TIMEOUT_S = 5.0
 # Keys per Deliver request, however many deliveries wait: bounds the message (~40 bytes a key)
 # and the time the peer spends on one request. A single larger delivery still goes alone.
 MAX_KEYS_PER_DELIVER = 4096
+MAX_COMMITS_PER_REQUEST = 1024
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> identity.Identity | None:
@@ -143,13 +145,20 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
     async def Commit(self, request, context):
         link = await self._link(request, context)
         await self._check_incarnations(link, request, context)
-        try:
-            await self.relays.commit(link, request.session_id, request.relay_id)
-        except RelayRejected as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except (errors.KMError, DeliveryRefused) as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        return km_pb2.CommitReply()
+        if not request.commits:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Commit request names no relay")
+
+        async def commit(c: km_pb2.RelayCommit) -> str:
+            try:
+                await self.relays.commit(link, c.session_id, c.relay_id)
+            except RelayRejected as e:
+                return f"{grpc.StatusCode.NOT_FOUND.name}: {e}"
+            except (errors.KMError, DeliveryRefused) as e:
+                return f"{grpc.StatusCode.UNAVAILABLE.name}: {e}"
+            return ""
+
+        # Concurrently: an intermediate KM passes each commit on and waits for its answer.
+        return km_pb2.CommitReply(refused=await asyncio.gather(*map(commit, request.commits)))
 
 
 def fields_from_pb(r: km_pb2.RelayRequest) -> relay.RelayFields:
@@ -176,6 +185,60 @@ def fields_to_pb(f: relay.RelayFields, tag: bytes) -> km_pb2.RelayRequest:
     )
 
 
+class _Batches:
+    """Items for one kind of request to the peer, sent together.
+
+    An item submitted while a request is under way waits for it and then goes with the
+    others submitted meanwhile, up to ``max_weight`` per request (a heavier item still goes
+    alone): under load one request carries many items, and an idle link sends each at once.
+    ``send`` makes one request of a batch and returns, per item, None or the exception its
+    submitter gets; if it raises, every item of the batch fails with that.
+    """
+
+    def __init__(self, name: str, send: Callable[[list], Awaitable[list[Exception | None]]], max_weight: int,
+                 cancelled: Callable[[], Exception]):
+        self.name = name
+        self.send = send
+        self.max_weight = max_weight
+        self.cancelled = cancelled
+        self._waiting: deque[tuple[Any, int, asyncio.Future]] = deque()
+        self._sending: asyncio.Task | None = None
+
+    async def submit(self, item: Any, weight: int = 1) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, weight, done))
+        if self._sending is None:
+            self._sending = asyncio.create_task(self._run(), name=self.name)
+        await done
+
+    async def _run(self) -> None:
+        batch: list = []
+        try:
+            while self._waiting:
+                batch, weight = [], 0
+                while self._waiting and (not batch or weight + self._waiting[0][1] <= self.max_weight):
+                    batch.append(self._waiting.popleft())
+                    weight += batch[-1][1]
+                try:
+                    failures = await self.send([item for item, _, _ in batch])
+                except Exception as e:  # not the peer's doing, but these items fail all the same
+                    failures = [e] * len(batch)
+                for (_, _, done), failure in zip(batch, failures):
+                    if done.done():  # its submitter gave up waiting
+                        continue
+                    if failure is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(failure)
+                batch = []
+        finally:  # cancelled: whatever was not answered failed
+            self._sending = None
+            for _, _, done in [*batch, *self._waiting]:
+                if not done.done():
+                    done.set_exception(self.cancelled())
+            self._waiting.clear()
+
+
 class PeerClient:
     """Calls the peer KM of one link; every call has a deadline and maps failures to KM errors."""
 
@@ -183,9 +246,11 @@ class PeerClient:
         self.km = km
         self.link = link
         self.stub = km_pb2_grpc.LinkPeerStub(channel)
-        # Deliveries waiting for the next Deliver request, and the task sending them.
-        self._deliveries: deque[tuple[km_pb2.Delivery, int, asyncio.Future]] = deque()
-        self._delivering: asyncio.Task | None = None
+        peer = f"KM of node {link.peer_node} (link {link.name})"
+        self._deliveries = _Batches(f"deliver-{link.name}", self._send_deliveries, MAX_KEYS_PER_DELIVER,
+                                    lambda: errors.PeerUnavailable(f"{peer}: the delivery was cancelled"))
+        self._commits = _Batches(f"commit-{link.name}", self._send_commits, MAX_COMMITS_PER_REQUEST,
+                                 lambda: errors.PeerUnavailable(f"{peer}: the commit was cancelled"))
 
     async def hello(self) -> None:
         reply = await self.stub.Hello(
@@ -231,10 +296,19 @@ class PeerClient:
         return reply.reply
 
     async def commit(self, link: str, session_id: str, relay_id: str) -> None:
-        await self._call(self.stub.Commit, lambda inc: km_pb2.CommitRequest(
-            link=link, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
-            session_id=session_id, relay_id=relay_id,
-        ))
+        """Release a relay's keys at the destination (passed on by every intermediate KM);
+        returns once they are released. Commits made meanwhile go in one request."""
+        await self._commits.submit(km_pb2.RelayCommit(session_id=session_id, relay_id=relay_id))
+
+    async def _send_commits(self, commits: list[km_pb2.RelayCommit]) -> list[Exception | None]:
+        try:
+            reply, _ = await self._call(self.stub.Commit, lambda inc: km_pb2.CommitRequest(
+                link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
+                commits=commits,
+            ))
+        except errors.KMError as e:
+            return [errors.PeerUnavailable(str(e)) for _ in commits]
+        return self._outcomes(reply.refused, len(commits), "commits", lambda reason: reason)
 
     async def deliver(self, master: str, slaves: list[str], key_ids: list[str], size_bits: int,
                       spans: list[Span]) -> None:
@@ -247,50 +321,25 @@ class PeerClient:
             master_sae_id=master, slave_sae_ids=slaves, key_ids=key_ids, size_bits=size_bits,
             material=[km_pb2.Span(block_id=s.block_id, offset=s.offset, length=s.length) for s in spans],
         )
-        done = asyncio.get_running_loop().create_future()
-        self._deliveries.append((delivery, len(key_ids), done))
-        if self._delivering is None:
-            self._delivering = asyncio.create_task(self._send_deliveries(), name=f"deliver-{self.link.name}")
-        await done
+        await self._deliveries.submit(delivery, len(key_ids))
 
-    async def _send_deliveries(self) -> None:
-        batch: list = []
+    async def _send_deliveries(self, deliveries: list[km_pb2.Delivery]) -> list[Exception | None]:
         try:
-            while self._deliveries:
-                batch, keys = [], 0
-                while self._deliveries and (not batch or keys + self._deliveries[0][1] <= MAX_KEYS_PER_DELIVER):
-                    batch.append(self._deliveries.popleft())
-                    keys += batch[-1][1]
-                try:
-                    reply, _ = await self._call(self.stub.Deliver, lambda inc: km_pb2.DeliverRequest(
-                        link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
-                        deliveries=[delivery for delivery, _, _ in batch],
-                    ))
-                except errors.KMError as e:
-                    failures = [errors.PeerUnavailable(str(e)) for _ in batch]
-                except Exception as e:  # not the peer's doing, but these keys go to no one all the same
-                    failures = [e] * len(batch)
-                else:
-                    failures = [errors.PeerUnavailable(self._refused(reason)) if reason else None
-                                for reason in reply.refused]
-                    if len(failures) != len(batch):
-                        failures = [errors.PeerUnavailable(self._refused(
-                            f"answered for {len(failures)} of {len(batch)} deliveries")) for _ in batch]
-                for (_, _, done), failure in zip(batch, failures):
-                    if done.done():  # its caller gave up waiting
-                        continue
-                    if failure is None:
-                        done.set_result(None)
-                    else:
-                        done.set_exception(failure)
-                batch = []
-        finally:  # cancelled: whatever was not answered was delivered to no one
-            self._delivering = None
-            for _, _, done in [*batch, *self._deliveries]:
-                if not done.done():
-                    done.set_exception(errors.PeerUnavailable(
-                        f"KM of node {self.link.peer_node} (link {self.link.name}): the delivery was cancelled"))
-            self._deliveries.clear()
+            reply, _ = await self._call(self.stub.Deliver, lambda inc: km_pb2.DeliverRequest(
+                link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
+                deliveries=deliveries,
+            ))
+        except errors.KMError as e:
+            return [errors.PeerUnavailable(str(e)) for _ in deliveries]
+        return self._outcomes(reply.refused, len(deliveries), "deliveries",
+                              lambda reason: f"INVALID_ARGUMENT: {reason}")
+
+    def _outcomes(self, refused, sent: int, what: str, describe: Callable[[str], str]) -> list[Exception | None]:
+        """Per item: None, or the error of the peer's refusal (``describe`` words its reason)."""
+        if len(refused) != sent:
+            return [errors.PeerUnavailable(self._refused(f"INVALID_ARGUMENT: answered for {len(refused)} of "
+                                                         f"{sent} {what}")) for _ in range(sent)]
+        return [errors.PeerUnavailable(self._refused(describe(reason))) if reason else None for reason in refused]
 
     def _refused(self, reason: str) -> str:
-        return f"KM of node {self.link.peer_node} (link {self.link.name}): INVALID_ARGUMENT: {reason}"
+        return f"KM of node {self.link.peer_node} (link {self.link.name}): {reason}"

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vqkd/km/v1/km.proto\x12\nvqkd.km.v1\"1\n\x0cHelloRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\"!\n\nHelloReply\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\"k\n\x10\x41greeKeysRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x1a\n\x12sender_incarnation\x18\x02 \x01(\t\x12\x1c\n\x14receiver_incarnation\x18\x03 \x01(\t\x12\x0f\n\x07key_ids\x18\x04 \x03(\t\"\x1e\n\x0e\x41greeKeysReply\x12\x0c\n\x04\x62its\x18\x01 \x01(\x04\"8\n\x04Span\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r\"\x80\x01\n\x08\x44\x65livery\x12\x15\n\rmaster_sae_id\x18\x01 \x01(\t\x12\x15\n\rslave_sae_ids\x18\x02 \x03(\t\x12\x0f\n\x07key_ids\x18\x03 \x03(\t\x12\x11\n\tsize_bits\x18\x04 \x01(\r\x12\"\n\x08material\x18\x05 \x03(\x0b\x32\x10.vqkd.km.v1.Span\"\xca\x01\n\x0e\x44\x65liverRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x1a\n\x12sender_incarnation\x18\x02 \x01(\t\x12\x1c\n\x14receiver_incarnation\x18\x03 \x01(\t\x12(\n\ndeliveries\x18\n \x03(\x0b\x32\x14.vqkd.km.v1.DeliveryJ\x04\x08\x04\x10\nR\rmaster_sae_idR\rslave_sae_idsR\x04keysR\x08materialR\x07key_idsR\tsize_bits\"\x1f\n\x0c\x44\x65liverReply\x12\x0f\n\x07refused\x18\x01 \x03(\t\"\x87\x03\n\x0cRelayRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x1a\n\x12sender_incarnation\x18\x02 \x01(\t\x12\x1c\n\x14receiver_incarnation\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08relay_id\x18\x05 \x01(\t\x12\r\n\x05index\x18\x06 \x01(\x04\x12\x15\n\rmaster_sae_id\x18\x07 \x01(\t\x12\x15\n\rslave_sae_ids\x18\x08 \x03(\t\x12\x0f\n\x07key_ids\x18\x11 \x03(\t\x12\x15\n\rkey_size_bits\x18\x12 \x01(\r\x12\x0e\n\x06\x64irect\x18\n \x01(\x08\x12\x12\n\nciphertext\x18\x0b \x01(\x0c\x12\x1d\n\x03pad\x18\x0c \x03(\x0b\x32\x10.vqkd.km.v1.Span\x12!\n\x07mac_key\x18\r \x03(\x0b\x32\x10.vqkd.km.v1.Span\x12\x0b\n\x03tag\x18\x0e \x01(\x0c\x12\x15\n\rkey_extension\x18\x0f \x01(\t\x12\x0e\n\x06stream\x18\x10 \x01(\x08J\x04\x08\t\x10\nR\x04keys\"\x0c\n\nRelayReply\"\x8d\x02\n\rHybridRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x1a\n\x12sender_incarnation\x18\x02 \x01(\t\x12\x1c\n\x14receiver_incarnation\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08relay_id\x18\x05 \x01(\t\x12\r\n\x05index\x18\x06 \x01(\x04\x12\x15\n\rmaster_sae_id\x18\x07 \x01(\t\x12\x15\n\rslave_sae_ids\x18\x08 \x03(\t\x12\x0f\n\x07key_ids\x18\x0c \x03(\t\x12\x15\n\rkey_size_bits\x18\r \x01(\r\x12\x0e\n\x06stream\x18\n \x01(\x08\x12\r\n\x05offer\x18\x0b \x01(\x0cJ\x04\x08\t\x10\nR\x04keys\"\x1c\n\x0bHybridReply\x12\r\n\x05reply\x18\x01 \x01(\x0c\"}\n\rCommitRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x1a\n\x12sender_incarnation\x18\x02 \x01(\t\x12\x1c\n\x14receiver_incarnation\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08relay_id\x18\x05 \x01(\t\"\r\n\x0b\x43ommitReply\"(\n\x08\x45ndpoint\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06sae_id\x18\x02 \x01(\t\"\x84\x03\n\rSessionConfig\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x1e\n\x04role\x18\x03 \x01(\x0e\x32\x10.vqkd.km.v1.Role\x12\x0c\n\x04user\x18\x04 \x01(\t\x12$\n\x06source\x18\x05 \x01(\x0b\x32\x14.vqkd.km.v1.Endpoint\x12)\n\x0b\x64\x65stination\x18\x06 \x01(\x0b\x32\x14.vqkd.km.v1.Endpoint\x12\x10\n\x08prev_hop\x18\x07 \x01(\t\x12\x10\n\x08next_hop\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\r\x12\x10\n\x08rate_bps\x18\n \x01(\x01\x12\x13\n\x0b\x62ucket_bits\x18\x0b \x01(\x04\x12\x1d\n\x15inactivity_timeout_ms\x18\x0c \x01(\r\x12\x1a\n\x12request_timeout_ms\x18\r \x01(\r\x12\x16\n\x0ekey_chunk_size\x18\x0e \x01(\r\x12\r\n\x05ttl_s\x18\x0f \x01(\r\x12\x10\n\x08\x66\x61llback\x18\x10 \x01(\t\"7\n\x15\x43onfigureSessionReply\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\":\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x12\x44\x65leteSessionReply\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x12\x16\n\x0ekeys_delivered\x18\x02 \x01(\x04\"\x15\n\x13ListSessionsRequest\"\xaf\x01\n\x0bSessionInfo\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.vqkd.km.v1.SessionConfig\x12\r\n\x05state\x18\x02 \x01(\t\x12\x16\n\x0ekeys_delivered\x18\x03 \x01(\x04\x12\x16\n\x0e\x62its_delivered\x18\x04 \x01(\x04\x12\x19\n\x11refused_by_bucket\x18\x05 \x01(\x04\x12\x1b\n\x13last_activity_age_s\x18\x06 \x01(\x01\">\n\x11ListSessionsReply\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.vqkd.km.v1.SessionInfo\"\x11\n\x0fGetStatsRequest\"\x90\x01\n\tLinkStats\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x11\n\tpeer_node\x18\x02 \x01(\t\x12\x15\n\routgoing_bits\x18\x03 \x01(\x04\x12\x15\n\rincoming_bits\x18\x04 \x01(\x04\x12\x18\n\x10\x64rawn_bits_total\x18\x05 \x01(\x04\x12\x1a\n\x12relayed_bits_total\x18\x06 \x01(\x04\"B\n\x10SessionDelivered\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x04\x12\x0c\n\x04\x62its\x18\x03 \x01(\x04\"\xb1\x01\n\x05Stats\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12$\n\x05links\x18\x03 \x03(\x0b\x32\x15.vqkd.km.v1.LinkStats\x12\x10\n\x08sessions\x18\x04 \x01(\x04\x12\x1c\n\x14keys_delivered_total\x18\x05 \x01(\x04\x12/\n\tdelivered\x18\x06 \x03(\x0b\x32\x1c.vqkd.km.v1.SessionDelivered\"\x96\x01\n\x03QoS\x12\x16\n\x0ekey_chunk_size\x18\x01 \x01(\r\x12\x0f\n\x07max_bps\x18\x02 \x01(\x01\x12\x0f\n\x07min_bps\x18\x03 \x01(\x01\x12\x0e\n\x06jitter\x18\x04 \x01(\x01\x12\x10\n\x08priority\x18\x05 \x01(\r\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\x12\r\n\x05ttl_s\x18\x07 \x01(\r\x12\x10\n\x08\x66\x61llback\x18\x08 \x01(\t\"\xce\x01\n\x12OpenSessionRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\rcaller_sae_id\x18\x02 \x01(\t\x12$\n\x06source\x18\x03 \x01(\x0b\x32\x14.vqkd.km.v1.Endpoint\x12)\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x14.vqkd.km.v1.Endpoint\x12\x1c\n\x03qos\x18\x05 \x01(\x0b\x32\x0f.vqkd.km.v1.QoS\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08implicit\x18\x07 \x01(\x08\"\xad\x01\n\x10OpenSessionReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1c\n\x03qos\x18\x04 \x01(\x0b\x32\x0f.vqkd.km.v1.QoS\x12\x17\n\x0fpeer_registered\x18\x05 \x01(\x08\x12\x16\n\x0e\x65tsi004_status\x18\x06 \x01(\r\x12\x14\n\x0cunauthorized\x18\x07 \x01(\x08\"S\n\rSessionSignal\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x04\"\r\n\x0bSignalReply*K\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\n\n\x06SOURCE\x10\x01\x12\x10\n\x0cINTERMEDIATE\x10\x02\x12\x0f\n\x0b\x44\x45STINATION\x10\x03\x32\x84\x03\n\x08LinkPeer\x12\x39\n\x05Hello\x12\x18.vqkd.km.v1.HelloRequest\x1a\x16.vqkd.km.v1.HelloReply\x12\x45\n\tAgreeKeys\x12\x1c.vqkd.km.v1.AgreeKeysRequest\x1a\x1a.vqkd.km.v1.AgreeKeysReply\x12?\n\x07\x44\x65liver\x12\x1a.vqkd.km.v1.DeliverRequest\x1a\x18.vqkd.km.v1.DeliverReply\x12\x39\n\x05Relay\x12\x18.vqkd.km.v1.RelayRequest\x1a\x16.vqkd.km.v1.RelayReply\x12<\n\x06\x43ommit\x12\x19.vqkd.km.v1.CommitRequest\x1a\x17.vqkd.km.v1.CommitReply\x12<\n\x06Hybrid\x12\x19.vqkd.km.v1.HybridRequest\x1a\x17.vqkd.km.v1.HybridReply2\xc4\x02\n\x11KeyManagerControl\x12P\n\x10\x43onfigureSession\x12\x19.vqkd.km.v1.SessionConfig\x1a!.vqkd.km.v1.ConfigureSessionReply\x12Q\n\rDeleteSession\x12 .vqkd.km.v1.DeleteSessionRequest\x1a\x1e.vqkd.km.v1.DeleteSessionReply\x12N\n\x0cListSessions\x12\x1f.vqkd.km.v1.ListSessionsRequest\x1a\x1d.vqkd.km.v1.ListSessionsReply\x12:\n\x08GetStats\x12\x1b.vqkd.km.v1.GetStatsRequest\x1a\x11.vqkd.km.v1.Stats2\xe4\x01\n\x0c\x43ontrolPlane\x12K\n\x0bOpenSession\x12\x1e.vqkd.km.v1.OpenSessionRequest\x1a\x1c.vqkd.km.v1.OpenSessionReply\x12\x42\n\x0cKeyRequested\x12\x19.vqkd.km.v1.SessionSignal\x1a\x17.vqkd.km.v1.SignalReply\x12\x43\n\rSessionClosed\x12\x19.vqkd.km.v1.SessionSignal\x1a\x17.vqkd.km.v1.SignalReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vqkd/km/v1/km.proto\x12\nvqkd.km.v1\"1\n\x0cHelloRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\"!\n\nHelloReply\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\"k\n\x10\x41greeKeysRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x1a\n\x12sender_incarnation\x18\x02 \x01(\t\x12\x1c\n\x14receiver_incarnation\x18\x03 \x01(\t\x12\x0f\n\x07key_ids\x18\x04 \x03(\t\"\x1e\n\x0e\x41greeKeysReply\x12\x0c\n\x04\x62its\x18\x01 \x01(\x04\"8\n\x04Span\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r\"\x80\x01\n\x08\x44\x65livery\x12\x15\n\rmaster_sae_id\x18\x01 \x01(\t\x12\x15\n\rslave_sae_ids\x18\x02 \x03(\t\x12\x0f\n\x07key_ids\x18\x03 \x03(\t\x12\x11\n\tsize_bits\x18\x04 \x01(\r\x12\"\n\x08material\x18\x05 \x03(\x0b\x32\x10.vqkd.km.v1.Span\"\xca\x01\n\x0e\x44\x65liverRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x1a\n\x12sender_incarnation\x18\x02 \x01(\t\x12\x1c\n\x14receiver_incarnation\x18\x03 \x01(\t\x12(\n\ndeliveries\x18\n \x03(\x0b\x32\x14.vqkd.km.v1.DeliveryJ\x04\x08\x04\x10\nR\rmaster_sae_idR\rslave_sae_idsR\x04keysR\x08materialR\x07key_idsR\tsize_bits\"\x1f\n\x0c\x44\x65liverReply\x12\x0f\n\x07refused\x18\x01 \x03(\t\"\x87\x03\n\x0cRelayRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x1a\n\x12sender_incarnation\x18\x02 \x01(\t\x12\x1c\n\x14receiver_incarnation\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08relay_id\x18\x05 \x01(\t\x12\r\n\x05index\x18\x06 \x01(\x04\x12\x15\n\rmaster_sae_id\x18\x07 \x01(\t\x12\x15\n\rslave_sae_ids\x18\x08 \x03(\t\x12\x0f\n\x07key_ids\x18\x11 \x03(\t\x12\x15\n\rkey_size_bits\x18\x12 \x01(\r\x12\x0e\n\x06\x64irect\x18\n \x01(\x08\x12\x12\n\nciphertext\x18\x0b \x01(\x0c\x12\x1d\n\x03pad\x18\x0c \x03(\x0b\x32\x10.vqkd.km.v1.Span\x12!\n\x07mac_key\x18\r \x03(\x0b\x32\x10.vqkd.km.v1.Span\x12\x0b\n\x03tag\x18\x0e \x01(\x0c\x12\x15\n\rkey_extension\x18\x0f \x01(\t\x12\x0e\n\x06stream\x18\x10 \x01(\x08J\x04\x08\t\x10\nR\x04keys\"\x0c\n\nRelayReply\"\x8d\x02\n\rHybridRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x1a\n\x12sender_incarnation\x18\x02 \x01(\t\x12\x1c\n\x14receiver_incarnation\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08relay_id\x18\x05 \x01(\t\x12\r\n\x05index\x18\x06 \x01(\x04\x12\x15\n\rmaster_sae_id\x18\x07 \x01(\t\x12\x15\n\rslave_sae_ids\x18\x08 \x03(\t\x12\x0f\n\x07key_ids\x18\x0c \x03(\t\x12\x15\n\rkey_size_bits\x18\r \x01(\r\x12\x0e\n\x06stream\x18\n \x01(\x08\x12\r\n\x05offer\x18\x0b \x01(\x0cJ\x04\x08\t\x10\nR\x04keys\"\x1c\n\x0bHybridReply\x12\r\n\x05reply\x18\x01 \x01(\x0c\"3\n\x0bRelayCommit\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08relay_id\x18\x02 \x01(\t\"\xa3\x01\n\rCommitRequest\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x1a\n\x12sender_incarnation\x18\x02 \x01(\t\x12\x1c\n\x14receiver_incarnation\x18\x03 \x01(\t\x12(\n\x07\x63ommits\x18\x06 \x03(\x0b\x32\x17.vqkd.km.v1.RelayCommitJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06R\nsession_idR\x08relay_id\"\x1e\n\x0b\x43ommitReply\x12\x0f\n\x07refused\x18\x01 \x03(\t\"(\n\x08\x45ndpoint\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06sae_id\x18\x02 \x01(\t\"\x84\x03\n\rSessionConfig\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x1e\n\x04role\x18\x03 \x01(\x0e\x32\x10.vqkd.km.v1.Role\x12\x0c\n\x04user\x18\x04 \x01(\t\x12$\n\x06source\x18\x05 \x01(\x0b\x32\x14.vqkd.km.v1.Endpoint\x12)\n\x0b\x64\x65stination\x18\x06 \x01(\x0b\x32\x14.vqkd.km.v1.Endpoint\x12\x10\n\x08prev_hop\x18\x07 \x01(\t\x12\x10\n\x08next_hop\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\r\x12\x10\n\x08rate_bps\x18\n \x01(\x01\x12\x13\n\x0b\x62ucket_bits\x18\x0b \x01(\x04\x12\x1d\n\x15inactivity_timeout_ms\x18\x0c \x01(\r\x12\x1a\n\x12request_timeout_ms\x18\r \x01(\r\x12\x16\n\x0ekey_chunk_size\x18\x0e \x01(\r\x12\r\n\x05ttl_s\x18\x0f \x01(\r\x12\x10\n\x08\x66\x61llback\x18\x10 \x01(\t\"7\n\x15\x43onfigureSessionReply\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\":\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x12\x44\x65leteSessionReply\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x12\x16\n\x0ekeys_delivered\x18\x02 \x01(\x04\"\x15\n\x13ListSessionsRequest\"\xaf\x01\n\x0bSessionInfo\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.vqkd.km.v1.SessionConfig\x12\r\n\x05state\x18\x02 \x01(\t\x12\x16\n\x0ekeys_delivered\x18\x03 \x01(\x04\x12\x16\n\x0e\x62its_delivered\x18\x04 \x01(\x04\x12\x19\n\x11refused_by_bucket\x18\x05 \x01(\x04\x12\x1b\n\x13last_activity_age_s\x18\x06 \x01(\x01\">\n\x11ListSessionsReply\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.vqkd.km.v1.SessionInfo\"\x11\n\x0fGetStatsRequest\"\x90\x01\n\tLinkStats\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x11\n\tpeer_node\x18\x02 \x01(\t\x12\x15\n\routgoing_bits\x18\x03 \x01(\x04\x12\x15\n\rincoming_bits\x18\x04 \x01(\x04\x12\x18\n\x10\x64rawn_bits_total\x18\x05 \x01(\x04\x12\x1a\n\x12relayed_bits_total\x18\x06 \x01(\x04\"B\n\x10SessionDelivered\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x04\x12\x0c\n\x04\x62its\x18\x03 \x01(\x04\"\xb1\x01\n\x05Stats\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12$\n\x05links\x18\x03 \x03(\x0b\x32\x15.vqkd.km.v1.LinkStats\x12\x10\n\x08sessions\x18\x04 \x01(\x04\x12\x1c\n\x14keys_delivered_total\x18\x05 \x01(\x04\x12/\n\tdelivered\x18\x06 \x03(\x0b\x32\x1c.vqkd.km.v1.SessionDelivered\"\x96\x01\n\x03QoS\x12\x16\n\x0ekey_chunk_size\x18\x01 \x01(\r\x12\x0f\n\x07max_bps\x18\x02 \x01(\x01\x12\x0f\n\x07min_bps\x18\x03 \x01(\x01\x12\x0e\n\x06jitter\x18\x04 \x01(\x01\x12\x10\n\x08priority\x18\x05 \x01(\r\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\x12\r\n\x05ttl_s\x18\x07 \x01(\r\x12\x10\n\x08\x66\x61llback\x18\x08 \x01(\t\"\xce\x01\n\x12OpenSessionRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x15\n\rcaller_sae_id\x18\x02 \x01(\t\x12$\n\x06source\x18\x03 \x01(\x0b\x32\x14.vqkd.km.v1.Endpoint\x12)\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x14.vqkd.km.v1.Endpoint\x12\x1c\n\x03qos\x18\x05 \x01(\x0b\x32\x0f.vqkd.km.v1.QoS\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08implicit\x18\x07 \x01(\x08\"\xad\x01\n\x10OpenSessionReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1c\n\x03qos\x18\x04 \x01(\x0b\x32\x0f.vqkd.km.v1.QoS\x12\x17\n\x0fpeer_registered\x18\x05 \x01(\x08\x12\x16\n\x0e\x65tsi004_status\x18\x06 \x01(\r\x12\x14\n\x0cunauthorized\x18\x07 \x01(\x08\"S\n\rSessionSignal\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x04\"\r\n\x0bSignalReply*K\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\n\n\x06SOURCE\x10\x01\x12\x10\n\x0cINTERMEDIATE\x10\x02\x12\x0f\n\x0b\x44\x45STINATION\x10\x03\x32\x84\x03\n\x08LinkPeer\x12\x39\n\x05Hello\x12\x18.vqkd.km.v1.HelloRequest\x1a\x16.vqkd.km.v1.HelloReply\x12\x45\n\tAgreeKeys\x12\x1c.vqkd.km.v1.AgreeKeysRequest\x1a\x1a.vqkd.km.v1.AgreeKeysReply\x12?\n\x07\x44\x65liver\x12\x1a.vqkd.km.v1.DeliverRequest\x1a\x18.vqkd.km.v1.DeliverReply\x12\x39\n\x05Relay\x12\x18.vqkd.km.v1.RelayRequest\x1a\x16.vqkd.km.v1.RelayReply\x12<\n\x06\x43ommit\x12\x19.vqkd.km.v1.CommitRequest\x1a\x17.vqkd.km.v1.CommitReply\x12<\n\x06Hybrid\x12\x19.vqkd.km.v1.HybridRequest\x1a\x17.vqkd.km.v1.HybridReply2\xc4\x02\n\x11KeyManagerControl\x12P\n\x10\x43onfigureSession\x12\x19.vqkd.km.v1.SessionConfig\x1a!.vqkd.km.v1.ConfigureSessionReply\x12Q\n\rDeleteSession\x12 .vqkd.km.v1.DeleteSessionRequest\x1a\x1e.vqkd.km.v1.DeleteSessionReply\x12N\n\x0cListSessions\x12\x1f.vqkd.km.v1.ListSessionsRequest\x1a\x1d.vqkd.km.v1.ListSessionsReply\x12:\n\x08GetStats\x12\x1b.vqkd.km.v1.GetStatsRequest\x1a\x11.vqkd.km.v1.Stats2\xe4\x01\n\x0c\x43ontrolPlane\x12K\n\x0bOpenSession\x12\x1e.vqkd.km.v1.OpenSessionRequest\x1a\x1c.vqkd.km.v1.OpenSessionReply\x12\x42\n\x0cKeyRequested\x12\x19.vqkd.km.v1.SessionSignal\x1a\x17.vqkd.km.v1.SignalReply\x12\x43\n\rSessionClosed\x12\x19.vqkd.km.v1.SessionSignal\x1a\x17.vqkd.km.v1.SignalReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vqkd.km.v1.km_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=3471
-  _globals['_ROLE']._serialized_end=3546
+  _globals['_ROLE']._serialized_start=3580
+  _globals['_ROLE']._serialized_end=3655
   _globals['_HELLOREQUEST']._serialized_start=35
   _globals['_HELLOREQUEST']._serialized_end=84
   _globals['_HELLOREPLY']._serialized_start=86
@@ -57,48 +57,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HYBRIDREQUEST']._serialized_end=1367
   _globals['_HYBRIDREPLY']._serialized_start=1369
   _globals['_HYBRIDREPLY']._serialized_end=1397
-  _globals['_COMMITREQUEST']._serialized_start=1399
-  _globals['_COMMITREQUEST']._serialized_end=1524
-  _globals['_COMMITREPLY']._serialized_start=1526
-  _globals['_COMMITREPLY']._serialized_end=1539
-  _globals['_ENDPOINT']._serialized_start=1541
-  _globals['_ENDPOINT']._serialized_end=1581
-  _globals['_SESSIONCONFIG']._serialized_start=1584
-  _globals['_SESSIONCONFIG']._serialized_end=1972
-  _globals['_CONFIGURESESSIONREPLY']._serialized_start=1974
-  _globals['_CONFIGURESESSIONREPLY']._serialized_end=2029
-  _globals['_DELETESESSIONREQUEST']._serialized_start=2031
-  _globals['_DELETESESSIONREQUEST']._serialized_end=2089
-  _globals['_DELETESESSIONREPLY']._serialized_start=2091
-  _globals['_DELETESESSIONREPLY']._serialized_end=2152
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=2154
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=2175
-  _globals['_SESSIONINFO']._serialized_start=2178
-  _globals['_SESSIONINFO']._serialized_end=2353
-  _globals['_LISTSESSIONSREPLY']._serialized_start=2355
-  _globals['_LISTSESSIONSREPLY']._serialized_end=2417
-  _globals['_GETSTATSREQUEST']._serialized_start=2419
-  _globals['_GETSTATSREQUEST']._serialized_end=2436
-  _globals['_LINKSTATS']._serialized_start=2439
-  _globals['_LINKSTATS']._serialized_end=2583
-  _globals['_SESSIONDELIVERED']._serialized_start=2585
-  _globals['_SESSIONDELIVERED']._serialized_end=2651
-  _globals['_STATS']._serialized_start=2654
-  _globals['_STATS']._serialized_end=2831
-  _globals['_QOS']._serialized_start=2834
-  _globals['_QOS']._serialized_end=2984
-  _globals['_OPENSESSIONREQUEST']._serialized_start=2987
-  _globals['_OPENSESSIONREQUEST']._serialized_end=3193
-  _globals['_OPENSESSIONREPLY']._serialized_start=3196
-  _globals['_OPENSESSIONREPLY']._serialized_end=3369
-  _globals['_SESSIONSIGNAL']._serialized_start=3371
-  _globals['_SESSIONSIGNAL']._serialized_end=3454
-  _globals['_SIGNALREPLY']._serialized_start=3456
-  _globals['_SIGNALREPLY']._serialized_end=3469
-  _globals['_LINKPEER']._serialized_start=3549
-  _globals['_LINKPEER']._serialized_end=3937
-  _globals['_KEYMANAGERCONTROL']._serialized_start=3940
-  _globals['_KEYMANAGERCONTROL']._serialized_end=4264
-  _globals['_CONTROLPLANE']._serialized_start=4267
-  _globals['_CONTROLPLANE']._serialized_end=4495
+  _globals['_RELAYCOMMIT']._serialized_start=1399
+  _globals['_RELAYCOMMIT']._serialized_end=1450
+  _globals['_COMMITREQUEST']._serialized_start=1453
+  _globals['_COMMITREQUEST']._serialized_end=1616
+  _globals['_COMMITREPLY']._serialized_start=1618
+  _globals['_COMMITREPLY']._serialized_end=1648
+  _globals['_ENDPOINT']._serialized_start=1650
+  _globals['_ENDPOINT']._serialized_end=1690
+  _globals['_SESSIONCONFIG']._serialized_start=1693
+  _globals['_SESSIONCONFIG']._serialized_end=2081
+  _globals['_CONFIGURESESSIONREPLY']._serialized_start=2083
+  _globals['_CONFIGURESESSIONREPLY']._serialized_end=2138
+  _globals['_DELETESESSIONREQUEST']._serialized_start=2140
+  _globals['_DELETESESSIONREQUEST']._serialized_end=2198
+  _globals['_DELETESESSIONREPLY']._serialized_start=2200
+  _globals['_DELETESESSIONREPLY']._serialized_end=2261
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=2263
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=2284
+  _globals['_SESSIONINFO']._serialized_start=2287
+  _globals['_SESSIONINFO']._serialized_end=2462
+  _globals['_LISTSESSIONSREPLY']._serialized_start=2464
+  _globals['_LISTSESSIONSREPLY']._serialized_end=2526
+  _globals['_GETSTATSREQUEST']._serialized_start=2528
+  _globals['_GETSTATSREQUEST']._serialized_end=2545
+  _globals['_LINKSTATS']._serialized_start=2548
+  _globals['_LINKSTATS']._serialized_end=2692
+  _globals['_SESSIONDELIVERED']._serialized_start=2694
+  _globals['_SESSIONDELIVERED']._serialized_end=2760
+  _globals['_STATS']._serialized_start=2763
+  _globals['_STATS']._serialized_end=2940
+  _globals['_QOS']._serialized_start=2943
+  _globals['_QOS']._serialized_end=3093
+  _globals['_OPENSESSIONREQUEST']._serialized_start=3096
+  _globals['_OPENSESSIONREQUEST']._serialized_end=3302
+  _globals['_OPENSESSIONREPLY']._serialized_start=3305
+  _globals['_OPENSESSIONREPLY']._serialized_end=3478
+  _globals['_SESSIONSIGNAL']._serialized_start=3480
+  _globals['_SESSIONSIGNAL']._serialized_end=3563
+  _globals['_SIGNALREPLY']._serialized_start=3565
+  _globals['_SIGNALREPLY']._serialized_end=3578
+  _globals['_LINKPEER']._serialized_start=3658
+  _globals['_LINKPEER']._serialized_end=4046
+  _globals['_KEYMANAGERCONTROL']._serialized_start=4049
+  _globals['_KEYMANAGERCONTROL']._serialized_end=4373
+  _globals['_CONTROLPLANE']._serialized_start=4376
+  _globals['_CONTROLPLANE']._serialized_end=4604
 # @@protoc_insertion_point(module_scope)

@@ -168,23 +168,31 @@ class HybridReply(_message.Message):
     reply: bytes
     def __init__(self, reply: _Optional[bytes] = ...) -> None: ...
 
+class RelayCommit(_message.Message):
+    __slots__ = ("session_id", "relay_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RELAY_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    relay_id: str
+    def __init__(self, session_id: _Optional[str] = ..., relay_id: _Optional[str] = ...) -> None: ...
+
 class CommitRequest(_message.Message):
-    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id")
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "commits")
     LINK_FIELD_NUMBER: _ClassVar[int]
     SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    RELAY_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITS_FIELD_NUMBER: _ClassVar[int]
     link: str
     sender_incarnation: str
     receiver_incarnation: str
-    session_id: str
-    relay_id: str
-    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ...) -> None: ...
+    commits: _containers.RepeatedCompositeFieldContainer[RelayCommit]
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., commits: _Optional[_Iterable[_Union[RelayCommit, _Mapping]]] = ...) -> None: ...
 
 class CommitReply(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("refused",)
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    refused: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, refused: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("node", "sae_id")
