@@ -28,6 +28,8 @@ RPC_TIMEOUT_S = 5.0
 # and the time the peer spends on one request. A single larger delivery still goes alone.
 MAX_KEYS_PER_DELIVER = 4096
 MAX_COMMITS_PER_REQUEST = 1024
+# Relay messages per Relay request, weighed by their keys like deliveries.
+MAX_RELAYED_KEYS_PER_REQUEST = 4096
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> identity.Identity | None:
@@ -112,14 +114,22 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
     async def Relay(self, request, context):
         link = await self._link(request, context)
         await self._check_incarnations(link, request, context)
-        try:
-            await self.relays.receive(link, fields_from_pb(request), request.tag)
-        except RelayRejected as e:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED if e.reason in ("tampered", "replayed")
-                                else grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except errors.KMError as e:  # a further hop failed or had no key: nobody gets the keys
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        return km_pb2.RelayReply()
+        if not request.relays:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Relay request carries no relay message")
+
+        async def receive(r: km_pb2.RelayRequest) -> str:
+            try:
+                await self.relays.receive(link, fields_from_pb(r), r.tag)
+            except RelayRejected as e:
+                code = grpc.StatusCode.PERMISSION_DENIED if e.reason in ("tampered", "replayed") \
+                    else grpc.StatusCode.INVALID_ARGUMENT
+                return f"{code.name}: {e}"
+            except errors.KMError as e:  # a further hop failed or had no key: nobody gets the keys
+                return f"{grpc.StatusCode.UNAVAILABLE.name}: {e}"
+            return ""
+
+        # Concurrently: an intermediate KM passes each message on and waits for its answer.
+        return km_pb2.RelayBatchReply(refused=await asyncio.gather(*map(receive, request.relays)))
 
     async def Hybrid(self, request, context):
         link = await self._link(request, context)
@@ -249,6 +259,8 @@ class PeerClient:
         peer = f"KM of node {link.peer_node} (link {link.name})"
         self._deliveries = _Batches(f"deliver-{link.name}", self._send_deliveries, MAX_KEYS_PER_DELIVER,
                                     lambda: errors.PeerUnavailable(f"{peer}: the delivery was cancelled"))
+        self._relays = _Batches(f"relay-{link.name}", self._send_relays, MAX_RELAYED_KEYS_PER_REQUEST,
+                                lambda: errors.PeerUnavailable(f"{peer}: the relay was cancelled"))
         self._commits = _Batches(f"commit-{link.name}", self._send_commits, MAX_COMMITS_PER_REQUEST,
                                  lambda: errors.PeerUnavailable(f"{peer}: the commit was cancelled"))
 
@@ -284,7 +296,17 @@ class PeerClient:
         if fields.receiver_incarnation != self.link.peer_incarnation or not fields.receiver_incarnation:
             raise errors.PeerUnavailable(f"KM of node {self.link.peer_node} (link {self.link.name}) "
                                          "is not known in its current incarnation; retry")
-        await self._call(self.stub.Relay, lambda inc: fields_to_pb(fields, tag))
+        await self._relays.submit(fields_to_pb(fields, tag), len(fields.key_ids))
+
+    async def _send_relays(self, relays: list[km_pb2.RelayRequest]) -> list[Exception | None]:
+        try:
+            reply, _ = await self._call(self.stub.Relay, lambda inc: km_pb2.RelayBatch(
+                link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
+                relays=relays,
+            ))
+        except errors.KMError as e:
+            return [errors.PeerUnavailable(str(e)) for _ in relays]
+        return self._outcomes(reply.refused, len(relays), "relay messages", lambda reason: reason)
 
     async def hybrid(self, m: HybridMessage) -> bytes:
         reply, _ = await self._call(self.stub.Hybrid, lambda inc: km_pb2.HybridRequest(

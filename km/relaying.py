@@ -198,6 +198,10 @@ class RelayService:
     async def receive(self, link_in: Link, fields: relay.RelayFields, tag: bytes) -> None:
         """Handle one relay message from the KM at the other end of ``link_in``."""
         self._expire()
+        if (fields.link, fields.receiver_incarnation) != (link_in.name, self.km.incarnation):
+            raise self._reject("malformed", f"relay {fields.relay_id} names link {fields.link!r} and receiver "
+                                            f"incarnation {fields.receiver_incarnation!r}; it arrived on link "
+                                            f"{link_in.name} at incarnation {self.km.incarnation}")
         if fields.relay_id in self.guard:  # known genuine: refuse before touching any material
             raise self._reject("replayed", f"relay {fields.relay_id} was seen before")
         try:

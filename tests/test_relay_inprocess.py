@@ -192,6 +192,18 @@ async def test_a_replayed_relay_message_is_refused():
     assert e.value.reason == "replayed"
 
 
+@pytest.mark.parametrize("field, value", [("link", "n1-n2"), ("receiver_incarnation", "an-earlier-one")])
+async def test_a_relay_naming_another_link_or_incarnation_is_refused_before_any_material_is_used(field, value):
+    nodes, names, _ = chain(3)
+    configure(nodes, names)
+    nodes["n0"].km.link_to["n1"].peer.tamper = lambda pb: setattr(pb, field, value)
+    link_in = nodes["n1"].km.link_to["n0"]
+    before = link_in.incoming.available_bits
+    with pytest.raises(errors.PeerUnavailable, match="malformed"):
+        await nodes["n0"].exchange.issue("sae-n0", ["sae-n2"], 1, 256)
+    assert nodes["n1"].rejected == ["malformed"] and link_in.incoming.available_bits == before
+
+
 async def test_a_lost_commit_delivers_to_neither_end():
     nodes, names, clock = chain(3)
     configure(nodes, names)

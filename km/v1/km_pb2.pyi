@@ -130,9 +130,23 @@ class RelayRequest(_message.Message):
     stream: bool
     def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ..., index: _Optional[int] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., key_ids: _Optional[_Iterable[str]] = ..., key_size_bits: _Optional[int] = ..., direct: _Optional[bool] = ..., ciphertext: _Optional[bytes] = ..., pad: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., mac_key: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., tag: _Optional[bytes] = ..., key_extension: _Optional[str] = ..., stream: _Optional[bool] = ...) -> None: ...
 
-class RelayReply(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+class RelayBatch(_message.Message):
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "relays")
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    RELAYS_FIELD_NUMBER: _ClassVar[int]
+    link: str
+    sender_incarnation: str
+    receiver_incarnation: str
+    relays: _containers.RepeatedCompositeFieldContainer[RelayRequest]
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., relays: _Optional[_Iterable[_Union[RelayRequest, _Mapping]]] = ...) -> None: ...
+
+class RelayBatchReply(_message.Message):
+    __slots__ = ("refused",)
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    refused: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, refused: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HybridRequest(_message.Message):
     __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id", "index", "master_sae_id", "slave_sae_ids", "key_ids", "key_size_bits", "stream", "offer")

@@ -64,8 +64,8 @@ class LinkPeerStub:
                 _registered_method=True)
         self.Relay = channel.unary_unary(
                 '/vqkd.km.v1.LinkPeer/Relay',
-                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.RelayRequest.SerializeToString,
-                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.RelayReply.FromString,
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.RelayBatch.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.RelayBatchReply.FromString,
                 _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/vqkd.km.v1.LinkPeer/Commit',
@@ -117,8 +117,9 @@ class LinkPeerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Relay(self, request, context):
-        """One hop of a session's end-to-end key relay (paper Fig. 3b). The reply comes back
-        once the destination KM holds the keys, so it is the destination's acknowledgement.
+        """Hops of sessions' end-to-end key relays (paper Fig. 3b), those ready together in one
+        request. The reply comes back once the destination KMs hold the keys, so it is their
+        acknowledgement.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,8 +161,8 @@ def add_LinkPeerServicer_to_server(servicer, server):
             ),
             'Relay': grpc.unary_unary_rpc_method_handler(
                     servicer.Relay,
-                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.RelayRequest.FromString,
-                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.RelayReply.SerializeToString,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.RelayBatch.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.RelayBatchReply.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
@@ -293,8 +294,8 @@ class LinkPeer:
             request,
             target,
             '/vqkd.km.v1.LinkPeer/Relay',
-            vqkd_dot_km_dot_v1_dot_km__pb2.RelayRequest.SerializeToString,
-            vqkd_dot_km_dot_v1_dot_km__pb2.RelayReply.FromString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.RelayBatch.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.RelayBatchReply.FromString,
             options,
             channel_credentials,
             insecure,
