@@ -207,6 +207,8 @@ def test_the_chart_refuses_kubernetes_older_than_supported():
 
 BAD_VALUES = [
     (["--set", "operator.logLevel=TRACE"], "/operator/logLevel", "'DEBUG', 'INFO', 'WARNING', 'ERROR'"),
+    (["--set", "operator.replaceAfterSeconds=0"], "/operator/replaceAfterSeconds", "exclusiveMinimum"),
+    (["--set", "operator.pollIntervalSeconds=often"], "/operator/pollIntervalSeconds", "want number"),
     (["--set", "km.keySize=100"], "/km/keySize", "multipleOf"),
     (["--set", "km.image.digest=latest"], "/km/image/digest", "sha256"),
     (["--set", "km.imagePullPolicy=Sometimes"], "/km/imagePullPolicy", "IfNotPresent"),
@@ -365,7 +367,8 @@ def test_the_operators_command_runs_vqkd_operator_with_the_charts_ports(level, m
     from vqkd.operator import cli
     from vqkd.operator.kopf import main
 
-    container = one(render("--set", f"operator.logLevel={level}"), "Deployment")["spec"]["template"]["spec"][
+    container = one(render("--set", f"operator.logLevel={level}", "--set-json", "operator.pollIntervalSeconds=2.5",
+                           "--set", "operator.countsIntervalSeconds=60"), "Deployment")["spec"]["template"]["spec"][
         "containers"][0]
     env = {e["name"]: e for e in container["env"]}
     assert env["VQKD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
@@ -393,6 +396,7 @@ def test_the_operators_command_runs_vqkd_operator_with_the_charts_ports(level, m
     assert options.module_image == "ghcr.io/vqkd/km:0.1.0"
     assert any(m["mountPath"] == str(options.state_dir) for m in container["volumeMounts"])
     assert options.km_control_plane == specs.control_plane_address(NAMESPACE)
+    assert (options.poll_interval_s, options.replace_after_s, options.counts_interval_s) == (2.5, 15, 60)
 
 
 @needs_helm
