@@ -202,15 +202,17 @@ class _Batches:
     others submitted meanwhile, up to ``max_weight`` per request (a heavier item still goes
     alone): under load one request carries many items, and an idle link sends each at once.
     ``send`` makes one request of a batch and returns, per item, None or the exception its
-    submitter gets; if it raises, every item of the batch fails with that.
+    submitter gets; if it raises, every item of the batch fails with that. ``on_idle`` is
+    called when nothing is left to send.
     """
 
     def __init__(self, name: str, send: Callable[[list], Awaitable[list[Exception | None]]], max_weight: int,
-                 cancelled: Callable[[], Exception]):
+                 cancelled: Callable[[], Exception], on_idle: Callable[[], None] = lambda: None):
         self.name = name
         self.send = send
         self.max_weight = max_weight
         self.cancelled = cancelled
+        self.on_idle = on_idle
         self._waiting: deque[tuple[Any, int, asyncio.Future]] = deque()
         self._sending: asyncio.Task | None = None
 
@@ -247,6 +249,7 @@ class _Batches:
                 if not done.done():
                     done.set_exception(self.cancelled())
             self._waiting.clear()
+            self.on_idle()
 
 
 class PeerClient:
@@ -259,8 +262,10 @@ class PeerClient:
         peer = f"KM of node {link.peer_node} (link {link.name})"
         self._deliveries = _Batches(f"deliver-{link.name}", self._send_deliveries, MAX_KEYS_PER_DELIVER,
                                     lambda: errors.PeerUnavailable(f"{peer}: the delivery was cancelled"))
-        self._relays = _Batches(f"relay-{link.name}", self._send_relays, MAX_RELAYED_KEYS_PER_REQUEST,
-                                lambda: errors.PeerUnavailable(f"{peer}: the relay was cancelled"))
+        # Relays are batched per session: at an intermediate KM a relay may wait for key on
+        # its next link, and a request is answered when all of its relays are, so relays of
+        # different sessions (different priorities, different paths) never wait for each other.
+        self._relays: dict[str, _Batches] = {}
         self._commits = _Batches(f"commit-{link.name}", self._send_commits, MAX_COMMITS_PER_REQUEST,
                                  lambda: errors.PeerUnavailable(f"{peer}: the commit was cancelled"))
 
@@ -296,7 +301,20 @@ class PeerClient:
         if fields.receiver_incarnation != self.link.peer_incarnation or not fields.receiver_incarnation:
             raise errors.PeerUnavailable(f"KM of node {self.link.peer_node} (link {self.link.name}) "
                                          "is not known in its current incarnation; retry")
-        await self._relays.submit(fields_to_pb(fields, tag), len(fields.key_ids))
+        batches = self._relays.get(fields.session_id) or self._relay_batches(fields.session_id)
+        await batches.submit(fields_to_pb(fields, tag), len(fields.key_ids))
+
+    def _relay_batches(self, session_id: str) -> _Batches:
+        peer = f"KM of node {self.link.peer_node} (link {self.link.name})"
+
+        def idle() -> None:
+            if self._relays.get(session_id) is batches:
+                del self._relays[session_id]
+
+        batches = self._relays[session_id] = _Batches(
+            f"relay-{self.link.name}-{session_id}", self._send_relays, MAX_RELAYED_KEYS_PER_REQUEST,
+            lambda: errors.PeerUnavailable(f"{peer}: the relay was cancelled"), on_idle=idle)
+        return batches
 
     async def _send_relays(self, relays: list[km_pb2.RelayRequest]) -> list[Exception | None]:
         try:

@@ -103,3 +103,41 @@ async def test_a_submitter_that_gives_up_does_not_stop_the_others():
     await kept
     with pytest.raises(asyncio.CancelledError):
         await gave_up
+
+
+async def test_relays_of_different_sessions_never_wait_for_each_other():
+    """At an intermediate KM one session's relay may wait for key on its next link: another
+    session's relays go in requests of their own meanwhile."""
+    from types import SimpleNamespace
+
+    from vqkd.km.peering import PeerClient
+    from vqkd.km.relay import RelayFields
+
+    held = asyncio.Event()
+    sent: list[list[str]] = []
+
+    async def send(relays):
+        sent.append([r.session_id for r in relays])
+        if relays[0].session_id == "slow":
+            await held.wait()
+        return [None] * len(relays)
+
+    client = PeerClient.__new__(PeerClient)
+    client.link = SimpleNamespace(name="a-b", peer_node="b", peer_incarnation="inc-b")
+    client._relays = {}
+    client._send_relays = send
+
+    def fields(session_id: str, relay_id: str) -> RelayFields:
+        return RelayFields(link="a-b", sender_incarnation="inc-a", receiver_incarnation="inc-b",
+                           session_id=session_id, relay_id=relay_id, index=0, master_sae_id="sae-a",
+                           slave_sae_ids=("sae-c",), key_ids=("k",), key_size_bits=256, direct=False,
+                           ciphertext=bytes(32), pad=(), mac_key=(), key_extension="")
+
+    slow = [asyncio.create_task(client.relay(fields("slow", f"s{i}"), b"t")) for i in range(2)]
+    await settle()
+    await asyncio.wait_for(asyncio.gather(*(client.relay(fields("fast", f"f{i}"), b"t") for i in range(3))), 1)
+    assert not any(task.done() for task in slow)
+    held.set()
+    await asyncio.gather(*slow)
+    assert sent == [["slow", "slow"], ["fast", "fast", "fast"]]
+    assert client._relays == {}, "a session's batches go when nothing waits"
