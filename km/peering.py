@@ -27,7 +27,7 @@ RPC_TIMEOUT_S = 5.0
 # Keys per Deliver request, however many deliveries wait: bounds the message (~40 bytes a key)
 # and the time the peer spends on one request. A single larger delivery still goes alone.
 MAX_KEYS_PER_DELIVER = 4096
-MAX_COMMITS_PER_REQUEST = 1024
+MAX_COMMITS_PER_REQUEST = 1024  # a commit is two IDs: this bounds the request to ~100 KB
 # Relay messages per Relay request, weighed by their keys like deliveries.
 MAX_RELAYED_KEYS_PER_REQUEST = 4096
 
