@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     up.set_defaults(func=cmd_up)
 
     get = sub.add_parser("get", help="show the state of a network started with `vqkd up`")
-    get.add_argument("what", choices=["sessions", "links", "nodes", "alarms", "events", "etsi015"])
+    get.add_argument("what", choices=["sessions", "links", "nodes", "users", "alarms", "events", "etsi015"])
     get.add_argument("--state-dir", default="state")
     get.add_argument("-o", "--output", choices=["table", "json"], default="table")
     get.set_defaults(func=cmd_get)

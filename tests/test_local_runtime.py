@@ -156,6 +156,14 @@ async def test_status_api_and_etsi015_view(paper_net):
                                                    "--state-dir", str(paper_net.network.state_dir)],
                                   capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "link-4-5" in out.stdout and "STATE" in out.stdout, out.stderr
+    users = {u["name"]: u for u in await asyncio.to_thread(read, status_url + "/users")}
+    sessions = [s for s in paper_net.core.sessions() if s["user"] == "user-0-1" and s["state"] != "Terminated"]
+    assert users["user-0-1"]["sessions"] == len(sessions) >= 1 and users["user-0-1"]["saeIds"] == ["sae-0", "sae-1"]
+    assert users["user-0-1"]["keysDelivered"] == sum(s["keysDelivered"] for s in sessions) > 0
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-P", "-m", "vqkd.operator.cli", "get", "users",
+                                                   "--state-dir", str(paper_net.network.state_dir)],
+                                  capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.split("\n")[0].split()[:3] == ["USER", "ENABLED", "SAES"], out.stderr
 
 
 def _files(cp, sae):

@@ -447,6 +447,26 @@ class ControlCore:
             for name, node in sorted(self.topology.nodes.items())
         ]
 
+    def users(self) -> list[dict[str, Any]]:
+        """Each UserProfile with its SLA and what its active sessions use of it."""
+        rows = []
+        for name, user in sorted(self.access.users.items()):
+            live = self.admission.live_sessions_of(name)
+            sla = user.spec.sla
+            rows.append({
+                "name": name,
+                "enabled": user.spec.enabled,
+                "saeIds": list(user.spec.sae_ids),
+                "priority": user.spec.priority,
+                "sessions": len(live),
+                "maxSessions": sla.max_sessions,
+                "reservedBps": round(self.admission.usage(name).reserved_bps),
+                "maxKeyRateBps": sla.max_key_rate_bps,
+                "keysDelivered": sum(session.keys_delivered for session in live),
+                "bitsDelivered": sum(session.bits_delivered for session in live),
+            })
+        return rows
+
     def alarms(self) -> list[Alarm]:
         return list(self.monitoring.alarms)
 

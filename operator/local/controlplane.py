@@ -119,6 +119,7 @@ class LocalControlPlane:
         app.router.add_get("/sessions", json_view(self.core.sessions))
         app.router.add_get("/links", json_view(self.core.links))
         app.router.add_get("/nodes", json_view(self.core.nodes))
+        app.router.add_get("/users", json_view(self.core.users))
         app.router.add_get("/alarms", json_view(lambda: [asdict(a) for a in self.core.alarms()]))
         app.router.add_get("/events", json_view(lambda: [e.to_dict() for e in self.core.events]))
         app.router.add_get("/metrics", self._metrics)
