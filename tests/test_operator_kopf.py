@@ -291,8 +291,11 @@ async def test_both_saes_draw_the_same_keys_and_application_sessions_become_reso
         assert await destination.dec_keys("sae-n0", [key_id for key_id, _ in sent]) == sent
     await asyncio.to_thread(wait_for, lambda: c.status("KeySession", "s02").get("keysDelivered") == before[0] + 4,
                             what="s02 showing its 4 new keys")
-    usage = c.status("UserProfile", "lab")["usage"]
-    assert usage["deliveredKeys"] >= before[0] + 4 and usage["deliveredBits"] == 256 * usage["deliveredKeys"]
+    # The user's status is written on its own, a moment apart from the session's.
+    usage = await asyncio.to_thread(
+        wait_for, lambda: (u := c.status("UserProfile", "lab").get("usage", {})).get("deliveredKeys", 0) >= before[0] + 4
+        and u, what="the user's usage counting the 4 new keys")
+    assert usage["deliveredBits"] == 256 * usage["deliveredKeys"]
     # No KeySession names sae-n1 and sae-n2: the KM of n1 opens an implicit ETSI 014 session.
     async with client(net, "sae-n1") as source, client(net, "sae-n2") as destination:
         sent = await enc_keys_retrying(source, "sae-n2", 2, 256)
