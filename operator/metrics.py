@@ -72,6 +72,17 @@ class _CoreCollector:
                 qber.add_metric([link["name"]], link["qber"])
             threshold.add_metric([link["name"]], link["qberThreshold"])
             reserved.add_metric([link["name"]], link["reservedBps"])
+        user_sessions = GaugeMetricFamily("vqkd_control_user_sessions", "Active sessions per UserProfile",
+                                          labels=["user"])
+        user_reserved = GaugeMetricFamily("vqkd_control_user_reserved_bits_per_second",
+                                          "Key rate reserved by a UserProfile's active sessions", labels=["user"])
+        user_keys = GaugeMetricFamily("vqkd_control_user_keys_delivered",
+                                      "Keys delivered by a UserProfile's active sessions, as their KMs count them",
+                                      labels=["user"])
+        for user in core.users():
+            user_sessions.add_metric([user["name"]], user["sessions"])
+            user_reserved.add_metric([user["name"]], user["reservedBps"])
+            user_keys.add_metric([user["name"]], user["keysDelivered"])
         refusals = CounterMetricFamily("vqkd_control_session_refusals", "Sessions refused, by reason",
                                        labels=["reason"])
         for reason, count in self.metrics._refusals.items():
@@ -80,4 +91,5 @@ class _CoreCollector:
                                      labels=["link", "kind"])
         for (link, kind), count in Tally((a.link, str(a.kind)) for a in core.alarms()).items():
             alarms.add_metric([link, kind], count)
-        yield from (phases, held, state, rate, qber, threshold, reserved, refusals, alarms)
+        yield from (phases, held, state, rate, qber, threshold, reserved, user_sessions, user_reserved, user_keys, refusals,
+                    alarms)

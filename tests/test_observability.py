@@ -134,9 +134,16 @@ def test_the_dashboard_has_a_panel_for_each_concern():
     titles = {title for title, _ in dashboard_expressions()}
     for concern in ("key rate", "QBER", "Key pool", "Link state", "Sessions by phase", "Key requests per KM",
                     "latency per KM", "Relayed key", "Relay rejections", "refusals by reason", "refused at the KMs",
-                    "Fallback (PQC) keys", "KM replacements", "Operator errors", "Reconciliations"):
+                    "Fallback (PQC) keys", "KM replacements", "Operator errors", "Reconciliations",
+                    "rate per user", "Keys delivered per user"):
         assert any(concern.lower() in title.lower() for title in titles), f"no panel for {concern}"
     dashboard = json.loads(DASHBOARD.read_text())
+    cells: dict[tuple[int, int], str] = {}  # no two panels share a grid cell
+    for panel in panels(dashboard):
+        g = panel["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
+        for cell in ((x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])):
+            assert cells.setdefault(cell, panel["title"]) == panel["title"], f"{panel['title']} overlaps {cells[cell]}"
     assert dashboard["uid"] and [v["name"] for v in dashboard["templating"]["list"]] == ["datasource", "namespace"]
     for panel in panels(dashboard):
         assert panel["description"] and panel["datasource"]["uid"] == "${datasource}", panel["title"]
