@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -259,15 +260,26 @@ class PeerClient:
         self.km = km
         self.link = link
         self.stub = km_pb2_grpc.LinkPeerStub(channel)
-        peer = f"KM of node {link.peer_node} (link {link.name})"
-        self._deliveries = _Batches(f"deliver-{link.name}", self._send_deliveries, MAX_KEYS_PER_DELIVER,
-                                    lambda: errors.PeerUnavailable(f"{peer}: the delivery was cancelled"))
+        self._deliveries = self._batches(
+            "deliver", "delivery", MAX_KEYS_PER_DELIVER,
+            partial(self._send_batch, self.stub.Deliver, km_pb2.DeliverRequest, "deliveries",
+                    describe=lambda reason: f"INVALID_ARGUMENT: {reason}"))
         # Relays are batched per session: at an intermediate KM a relay may wait for key on
         # its next link, and a request is answered when all of its relays are, so relays of
         # different sessions (different priorities, different paths) never wait for each other.
         self._relays: dict[str, _Batches] = {}
-        self._commits = _Batches(f"commit-{link.name}", self._send_commits, MAX_COMMITS_PER_REQUEST,
-                                 lambda: errors.PeerUnavailable(f"{peer}: the commit was cancelled"))
+        self._commits = self._batches("commit", "commit", MAX_COMMITS_PER_REQUEST,
+                                      partial(self._send_batch, self.stub.Commit, km_pb2.CommitRequest, "commits"))
+
+    @property
+    def peer(self) -> str:
+        """The peer KM, as errors name it."""
+        return f"KM of node {self.link.peer_node} (link {self.link.name})"
+
+    def _batches(self, kind: str, item: str, max_weight: int, send, on_idle: Callable[[], None] = lambda: None,
+                 name: str = "") -> _Batches:
+        return _Batches(f"{kind}-{name or self.link.name}", send, max_weight,
+                        lambda: errors.PeerUnavailable(f"{self.peer}: the {item} was cancelled"), on_idle)
 
     async def hello(self) -> None:
         reply = await self.stub.Hello(
@@ -284,9 +296,24 @@ class PeerClient:
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 self.link.forget_peer()
-            raise errors.PeerUnavailable(
-                f"KM of node {self.link.peer_node} (link {self.link.name}): {e.code().name}: {e.details()}"
-            ) from None
+            raise errors.PeerUnavailable(f"{self.peer}: {e.code().name}: {e.details()}") from None
+
+    async def _send_batch(self, method, request_type, field: str, items: list,
+                          describe: Callable[[str], str] = lambda reason: reason) -> list[Exception | None]:
+        """One request of ``request_type`` carrying ``items`` in its repeated ``field``; per
+        item, None or the error of the peer's refusal (``describe`` words its reason)."""
+        try:
+            reply, _ = await self._call(method, lambda inc: request_type(
+                link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
+                **{field: items},
+            ))
+        except errors.KMError as e:
+            return [errors.PeerUnavailable(str(e)) for _ in items]
+        if len(reply.refused) != len(items):
+            return [errors.PeerUnavailable(f"{self.peer}: INVALID_ARGUMENT: answered for {len(reply.refused)} of "
+                                           f"{len(items)} {field}") for _ in items]
+        return [errors.PeerUnavailable(f"{self.peer}: {describe(reason)}") if reason else None
+                for reason in reply.refused]
 
     async def agree_keys(self, key_ids: list[str]) -> str:
         """Tell the peer which module keys we drew; returns the peer incarnation they are shared with."""
@@ -299,32 +326,22 @@ class PeerClient:
     async def relay(self, fields: relay.RelayFields, tag: bytes) -> None:
         """Send one relay hop; returns when the destination holds the keys."""
         if fields.receiver_incarnation != self.link.peer_incarnation or not fields.receiver_incarnation:
-            raise errors.PeerUnavailable(f"KM of node {self.link.peer_node} (link {self.link.name}) "
-                                         "is not known in its current incarnation; retry")
+            raise errors.PeerUnavailable(f"{self.peer} is not known in its current incarnation; retry")
         batches = self._relays.get(fields.session_id) or self._relay_batches(fields.session_id)
         await batches.submit(fields_to_pb(fields, tag), len(fields.key_ids))
 
     def _relay_batches(self, session_id: str) -> _Batches:
-        peer = f"KM of node {self.link.peer_node} (link {self.link.name})"
-
         def idle() -> None:
             if self._relays.get(session_id) is batches:
                 del self._relays[session_id]
 
-        batches = self._relays[session_id] = _Batches(
-            f"relay-{self.link.name}-{session_id}", self._send_relays, MAX_RELAYED_KEYS_PER_REQUEST,
-            lambda: errors.PeerUnavailable(f"{peer}: the relay was cancelled"), on_idle=idle)
+        batches = self._relays[session_id] = self._batches(
+            "relay", "relay", MAX_RELAYED_KEYS_PER_REQUEST, self._send_relays, idle,
+            name=f"{self.link.name}-{session_id}")
         return batches
 
     async def _send_relays(self, relays: list[km_pb2.RelayRequest]) -> list[Exception | None]:
-        try:
-            reply, _ = await self._call(self.stub.Relay, lambda inc: km_pb2.RelayBatch(
-                link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
-                relays=relays,
-            ))
-        except errors.KMError as e:
-            return [errors.PeerUnavailable(str(e)) for _ in relays]
-        return self._outcomes(reply.refused, len(relays), "relay messages", lambda reason: reason)
+        return await self._send_batch(self.stub.Relay, km_pb2.RelayBatch, "relays", relays)
 
     async def hybrid(self, m: HybridMessage) -> bytes:
         reply, _ = await self._call(self.stub.Hybrid, lambda inc: km_pb2.HybridRequest(
@@ -340,16 +357,6 @@ class PeerClient:
         returns once they are released. Commits made meanwhile go in one request."""
         await self._commits.submit(km_pb2.RelayCommit(session_id=session_id, relay_id=relay_id))
 
-    async def _send_commits(self, commits: list[km_pb2.RelayCommit]) -> list[Exception | None]:
-        try:
-            reply, _ = await self._call(self.stub.Commit, lambda inc: km_pb2.CommitRequest(
-                link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
-                commits=commits,
-            ))
-        except errors.KMError as e:
-            return [errors.PeerUnavailable(str(e)) for _ in commits]
-        return self._outcomes(reply.refused, len(commits), "commits", lambda reason: reason)
-
     async def deliver(self, master: str, slaves: list[str], key_ids: list[str], size_bits: int,
                       spans: list[Span]) -> None:
         """Hand keys to the peer KM; returns once it holds them all, raises if it holds none.
@@ -362,24 +369,3 @@ class PeerClient:
             material=[km_pb2.Span(block_id=s.block_id, offset=s.offset, length=s.length) for s in spans],
         )
         await self._deliveries.submit(delivery, len(key_ids))
-
-    async def _send_deliveries(self, deliveries: list[km_pb2.Delivery]) -> list[Exception | None]:
-        try:
-            reply, _ = await self._call(self.stub.Deliver, lambda inc: km_pb2.DeliverRequest(
-                link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
-                deliveries=deliveries,
-            ))
-        except errors.KMError as e:
-            return [errors.PeerUnavailable(str(e)) for _ in deliveries]
-        return self._outcomes(reply.refused, len(deliveries), "deliveries",
-                              lambda reason: f"INVALID_ARGUMENT: {reason}")
-
-    def _outcomes(self, refused, sent: int, what: str, describe: Callable[[str], str]) -> list[Exception | None]:
-        """Per item: None, or the error of the peer's refusal (``describe`` words its reason)."""
-        if len(refused) != sent:
-            return [errors.PeerUnavailable(self._refused(f"INVALID_ARGUMENT: answered for {len(refused)} of "
-                                                         f"{sent} {what}")) for _ in range(sent)]
-        return [errors.PeerUnavailable(self._refused(describe(reason))) if reason else None for reason in refused]
-
-    def _refused(self, reason: str) -> str:
-        return f"KM of node {self.link.peer_node} (link {self.link.name}): {reason}"
