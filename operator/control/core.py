@@ -451,21 +451,27 @@ class ControlCore:
         """Each UserProfile with its SLA and what its active sessions use of it."""
         rows = []
         for name, user in sorted(self.access.users.items()):
-            live = self.admission.live_sessions_of(name)
             sla = user.spec.sla
             rows.append({
                 "name": name,
                 "enabled": user.spec.enabled,
                 "saeIds": list(user.spec.sae_ids),
                 "priority": user.spec.priority,
-                "sessions": len(live),
                 "maxSessions": sla.max_sessions,
-                "reservedBps": round(self.admission.usage(name).reserved_bps),
                 "maxKeyRateBps": sla.max_key_rate_bps,
-                "keysDelivered": sum(session.keys_delivered for session in live),
-                "bitsDelivered": sum(session.bits_delivered for session in live),
+                **self.user_usage(name),
             })
         return rows
+
+    def user_usage(self, name: str) -> dict[str, int]:
+        """What the active sessions of UserProfile ``name`` hold and have delivered."""
+        live = self.admission.live_sessions_of(name)
+        return {
+            "sessions": len(live),
+            "reservedBps": round(self.admission.usage(name).reserved_bps),
+            "keysDelivered": sum(session.keys_delivered for session in live),
+            "bitsDelivered": sum(session.bits_delivered for session in live),
+        }
 
     def alarms(self) -> list[Alarm]:
         return list(self.monitoring.alarms)

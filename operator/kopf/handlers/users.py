@@ -74,12 +74,11 @@ def status_of(runtime: Runtime, name: str, previous: dict[str, Any]) -> dict[str
     status = UserProfileStatus.model_validate(previous)
     generation = runtime.generation(KIND, name)
     problem = runtime.problems.get((KIND, name))
-    usage = runtime.core.admission.usage(name)
-    status.active_sessions = usage.sessions
-    status.usage.reserved_bps = round(usage.reserved_bps)
-    live = runtime.core.admission.live_sessions_of(name)
-    status.usage.delivered_keys = sum(session.keys_delivered for session in live)
-    status.usage.delivered_bits = sum(session.bits_delivered for session in live)
+    usage = runtime.core.user_usage(name)
+    status.active_sessions = usage["sessions"]
+    status.usage.reserved_bps = usage["reservedBps"]
+    status.usage.delivered_keys = usage["keysDelivered"]
+    status.usage.delivered_bits = usage["bitsDelivered"]
     if problem is not None:
         status.set_condition(ConditionType.READY, "False", problem.reason, problem.message,
                              observed_generation=generation)
@@ -88,7 +87,7 @@ def status_of(runtime: Runtime, name: str, previous: dict[str, Any]) -> dict[str
         enabled = user is None or user.spec.enabled
         status.set_condition(ConditionType.READY, "True" if enabled else "False",
                              "Registered" if enabled else "Disabled",
-                             f"{usage.sessions} active sessions reserving {round(usage.reserved_bps)} bit/s"
+                             f"{usage['sessions']} active sessions reserving {usage['reservedBps']} bit/s"
                              if enabled else "spec.enabled is false: new sessions are refused",
                              observed_generation=generation)
     status.observed_generation = generation
