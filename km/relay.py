@@ -219,14 +219,21 @@ def verify_fields(mac_key: bytes, fields: RelayFields, received_tag: bytes) -> b
     return verify(mac_key, authenticated_bytes(fields), received_tag)
 
 
-def split_keys(plaintext: bytes, number: int, size_bits: int) -> list[bytes]:
-    """Cuts the decrypted concatenation back into ``number`` keys of ``size_bits``, in order."""
+def check_keys(nbytes: int, number: int, size_bits: int) -> int:
+    """Whether ``number`` keys of ``size_bits`` make ``nbytes`` of material; returns a key's
+    size in bytes, or raises ValueError saying why not."""
     if size_bits <= 0 or size_bits % 8:
         raise ValueError(f"a key's size must be a positive multiple of 8 bits, got {size_bits}")
     size = size_bits // 8
-    if number * size != len(plaintext):
+    if number * size != nbytes:
         raise ValueError(f"{number} keys of {size_bits} bits make {number * size} bytes, but the plaintext has "
-                         f"{len(plaintext)}")
+                         f"{nbytes}")
+    return size
+
+
+def split_keys(plaintext: bytes, number: int, size_bits: int) -> list[bytes]:
+    """Cuts the decrypted concatenation back into ``number`` keys of ``size_bits``, in order."""
+    size = check_keys(len(plaintext), number, size_bits)
     return [plaintext[start:start + size] for start in range(0, len(plaintext), size)]
 
 

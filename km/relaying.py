@@ -222,14 +222,14 @@ class RelayService:
             raise self._reject("malformed", "ciphertext and pad lengths differ")
         plain = pad if fields.direct else relay.xor(fields.ciphertext, pad)
         try:
-            keys = relay.split_keys(plain, len(fields.key_ids), fields.key_size_bits)
+            relay.check_keys(len(plain), len(fields.key_ids), fields.key_size_bits)
         except ValueError as e:
             raise self._reject("malformed", f"the keys do not match the relayed material: {e}") from None
 
         link_out = self._onward(session, link_in)
         self.sessions.note(session, "relayed key received", f"{len(plain) * 8} bits from {link_in.peer_node}")
         if link_out is None:
-            keys = list(zip(fields.key_ids, keys))
+            keys = list(zip(fields.key_ids, relay.split_keys(plain, len(fields.key_ids), fields.key_size_bits)))
             extension = json.loads(fields.key_extension) if fields.key_extension else None
             self._hold(session, fields.relay_id, fields.master_sae_id, fields.slave_sae_ids, keys, extension,
                        fields.index if fields.stream else None)
