@@ -36,10 +36,10 @@ import tracemalloc
 from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.admission import SessionState
 from vqkd.operator.control.core import ControlCore
-from vqkd.operator.control.kmconfig import Endpoint
-from vqkd.operator.control.memorykms import InMemoryKMs
+from vqkd.operator.control.session_config import Endpoint
+from vqkd.operator.control.memory_kms import InMemoryKMs
 from vqkd.operator.control.monitoring import LinkSample
-from vqkd.operator.resources import QKDLink, QKDNode, QoS, UserProfile
+from vqkd.operator.resources.models import QKDLink, QKDNode, QoS, UserProfile
 
 SAES_PER_NODE = 2
 SAES_PER_USER = 10

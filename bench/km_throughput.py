@@ -169,8 +169,8 @@ async def _client_main(spec: dict) -> None:
 class Bench:
     def __init__(self, args: argparse.Namespace):
         # Imported here: the client processes need none of the operator.
-        from vqkd.operator.local.runner import LocalNetwork
-        from vqkd.operator.manifests import load_text
+        from vqkd.operator.local.processes import LocalNetwork
+        from vqkd.operator.resources.loader import load_text
 
         self.args = args
         self.state = Path(tempfile.mkdtemp(prefix="vqkd-bench-"))

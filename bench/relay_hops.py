@@ -24,9 +24,9 @@ from pathlib import Path
 from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.local.clients import sae_client as client
-from vqkd.operator.local.controlplane import LocalControlPlane
-from vqkd.operator.local.runner import LocalNetwork
-from vqkd.operator.manifests import load_text
+from vqkd.operator.local.runtime import LocalControlPlane
+from vqkd.operator.local.processes import LocalNetwork
+from vqkd.operator.resources.loader import load_text
 
 NODES = 5
 HOPS = (1, 2, 4)

@@ -25,9 +25,9 @@ import aiohttp
 from vqkd.km.tls import client_context
 from vqkd.operator.local.clients import sae_tls
 from vqkd.operator.control.admission import AdmissionSettings
-from vqkd.operator.local.controlplane import LocalControlPlane
-from vqkd.operator.local.runner import LocalNetwork
-from vqkd.operator.manifests import load_files
+from vqkd.operator.local.runtime import LocalControlPlane
+from vqkd.operator.local.processes import LocalNetwork
+from vqkd.operator.resources.loader import load_files
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [("sae-0", "sae-1"), ("sae-2", "sae-3"), ("sae-4", "sae-5")]

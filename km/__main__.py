@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from vqkd.km import config
-from vqkd.km.service import serve
+from vqkd.km.process import serve
 
 
 def main() -> None:

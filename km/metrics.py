@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from vqkd.km import errors
-from vqkd.km.tokenbucket import TokenBucketRefusal
+from vqkd.km.domain import errors
+from vqkd.km.domain.tokenbucket import TokenBucketRefusal
 
 if TYPE_CHECKING:
-    from vqkd.km.manager import KeyManager
+    from vqkd.km.domain.keymanager import KeyManager
 
 # Why a KM refused a key request; every reason is exported from the start (at 0), so a
 # first refusal shows in rate() and increase() like any later one.

@@ -13,7 +13,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _load(files: list[str]):
-    from vqkd.operator.manifests import ManifestError, load_files
+    from vqkd.operator.resources.loader import ManifestError, load_files
 
     try:
         return load_files([Path(f) for f in files])
@@ -22,8 +22,8 @@ def _load(files: list[str]):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from vqkd.operator.local.controlplane import LocalControlPlane
-    from vqkd.operator.local.runner import LocalNetwork
+    from vqkd.operator.local.runtime import LocalControlPlane
+    from vqkd.operator.local.processes import LocalNetwork
 
     network = LocalNetwork(_load(args.files), Path(args.state_dir), log_level=args.log_level, control_plane="auto")
 

@@ -33,9 +33,9 @@ from kmock._internal import dicts as kmock_dicts
 from vqkd.operator.kopf.kube import DEPLOYMENTS, STATEFULSETS, Kube
 from vqkd.operator.kopf.main import operate
 from vqkd.operator.kopf.runtime import OperatorOptions
-from vqkd.operator.kopf.specs import ANNOTATION_RESTARTED_AT, KM_PREFIX, LINK_PREFIX
-from vqkd.operator.local.runner import LocalNetwork
-from vqkd.operator.resources import API_GROUP, API_VERSION_NAME, KINDS
+from vqkd.operator.kopf.manifests import ANNOTATION_RESTARTED_AT, KM_PREFIX, LINK_PREFIX
+from vqkd.operator.local.processes import LocalNetwork
+from vqkd.operator.resources.models import API_GROUP, API_VERSION_NAME, KINDS
 
 VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
 KEEP_REQUESTS = 8

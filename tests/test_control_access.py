@@ -7,9 +7,9 @@ import pytest
 from vqkd.operator.control.access import AccessControl, Credentials
 from vqkd.operator.control.errors import ControlError
 from vqkd.operator.control.events import EventLog
-from vqkd.operator.control.kmconfig import Endpoint
+from vqkd.operator.control.session_config import Endpoint
 from vqkd.operator.control.topology import Topology
-from vqkd.operator.resources import QKDNode, UserProfile
+from vqkd.operator.resources.models import QKDNode, UserProfile
 
 SECRETS = {("default", "alice-token", "token"): "s3cret"}
 A, B, C = Endpoint("a", "sae-a"), Endpoint("b", "sae-b"), Endpoint("c", "sae-c")

@@ -13,12 +13,12 @@ from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.admission import AdmissionSettings, SessionState, Side
 from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
-from vqkd.operator.control.kmconfig import Endpoint, Role
-from vqkd.operator.control.memorykms import InMemoryKMs
+from vqkd.operator.control.session_config import Endpoint, Role
+from vqkd.operator.control.memory_kms import InMemoryKMs
 from vqkd.operator.control.monitoring import LinkSample
 from vqkd.operator.control.topology import ETSI015_ROOT
-from vqkd.operator.manifests import load_files
-from vqkd.operator.resources import KeySession, LinkState, QKDLink, QoS, UserProfile
+from vqkd.operator.resources.loader import load_files
+from vqkd.operator.resources.models import KeySession, LinkState, QKDLink, QoS, UserProfile
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "examples" / "paper.yaml"

@@ -7,7 +7,7 @@ import pytest
 from vqkd.operator.control.events import EventLog
 from vqkd.operator.control.monitoring import AlarmKind, LinkSample, Monitoring, MonitoringSettings
 from vqkd.operator.control.topology import Topology
-from vqkd.operator.resources import LinkState, QKDLink, QKDNode
+from vqkd.operator.resources.models import LinkState, QKDLink, QKDNode
 
 
 def watched(qber: float = 0.02, threshold: float = 0.11, **settings) -> tuple[Monitoring, Topology]:

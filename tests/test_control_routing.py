@@ -7,7 +7,7 @@ import pytest
 from vqkd.operator.control.events import EventLog
 from vqkd.operator.control.routing import LinkLoad, NoRoute, Route, Routing, link_weight
 from vqkd.operator.control.topology import LinkRecord, Topology
-from vqkd.operator.resources import LinkState, LinkType, QKDLink, QKDNode
+from vqkd.operator.resources.models import LinkState, LinkType, QKDLink, QKDNode
 
 
 def build(links: dict[str, tuple[str, str, int]], qber: dict[str, float] | None = None) -> Routing:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vqkd.operator.control.sla import Grant, Refusal, Usage, check
-from vqkd.operator.resources import QoS, UserProfile
+from vqkd.operator.resources.models import QoS, UserProfile
 
 
 def user(**spec) -> UserProfile:

@@ -10,7 +10,7 @@ from vqkd.operator.control.errors import ControlError, UnresolvedReference
 from vqkd.operator.control.events import EventLog, Subject
 from vqkd.operator.control.routing import LinkLoad
 from vqkd.operator.control.topology import ETSI015_ROOT, Application, Topology
-from vqkd.operator.resources import LinkState, QKDLink, QKDNode
+from vqkd.operator.resources.models import LinkState, QKDLink, QKDNode
 
 
 def node(name: str, *saes: str) -> QKDNode:

@@ -31,13 +31,13 @@ import pytest
 import referencing
 import yaml
 
-from vqkd.operator import crdgen
+from vqkd.operator.resources import crdgen
 from vqkd.operator.kopf import kube as operator_kube
-from vqkd.operator.kopf import specs
+from vqkd.operator.kopf import manifests as specs
 from vqkd.operator.kopf.handlers import lifecycle
 from vqkd.operator.kopf.runtime import OperatorOptions
-from vqkd.operator.manifests import load_files
-from vqkd.operator.resources import DEFAULT_KM_IMAGE
+from vqkd.operator.resources.loader import load_files
+from vqkd.operator.resources.models import DEFAULT_KM_IMAGE
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "vqkd"
@@ -253,7 +253,7 @@ def test_rules_across_values_fail_with_a_message_saying_what_to_change(args, say
 
 def test_the_charts_crds_are_generated_with_the_others():
     assert "helm/vqkd/files/crds" in crdgen.OUTPUT_DIRS
-    assert crdgen.stale() == [], "run: python -P -m vqkd.operator.crdgen"
+    assert crdgen.stale() == [], "run: python -P -m vqkd.operator.resources.crdgen"
     # Helm would install a crds/ folder unconditionally, bypassing crds.enabled.
     assert not (CHART / "crds").exists()
 
@@ -297,7 +297,7 @@ def test_chart_defaults_match_the_models():
     repository, tag = DEFAULT_KM_IMAGE.rsplit(":", 1)
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert (values["km"]["image"]["repository"], chart["appVersion"]) == (repository, tag)
-    from vqkd.operator.resources import KMSpec
+    from vqkd.operator.resources.models import KMSpec
 
     model = KMSpec().model_dump(by_alias=True, exclude_none=True)
     for field in ("keySize", "minKeySize", "maxKeySize", "maxKeyPerRequest", "imagePullPolicy"):
@@ -581,7 +581,7 @@ def test_monitors_select_the_operator_every_km_and_every_module(kind, values, en
 
 
 def _node(name: str):
-    from vqkd.operator.resources import QKDNode
+    from vqkd.operator.resources.models import QKDNode
 
     return QKDNode.model_validate({"apiVersion": "vqkd.io/v1alpha1", "kind": "QKDNode", "metadata": {"name": name},
                                    "spec": {"saeIds": [f"sae-{name}"]}})

@@ -2,8 +2,8 @@
 
 import pytest
 
-from vqkd.km import hybrid
-from vqkd.km.hybrid import (
+from vqkd.km.domain import hybrid
+from vqkd.km.domain.hybrid import (
     MAX_KEY_BITS,
     OFFER_BYTES,
     REPLY_BYTES,

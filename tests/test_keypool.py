@@ -2,7 +2,7 @@
 
 import pytest
 
-from vqkd.km.keypool import IncomingPool, InsufficientKey, OutgoingPool, Span, SpanError
+from vqkd.km.domain.keypool import IncomingPool, InsufficientKey, OutgoingPool, Span, SpanError
 
 BLOCKS = [("b1", bytes(range(16))), ("b2", bytes(range(16, 32)))]
 

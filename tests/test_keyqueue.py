@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from vqkd.km.keyqueue import KeyQueue, QueueTimeout
+from vqkd.km.domain.keyqueue import KeyQueue, QueueTimeout
 
 
 class Pool:

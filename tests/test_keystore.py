@@ -4,7 +4,7 @@ import gc
 
 import pytest
 
-from vqkd.km.keystore import KeysNotFound, KeyStore, NotASlave, StoreFull
+from vqkd.km.domain.keystore import KeysNotFound, KeyStore, NotASlave, StoreFull
 
 
 class Clock:

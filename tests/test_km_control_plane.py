@@ -22,8 +22,8 @@ from vqkd.km import identity, tls
 from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.km.tls import client_context
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
-from vqkd.operator.local.runner import LocalNetwork
-from vqkd.operator.manifests import load_text
+from vqkd.operator.local.processes import LocalNetwork
+from vqkd.operator.resources.loader import load_text
 
 NODES = ["n0", "n1", "n2"]
 NETWORK = "\n---\n".join(

@@ -19,8 +19,8 @@ import pytest
 from vqkd.km import identity
 from vqkd.km.etsi014.client import ETSI014Client, ETSI014Error
 from vqkd.km.tls import TLSFiles, client_context
-from vqkd.operator.local.runner import LocalNetwork
-from vqkd.operator.manifests import load_text
+from vqkd.operator.local.processes import LocalNetwork
+from vqkd.operator.resources.loader import load_text
 
 NETWORK = """
 apiVersion: vqkd.io/v1alpha1

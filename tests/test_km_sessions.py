@@ -16,8 +16,8 @@ from test_km_etsi014 import client, enc_keys_retrying, wait_stored
 from vqkd.km import identity, tls
 from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
-from vqkd.operator.local.runner import LocalNetwork
-from vqkd.operator.manifests import load_text
+from vqkd.operator.local.processes import LocalNetwork
+from vqkd.operator.resources.loader import load_text
 
 N = 6  # n0 - n1 - n2 - n3 - n4 - n5
 

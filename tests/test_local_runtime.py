@@ -25,9 +25,9 @@ from test_km_etsi014 import control as link_control
 from vqkd.km.tls import client_context
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.local import paper
-from vqkd.operator.local.controlplane import LocalControlPlane
-from vqkd.operator.local.runner import LocalNetwork
-from vqkd.operator.manifests import load_text
+from vqkd.operator.local.runtime import LocalControlPlane
+from vqkd.operator.local.processes import LocalNetwork
+from vqkd.operator.resources.loader import load_text
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

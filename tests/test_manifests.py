@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vqkd.operator.manifests import ManifestError, load_files, load_text
-from vqkd.operator.resources import KeySession, QKDLink
+from vqkd.operator.resources.loader import ManifestError, load_files, load_text
+from vqkd.operator.resources.models import KeySession, QKDLink
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

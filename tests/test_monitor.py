@@ -1,6 +1,6 @@
 """Link samples from KM stats and module metrics: what the monitoring element is told."""
 
-from vqkd.operator.monitor import LinkMonitor
+from vqkd.operator.adapters.sampling import LinkMonitor
 
 
 class Stat:

@@ -41,9 +41,9 @@ from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.control.monitoring import MonitoringSettings
 from vqkd.operator.local import paper
 from vqkd.operator.local.clients import sae_client
-from vqkd.operator.local.controlplane import LocalControlPlane
-from vqkd.operator.local.runner import LocalNetwork
-from vqkd.operator.manifests import load_text
+from vqkd.operator.local.runtime import LocalControlPlane
+from vqkd.operator.local.processes import LocalNetwork
+from vqkd.operator.resources.loader import load_text
 
 in_module_loop = pytest.mark.asyncio(loop_scope="module")  # the network's servers run on that loop
 

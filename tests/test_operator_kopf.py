@@ -33,12 +33,12 @@ from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.kopf.endpoints import LocalEndpoints
 from vqkd.operator.kopf.kube import CONFIGMAPS, DEPLOYMENTS, EVENTS, SECRETS, SERVICES, STATEFULSETS, VQKD, Kube
 from vqkd.operator.kopf.runtime import OperatorOptions
-from vqkd.operator.kopf.specs import (
+from vqkd.operator.kopf.manifests import (
     ANNOTATION_CONFIG_HASH, ANNOTATION_REGISTERED, ANNOTATION_RESTARTED_AT, ANNOTATION_SESSION_ID, LABEL_ORIGIN,
     ORIGIN_APPLICATION, content_hash,
 )
-from vqkd.operator.local.runner import LocalNetwork
-from vqkd.operator.manifests import load_text
+from vqkd.operator.local.processes import LocalNetwork
+from vqkd.operator.resources.loader import load_text
 
 NAMESPACE = "qkd"
 NETWORK = """

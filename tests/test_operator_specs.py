@@ -1,4 +1,4 @@
-"""What the operator creates, checked without a cluster: the pure builders in ``vqkd.operator.kopf.specs``,
+"""What the operator creates, checked without a cluster: the pure builders in ``vqkd.operator.kopf.manifests``,
 plus the helpers around them (status merge patches, endpoints, create-or-update, the CA Secret)."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import base64
 import pytest
 
 from vqkd.km.config import EmulatedLinkConfig, KMConfig
-from vqkd.operator.kopf import specs
+from vqkd.operator.kopf import manifests as specs
 from vqkd.operator.kopf.endpoints import ClusterEndpoints, LocalEndpoints
 from vqkd.operator.kopf.handlers.lifecycle import load_ca
 from vqkd.operator.kopf.kube import CONFIGMAPS, SECRETS, Kube, Kind, KubeError
 from vqkd.operator.kopf.status import merge_patch
-from vqkd.operator.manifests import load_text
-from vqkd.operator.resources import parse
+from vqkd.operator.resources.loader import load_text
+from vqkd.operator.resources.models import parse
 
 NS = "qkd"
 NETWORK = """

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from vqkd.km.peering import _Batches
+from vqkd.km.rpc.peers import _Batches
 
 
 class Peer:
@@ -110,8 +110,8 @@ async def test_relays_of_different_sessions_never_wait_for_each_other():
     session's relays go in requests of their own meanwhile."""
     from types import SimpleNamespace
 
-    from vqkd.km.peering import PeerClient
-    from vqkd.km.relay import RelayFields
+    from vqkd.km.rpc.peers import PeerClient
+    from vqkd.km.domain.relay_crypto import RelayFields
 
     held = asyncio.Event()
     sent: list[list[str]] = []

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from vqkd.km.keypool import IncomingPool, OutgoingPool, Span
-from vqkd.km.relay import (
+from vqkd.km.domain.keypool import IncomingPool, OutgoingPool, Span
+from vqkd.km.domain.relay_crypto import (
     MAC_KEY_BYTES,
     RelayFields,
     ReplayGuard,

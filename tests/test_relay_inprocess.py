@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from vqkd.km import errors
+from vqkd.km.domain import errors
 from vqkd.km.config import KMConfig, LinkEndConfig, TLSPaths
-from vqkd.km.exchange import KeyExchange
-from vqkd.km.manager import KeyManager
-from vqkd.km.peering import fields_from_pb, fields_to_pb
-from vqkd.km.relaying import RelayRejected, RelayService
-from vqkd.km.sessions import Endpoint, Role, SessionConfig, SessionTable, State
+from vqkd.km.domain.exchange import KeyExchange
+from vqkd.km.domain.keymanager import KeyManager
+from vqkd.km.rpc.peers import fields_from_pb, fields_to_pb
+from vqkd.km.domain.relay import RelayRejected, RelayService
+from vqkd.km.domain.sessions import Endpoint, Role, SessionConfig, SessionTable, State
 
 TLS = TLSPaths(ca=Path("/nonexistent/ca"), cert=Path("/nonexistent/c"), key=Path("/nonexistent/k"))
 

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from vqkd.km.config import KeyLimits
-from vqkd.operator import resources as r
+from vqkd.operator.resources import models as r
 
 
 def doc(kind: str, name: str, spec: dict | None, **extra) -> dict:

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from vqkd.km.errors import InvalidRequest, Unavailable
-from vqkd.km.tokenbucket import BurstExceeded, RateLimited, TokenBucket
+from vqkd.km.domain.errors import InvalidRequest, Unavailable
+from vqkd.km.domain.tokenbucket import BurstExceeded, RateLimited, TokenBucket
 
 
 class FakeClock:

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from vqkd.km import errors
-from vqkd.km.controlplane import OpenRequest, QoS
-from vqkd.km.sessions import Endpoint, Session, State
+from vqkd.km.domain import errors
+from vqkd.km.rpc.control_plane_client import OpenRequest, QoS
+from vqkd.km.domain.sessions import Endpoint, Session, State
 
 if TYPE_CHECKING:
-    from vqkd.km.controlplane import ControlPlaneClient
-    from vqkd.km.exchange import KeyExchange
-    from vqkd.km.manager import KeyManager
-    from vqkd.km.sessions import SessionTable
+    from vqkd.km.rpc.control_plane_client import ControlPlaneClient
+    from vqkd.km.domain.exchange import KeyExchange
+    from vqkd.km.domain.keymanager import KeyManager
+    from vqkd.km.domain.sessions import SessionTable
 
 DEFAULT_TIMEOUT_MS = 5_000
 # GET_KEY's metadata is {"key_ID": "<uuid>"} as JSON: what a Metadata buffer must hold.

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
-from vqkd.km import errors, identity
+from vqkd.km import identity
+from vqkd.km.domain import errors
 from vqkd.km.etsi014 import schema
 from vqkd.km.etsi014.openapi import openapi_document
 from vqkd.km.metrics import refusal_reason

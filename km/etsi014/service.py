@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vqkd.km import errors
+from vqkd.km.domain import errors
 from vqkd.km.etsi014 import schema
-from vqkd.km.keystore import KeysNotFound, NotASlave
+from vqkd.km.domain.keystore import KeysNotFound, NotASlave
 
 if TYPE_CHECKING:
-    from vqkd.km.exchange import Issued, KeyExchange
-    from vqkd.km.manager import KeyManager
+    from vqkd.km.domain.exchange import Issued, KeyExchange
+    from vqkd.km.domain.keymanager import KeyManager
 
 
 class ETSI014Service:

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vqkd.operator.control.errors import ControlError
-from vqkd.operator.control.kmconfig import Endpoint
+from vqkd.operator.control.session_config import Endpoint
 from vqkd.operator.control.topology import Topology
-from vqkd.operator.resources import TokenSecretRef, UserProfile
+from vqkd.operator.resources.models import TokenSecretRef, UserProfile
 
 
 @dataclass(frozen=True, slots=True)

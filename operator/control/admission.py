@@ -42,7 +42,7 @@ from typing import Any
 from uuid import uuid4
 
 from vqkd.operator.control.events import EventLog, Subject
-from vqkd.operator.control.kmconfig import (
+from vqkd.operator.control.session_config import (
     Endpoint,
     KMPusher,
     SessionTerms,
@@ -53,7 +53,7 @@ from vqkd.operator.control.kmconfig import (
 from vqkd.operator.control.routing import NoRoute, Route, Routing
 from vqkd.operator.control.sla import Grant, Refusal, Usage, check
 from vqkd.operator.control.topology import Application
-from vqkd.operator.resources import QoS, SessionPhase, UserProfile
+from vqkd.operator.resources.models import QoS, SessionPhase, UserProfile
 
 
 class SessionState(StrEnum):

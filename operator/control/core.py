@@ -29,12 +29,12 @@ from vqkd.operator.control.admission import (
 )
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
 from vqkd.operator.control.events import EventLog, Subject
-from vqkd.operator.control.kmconfig import Endpoint, KMPusher
+from vqkd.operator.control.session_config import Endpoint, KMPusher
 from vqkd.operator.control.monitoring import Alarm, LinkSample, Monitoring, MonitoringSettings
 from vqkd.operator.control.routing import Routing
 from vqkd.operator.control.topology import LinkChange, Topology
-from vqkd.operator.manifests import Network
-from vqkd.operator.resources import (
+from vqkd.operator.resources.loader import Network
+from vqkd.operator.resources.models import (
     KeySession,
     KeySessionSpec,
     LinkState,

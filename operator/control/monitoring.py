@@ -27,7 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from vqkd.operator.control.topology import LinkChange, LinkRecord, Topology
-from vqkd.operator.resources import LinkState
+from vqkd.operator.resources.models import LinkState
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from itertools import pairwise
 import networkx as nx
 
 from vqkd.operator.control.topology import LinkRecord, NodeRecord, Topology
-from vqkd.operator.resources import LinkState
+from vqkd.operator.resources.models import LinkState
 
 HOP_COST = 1.0
 LOAD_WEIGHT = 2.0

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vqkd.operator.resources import DEFAULT_QOS, QoS, UserProfile
+from vqkd.operator.resources.models import DEFAULT_QOS, QoS, UserProfile
 
 BUCKET_SECONDS = 1.0
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
 from vqkd.operator.control.events import EventLog, Subject
-from vqkd.operator.resources import LinkState, LinkType, QKDLink, QKDNode
+from vqkd.operator.resources.models import LinkState, LinkType, QKDLink, QKDNode
 
 ETSI015_ROOT = "etsi-qkd-sdn-node:qkd_node"
 _ETSI015_IDS = uuid.uuid5(uuid.NAMESPACE_URL, "https://vqkd.io/etsi-qkd-sdn-node")

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
-from vqkd.operator.kopf.specs import (
+from vqkd.operator.kopf.manifests import (
     KM_ETSI014_PORT, KM_GRPC_PORT, KM_METRICS_PORT, MODULE_ADMIN_PORT, km_name, module_name, service_host,
 )
 

@@ -21,8 +21,8 @@ import kopf
 import kubernetes
 from kubernetes.client import ApiClient, Configuration
 
-from vqkd.operator.kopf.specs import ANNOTATION_SPEC_HASH
-from vqkd.operator.resources import API_GROUP, API_VERSION_NAME, KINDS
+from vqkd.operator.kopf.manifests import ANNOTATION_SPEC_HASH
+from vqkd.operator.resources.models import API_GROUP, API_VERSION_NAME, KINDS
 
 MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT_S = 30.0

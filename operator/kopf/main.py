@@ -14,8 +14,8 @@ import kopf
 
 from vqkd.operator.kopf.handlers import lifecycle, links, monitoring, nodes, sessions, users
 from vqkd.operator.kopf.runtime import OperatorOptions
-from vqkd.operator.kopf.specs import LABEL_ORIGIN, ORIGIN_APPLICATION
-from vqkd.operator.resources import API_GROUP, API_VERSION_NAME
+from vqkd.operator.kopf.manifests import LABEL_ORIGIN, ORIGIN_APPLICATION
+from vqkd.operator.resources.models import API_GROUP, API_VERSION_NAME
 
 QKDNODES = (API_GROUP, API_VERSION_NAME, "qkdnodes")
 QKDLINKS = (API_GROUP, API_VERSION_NAME, "qkdlinks")

@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from vqkd.operator.control.core import ControlCore
-from vqkd.operator.metrics import ControlMetrics
+from vqkd.operator.adapters.metrics import ControlMetrics
 
 REPLACEMENT_BUCKETS = (0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 

@@ -25,14 +25,14 @@ from vqkd.operator.control.admission import AdmissionSettings, Session
 from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.events import Event, Subject
 from vqkd.operator.control.monitoring import MonitoringSettings
-from vqkd.operator.kmgrpc import GrpcKMs
+from vqkd.operator.adapters.kms import GrpcKMs
 from vqkd.operator.kopf.endpoints import EndpointResolver
 from vqkd.operator.kopf.kube import Kube
 from vqkd.operator.kopf.metrics import OperatorMetrics
-from vqkd.operator.kopf.specs import CONTROL_PLANE_PORT, DEFAULT_MODULE_IMAGE, control_plane_address
+from vqkd.operator.kopf.manifests import CONTROL_PLANE_PORT, DEFAULT_MODULE_IMAGE, control_plane_address
 from vqkd.operator.kopf.status import Key, ObjectRef, StatusWriter
-from vqkd.operator.manifests import Network
-from vqkd.operator.resources import TokenSecretRef
+from vqkd.operator.resources.loader import Network
+from vqkd.operator.resources.models import TokenSecretRef
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from vqkd.operator.kopf.kube import EVENTS, VQKD, Kube, KubeError
-from vqkd.operator.resources import API_VERSION
+from vqkd.operator.resources.models import API_VERSION
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from vqkd.km.etsi014.client import ETSI014Client, ETSI014Error
 from vqkd.operator.local import paper
 from vqkd.operator.local.clients import sae_client
-from vqkd.operator.local.runner import LocalNetwork
+from vqkd.operator.local.processes import LocalNetwork
 
 KEYS = 4
 KEY_BITS = 256

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.operator.local.clients import sae_client
-from vqkd.operator.local.controlplane import LocalControlPlane
-from vqkd.operator.local.runner import LocalNetwork
+from vqkd.operator.local.runtime import LocalControlPlane
+from vqkd.operator.local.processes import LocalNetwork
 
 KEYS_PER_REQUEST = 4
 KEY_BITS = 256

@@ -8,8 +8,8 @@ from typing import Any
 import kopf
 
 from vqkd.operator.kopf.runtime import Runtime
-from vqkd.operator.kopf.specs import name_problem
-from vqkd.operator.resources import InvalidResource, Resource, parse
+from vqkd.operator.kopf.manifests import name_problem
+from vqkd.operator.resources.models import InvalidResource, Resource, parse
 
 INVALID = "InvalidSpec"
 

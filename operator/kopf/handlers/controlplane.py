@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from vqkd.km.tls import grpc_server_credentials
 from vqkd.km.v1 import km_pb2_grpc
-from vqkd.operator.kmgrpc import ControlPlaneService
+from vqkd.operator.adapters.kms import ControlPlaneService
 from vqkd.operator.kopf.runtime import Runtime
 
 STOP_GRACE_S = 1.0

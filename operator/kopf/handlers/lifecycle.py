@@ -26,8 +26,8 @@ from vqkd.operator.kopf.endpoints import ClusterEndpoints, EndpointResolver, Loc
 from vqkd.operator.kopf.handlers import controlplane, links, monitoring, nodes, sessions, users
 from vqkd.operator.kopf.kube import SECRETS, VQKD, Kube, KubeError
 from vqkd.operator.kopf.runtime import OperatorOptions, Runtime
-from vqkd.operator.kopf.specs import CONTROL_PLANE_SERVICE, service_hosts
-from vqkd.operator.monitor import LinkMonitor
+from vqkd.operator.kopf.manifests import CONTROL_PLANE_SERVICE, service_hosts
+from vqkd.operator.adapters.sampling import LinkMonitor
 
 FINALIZER = "vqkd.io/finalizer"
 ANNOTATIONS_PREFIX = "vqkd.io"

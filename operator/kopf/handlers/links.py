@@ -21,11 +21,11 @@ from vqkd.operator.kopf.handlers import nodes
 from vqkd.operator.kopf.handlers.common import dump, refuse, validated, wait
 from vqkd.operator.kopf.kube import CONFIGMAPS, DEPLOYMENTS, SECRETS, SERVICES, Kube, KubeError
 from vqkd.operator.kopf.runtime import Runtime
-from vqkd.operator.kopf.specs import (
+from vqkd.operator.kopf.manifests import (
     build_emulator_config, build_module_configmap, build_module_deployment, build_module_service, build_tls_secret,
     content_hash, link_labels, module_name, module_tls_secret, service_hosts, with_spec_hash,
 )
-from vqkd.operator.resources import ConditionType, LinkState, QKDLink, QKDLinkStatus
+from vqkd.operator.resources.models import ConditionType, LinkState, QKDLink, QKDLinkStatus
 
 KIND = "QKDLink"
 DEVICE_SECRET_KEYS = ("ca.crt", "tls.crt", "tls.key")

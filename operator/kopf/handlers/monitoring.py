@@ -24,8 +24,8 @@ from vqkd.km.v1 import km_pb2
 from vqkd.operator.kopf.handlers import nodes
 from vqkd.operator.kopf.kube import STATEFULSETS, KubeError
 from vqkd.operator.kopf.runtime import Runtime
-from vqkd.operator.kopf.specs import km_name
-from vqkd.operator.monitor import LinkMonitor
+from vqkd.operator.kopf.manifests import km_name
+from vqkd.operator.adapters.sampling import LinkMonitor
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_FACTOR = 16

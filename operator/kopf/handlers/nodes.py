@@ -21,11 +21,11 @@ from vqkd.operator.control.errors import ControlError
 from vqkd.operator.kopf.handlers.common import dump, refuse, validated
 from vqkd.operator.kopf.kube import CONFIGMAPS, PODS, SECRETS, SERVICES, STATEFULSETS, Kube, KubeError
 from vqkd.operator.kopf.runtime import Runtime
-from vqkd.operator.kopf.specs import (
+from vqkd.operator.kopf.manifests import (
     ANNOTATION_RESTARTED_AT, build_km_config, build_km_configmap, build_km_service, build_km_statefulset,
     build_tls_secret, content_hash, km_name, km_pod, km_tls_secret, node_labels, service_hosts, with_spec_hash,
 )
-from vqkd.operator.resources import API_VERSION, ConditionType, LinkState, NodePhase, QKDNode, QKDNodeStatus
+from vqkd.operator.resources.models import API_VERSION, ConditionType, LinkState, NodePhase, QKDNode, QKDNodeStatus
 
 KIND = "QKDNode"
 log = logging.getLogger(__name__)

@@ -34,10 +34,10 @@ from vqkd.operator.control.errors import ControlError, UnresolvedReference
 from vqkd.operator.kopf.handlers.common import INVALID, dump, plain, refuse, validated, wait
 from vqkd.operator.kopf.kube import VQKD, KubeError
 from vqkd.operator.kopf.runtime import Runtime
-from vqkd.operator.kopf.specs import (
+from vqkd.operator.kopf.manifests import (
     ANNOTATION_REGISTERED, ANNOTATION_SESSION_ID, LABEL_ORIGIN, ORIGIN_APPLICATION, build_application_session,
 )
-from vqkd.operator.resources import ConditionType, KeySession, KeySessionStatus, SessionPhase
+from vqkd.operator.resources.models import ConditionType, KeySession, KeySessionStatus, SessionPhase
 
 KIND = "KeySession"
 RECORD_ATTEMPTS = 5

@@ -17,7 +17,7 @@ from vqkd.operator.control.errors import ControlError
 from vqkd.operator.kopf.handlers.common import dump, refuse, validated
 from vqkd.operator.kopf.kube import SECRETS, KubeError
 from vqkd.operator.kopf.runtime import Runtime
-from vqkd.operator.resources import ConditionType, UserProfile, UserProfileStatus
+from vqkd.operator.resources.models import ConditionType, UserProfile, UserProfileStatus
 
 KIND = "UserProfile"
 

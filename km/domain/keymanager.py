@@ -7,8 +7,8 @@ import uuid
 from typing import Callable
 
 from vqkd.km.config import KMConfig
-from vqkd.km.keystore import KeyStore
-from vqkd.km.links import Link
+from vqkd.km.domain.keystore import KeyStore
+from vqkd.km.domain.links import Link
 
 
 class KeyManager:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from vqkd.km.links import Link
+from vqkd.km.domain.links import Link
 
 if TYPE_CHECKING:
     from vqkd.km.etsi014.client import ETSI014Client

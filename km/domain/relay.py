@@ -24,21 +24,21 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from vqkd.km import errors, hybrid, relay
-from vqkd.km.exchange import DeliveryRefused, split
-from vqkd.km.keyqueue import QueueTimeout
-from vqkd.km.keyids import new_key_ids
-from vqkd.km.keypool import Span, SpanError
-from vqkd.km.keystore import KeysNotFound, StoreFull
-from vqkd.km.sessions import Role, Session, SessionTable
+from vqkd.km.domain import errors, hybrid, relay_crypto
+from vqkd.km.domain.exchange import DeliveryRefused, split
+from vqkd.km.domain.keyqueue import QueueTimeout
+from vqkd.km.domain.keyids import new_key_ids
+from vqkd.km.domain.keypool import Span, SpanError
+from vqkd.km.domain.keystore import KeysNotFound, StoreFull
+from vqkd.km.domain.sessions import Role, Session, SessionTable
 
 if TYPE_CHECKING:
-    from vqkd.km.links import Link
-    from vqkd.km.manager import KeyManager
+    from vqkd.km.domain.links import Link
+    from vqkd.km.domain.keymanager import KeyManager
 
 log = logging.getLogger(__name__)
 
-MAC_KEY_BYTES = relay.MAC_KEY_BYTES
+MAC_KEY_BYTES = relay_crypto.MAC_KEY_BYTES
 CONFIGURATION_GRACE_S = 1.0
 # How long relayed keys wait for their commit (and intermediates remember the way on). It
 # bounds a relay's round trip, not the application's call: the commit follows the relay
@@ -100,7 +100,7 @@ class RelayService:
         self.clock = clock
         self.pending: dict[str, Pending] = {}
         self.forwarded: dict[str, Forwarded] = {}
-        self.guard = relay.ReplayGuard(capacity=1_000_000, ttl_s=3600.0, clock=clock)
+        self.guard = relay_crypto.ReplayGuard(capacity=1_000_000, ttl_s=3600.0, clock=clock)
         self.on_reject = on_reject
         self.on_relayed = on_relayed
         self.on_fallback = on_fallback
@@ -151,16 +151,16 @@ class RelayService:
         started = self.clock()
         keys_material = pad if direct else secrets.token_bytes(nbytes)
         ids = new_key_ids(number)
-        fields = relay.RelayFields(
+        fields = relay_crypto.RelayFields(
             link=link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=link.peer_incarnation or "",
             session_id=session.session_id, relay_id=uuid.uuid4().hex, index=index,
             master_sae_id=master, slave_sae_ids=tuple(slaves), key_ids=tuple(ids), key_size_bits=size_bits,
-            direct=direct, ciphertext=b"" if direct else relay.xor(keys_material, pad),
+            direct=direct, ciphertext=b"" if direct else relay_crypto.xor(keys_material, pad),
             pad=tuple((s.block_id, s.offset, s.length) for s in pad_spans),
             mac_key=tuple((s.block_id, s.offset, s.length) for s in mac_spans),
             key_extension="", stream=stream,
         )
-        await link.peer.relay(fields, relay.tag(mac_key, relay.authenticated_bytes(fields)))
+        await link.peer.relay(fields, relay_crypto.tag(mac_key, relay_crypto.authenticated_bytes(fields)))
         await link.peer.commit(link.name, session.session_id, fields.relay_id)
         self.on_relay_done(direct, self.clock() - started)
         self.on_relayed("source", nbytes * 8)
@@ -195,7 +195,7 @@ class RelayService:
             for relay_id in [r for r, entry in table.items() if entry.expires <= now]:
                 del table[relay_id]
 
-    async def receive(self, link_in: Link, fields: relay.RelayFields, tag: bytes) -> None:
+    async def receive(self, link_in: Link, fields: relay_crypto.RelayFields, tag: bytes) -> None:
         """Handle one relay message from the KM at the other end of ``link_in``."""
         self._expire()
         if (fields.link, fields.receiver_incarnation) != (link_in.name, self.km.incarnation):
@@ -211,7 +211,7 @@ class RelayService:
             raise self._reject("bad_material", f"link {link_in.name}: {e}") from None
         # The tag first: a forged message must not get its relay ID remembered, or the
         # genuine one would then be refused as a replay.
-        if len(mac_key) != MAC_KEY_BYTES or not relay.verify(mac_key, relay.authenticated_bytes(fields), tag):
+        if len(mac_key) != MAC_KEY_BYTES or not relay_crypto.verify(mac_key, relay_crypto.authenticated_bytes(fields), tag):
             raise self._reject("tampered", f"relay {fields.relay_id} on link {link_in.name}: tag does not verify")
         if self.guard.seen_before(fields.relay_id):
             raise self._reject("replayed", f"relay {fields.relay_id} was seen before")
@@ -220,34 +220,34 @@ class RelayService:
             raise self._reject("unknown_session", f"node {self.km.node} holds no session {fields.session_id}")
         if not fields.direct and len(fields.ciphertext) != len(pad):
             raise self._reject("malformed", "ciphertext and pad lengths differ")
-        plain = pad if fields.direct else relay.xor(fields.ciphertext, pad)
+        plain = pad if fields.direct else relay_crypto.xor(fields.ciphertext, pad)
         try:
-            relay.check_keys(len(plain), len(fields.key_ids), fields.key_size_bits)
+            relay_crypto.check_keys(len(plain), len(fields.key_ids), fields.key_size_bits)
         except ValueError as e:
             raise self._reject("malformed", f"the keys do not match the relayed material: {e}") from None
 
         link_out = self._onward(session, link_in)
         self.sessions.note(session, "relayed key received", f"{len(plain) * 8} bits from {link_in.peer_node}")
         if link_out is None:
-            keys = list(zip(fields.key_ids, relay.split_keys(plain, len(fields.key_ids), fields.key_size_bits)))
+            keys = list(zip(fields.key_ids, relay_crypto.split_keys(plain, len(fields.key_ids), fields.key_size_bits)))
             extension = json.loads(fields.key_extension) if fields.key_extension else None
             self._hold(session, fields.relay_id, fields.master_sae_id, fields.slave_sae_ids, keys, extension,
                        fields.index if fields.stream else None)
             self.on_relayed("destination", len(plain) * 8)
             return
         mac_key, mac_spans, pad_out, pad_spans = await self._take(link_out, session, len(plain))
-        onward = relay.RelayFields(
+        onward = relay_crypto.RelayFields(
             link=link_out.name, sender_incarnation=self.km.incarnation,
             receiver_incarnation=link_out.peer_incarnation or "", session_id=session.session_id,
             relay_id=fields.relay_id, index=fields.index, master_sae_id=fields.master_sae_id,
             slave_sae_ids=fields.slave_sae_ids, key_ids=fields.key_ids, key_size_bits=fields.key_size_bits,
             direct=False,
-            ciphertext=relay.xor(plain, pad_out),
+            ciphertext=relay_crypto.xor(plain, pad_out),
             pad=tuple((s.block_id, s.offset, s.length) for s in pad_spans),
             mac_key=tuple((s.block_id, s.offset, s.length) for s in mac_spans),
             key_extension=fields.key_extension, stream=fields.stream,
         )
-        await link_out.peer.relay(onward, relay.tag(mac_key, relay.authenticated_bytes(onward)))
+        await link_out.peer.relay(onward, relay_crypto.tag(mac_key, relay_crypto.authenticated_bytes(onward)))
         self.forwarded[fields.relay_id] = Forwarded(link_out, self.clock() + COMMIT_WAIT_S)
         self.on_relayed("intermediate", len(plain) * 8)
 

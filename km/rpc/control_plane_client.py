@@ -18,8 +18,8 @@ from typing import Protocol
 
 import grpc
 
-from vqkd.km import errors
-from vqkd.km.sessions import Endpoint
+from vqkd.km.domain import errors
+from vqkd.km.domain.sessions import Endpoint
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 log = logging.getLogger(__name__)

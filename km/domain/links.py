@@ -11,11 +11,11 @@ import logging
 from typing import TYPE_CHECKING
 
 from vqkd.km.config import LinkEndConfig
-from vqkd.km.keypool import IncomingPool, OutgoingPool
-from vqkd.km.keyqueue import KeyQueue
+from vqkd.km.domain.keypool import IncomingPool, OutgoingPool
+from vqkd.km.domain.keyqueue import KeyQueue
 
 if TYPE_CHECKING:
-    from vqkd.km.peering import PeerClient
+    from vqkd.km.rpc.peers import PeerClient
 
 log = logging.getLogger(__name__)
 

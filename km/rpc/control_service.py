@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 import grpc
 
 from vqkd.km import identity
-from vqkd.km.peering import peer_identity
-from vqkd.km.sessions import Endpoint, InvalidConfiguration, Role, SessionConfig, SessionTable
+from vqkd.km.rpc.peers import peer_identity
+from vqkd.km.domain.sessions import Endpoint, InvalidConfiguration, Role, SessionConfig, SessionTable
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 if TYPE_CHECKING:
-    from vqkd.km.manager import KeyManager
+    from vqkd.km.domain.keymanager import KeyManager
 
 DEFAULT_INACTIVITY_MS = 60_000
 DEFAULT_REQUEST_TIMEOUT_MS = 5_000

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from vqkd.operator.resources import (
+from vqkd.operator.resources.models import (
     InvalidResource,
     KeySession,
     QKDLink,

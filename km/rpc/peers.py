@@ -11,16 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from vqkd.km import errors, identity, relay
-from vqkd.km.exchange import DeliveryRefused, KeyExchange
-from vqkd.km.keypool import Span, SpanError
-from vqkd.km.links import Link
-from vqkd.km.relaying import HybridMessage, RelayRejected, RelayService
+from vqkd.km import identity
+from vqkd.km.domain import errors, relay_crypto
+from vqkd.km.domain.exchange import DeliveryRefused, KeyExchange
+from vqkd.km.domain.keypool import Span, SpanError
+from vqkd.km.domain.links import Link
+from vqkd.km.domain.relay import HybridMessage, RelayRejected, RelayService
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 if TYPE_CHECKING:
     from vqkd.km.etsi014.client import ETSI014Client
-    from vqkd.km.manager import KeyManager
+    from vqkd.km.domain.keymanager import KeyManager
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,8 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
         return km_pb2.CommitReply(refused=await asyncio.gather(*map(commit, request.commits)))
 
 
-def fields_from_pb(r: km_pb2.RelayRequest) -> relay.RelayFields:
-    return relay.RelayFields(
+def fields_from_pb(r: km_pb2.RelayRequest) -> relay_crypto.RelayFields:
+    return relay_crypto.RelayFields(
         link=r.link, sender_incarnation=r.sender_incarnation, receiver_incarnation=r.receiver_incarnation,
         session_id=r.session_id, relay_id=r.relay_id, index=r.index, master_sae_id=r.master_sae_id,
         slave_sae_ids=tuple(r.slave_sae_ids), key_ids=tuple(r.key_ids), key_size_bits=r.key_size_bits,
@@ -184,7 +185,7 @@ def fields_from_pb(r: km_pb2.RelayRequest) -> relay.RelayFields:
     )
 
 
-def fields_to_pb(f: relay.RelayFields, tag: bytes) -> km_pb2.RelayRequest:
+def fields_to_pb(f: relay_crypto.RelayFields, tag: bytes) -> km_pb2.RelayRequest:
     return km_pb2.RelayRequest(
         link=f.link, sender_incarnation=f.sender_incarnation, receiver_incarnation=f.receiver_incarnation,
         session_id=f.session_id, relay_id=f.relay_id, index=f.index, master_sae_id=f.master_sae_id,
@@ -323,7 +324,7 @@ class PeerClient:
         ))
         return incarnation
 
-    async def relay(self, fields: relay.RelayFields, tag: bytes) -> None:
+    async def relay(self, fields: relay_crypto.RelayFields, tag: bytes) -> None:
         """Send one relay hop; returns when the destination holds the keys."""
         if fields.receiver_incarnation != self.link.peer_incarnation or not fields.receiver_incarnation:
             raise errors.PeerUnavailable(f"{self.peer} is not known in its current incarnation; retry")

@@ -13,18 +13,18 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vqkd.km import errors
-from vqkd.km.keyids import new_key_ids
-from vqkd.km.keypool import InsufficientKey, Span, SpanError
-from vqkd.km.controlplane import OpenRequest, QoS
-from vqkd.km.keystore import KeysNotFound, StoreFull
-from vqkd.km.sessions import Endpoint
+from vqkd.km.domain import errors
+from vqkd.km.domain.keyids import new_key_ids
+from vqkd.km.domain.keypool import InsufficientKey, Span, SpanError
+from vqkd.km.rpc.control_plane_client import OpenRequest, QoS
+from vqkd.km.domain.keystore import KeysNotFound, StoreFull
+from vqkd.km.domain.sessions import Endpoint
 
 if TYPE_CHECKING:
-    from vqkd.km.manager import KeyManager
-    from vqkd.km.controlplane import ControlPlaneClient
-    from vqkd.km.relaying import RelayService
-    from vqkd.km.sessions import Session, SessionTable
+    from vqkd.km.domain.keymanager import KeyManager
+    from vqkd.km.rpc.control_plane_client import ControlPlaneClient
+    from vqkd.km.domain.relay import RelayService
+    from vqkd.km.domain.sessions import Session, SessionTable
 
 
 IMPLICIT_ROUTE_TIMEOUT_S = 5.0

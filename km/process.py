@@ -21,17 +21,17 @@ from vqkd.km.config import KMConfig
 from vqkd.km.etsi014.client import ETSI014Client
 from vqkd.km.etsi014.routes import MAX_BODY_BYTES, ETSI014Routes
 from vqkd.km.etsi014.service import ETSI014Service
-from vqkd.km.exchange import KeyExchange
-from vqkd.km.linkfeed import LinkFeed
-from vqkd.km.manager import KeyManager
+from vqkd.km.domain.exchange import KeyExchange
+from vqkd.km.module_feed import LinkFeed
+from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.metrics import KMMetrics
-from vqkd.km.control import KeyManagerControlService
-from vqkd.km.controlplane import GrpcControlPlane
+from vqkd.km.rpc.control_service import KeyManagerControlService
+from vqkd.km.rpc.control_plane_client import GrpcControlPlane
 from vqkd.km.etsi004.routes import ETSI004Routes
 from vqkd.km.etsi004.service import ETSI004Service
-from vqkd.km.peering import LinkPeerService, PeerClient
-from vqkd.km.relaying import RelayService
-from vqkd.km.sessions import SessionTable
+from vqkd.km.rpc.peers import LinkPeerService, PeerClient
+from vqkd.km.domain.relay import RelayService
+from vqkd.km.domain.sessions import SessionTable
 from vqkd.km.v1 import km_pb2_grpc
 
 log = logging.getLogger("vqkd.km")

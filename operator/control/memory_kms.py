@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vqkd.operator.control.kmconfig import KMSessionConfig
+from vqkd.operator.control.session_config import KMSessionConfig
 
 
 class KMUnreachable(ConnectionError):

@@ -15,13 +15,13 @@ from typing import Callable
 import grpc
 
 from vqkd.km import identity
-from vqkd.km.peering import peer_identity
+from vqkd.km.rpc.peers import peer_identity
 from vqkd.km.tls import TLSFiles, grpc_channel_credentials
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.core import ControlCore
-from vqkd.operator.control.kmconfig import Endpoint, KMSessionConfig
-from vqkd.operator.resources import QoS
+from vqkd.operator.control.session_config import Endpoint, KMSessionConfig
+from vqkd.operator.resources.models import QoS
 
 PUSH_TIMEOUT_S = 5.0
 

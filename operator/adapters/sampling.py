@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.monitoring import LinkSample
-from vqkd.operator.kmgrpc import GrpcKMs
+from vqkd.operator.adapters.kms import GrpcKMs
 
 log = logging.getLogger(__name__)
 

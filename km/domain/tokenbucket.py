@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable
 
-from vqkd.km.errors import InvalidRequest, KMError, Unavailable
+from vqkd.km.domain.errors import InvalidRequest, KMError, Unavailable
 
 
 class TokenBucketRefusal(KMError):

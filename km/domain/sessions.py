@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Callable
 
-from vqkd.km.tokenbucket import TokenBucket
+from vqkd.km.domain.tokenbucket import TokenBucket
 
 
 class State(StrEnum):

@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.events import Event, Subject
-from vqkd.operator.resources import LinkState, SessionPhase
+from vqkd.operator.resources.models import LinkState, SessionPhase
 
 LINK_STATES = [str(s) for s in LinkState]
 SESSION_PHASES = [str(p) for p in SessionPhase]

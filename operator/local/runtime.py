@@ -29,10 +29,10 @@ from vqkd.km.v1 import km_pb2_grpc
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.monitoring import MonitoringSettings
-from vqkd.operator.kmgrpc import ControlPlaneService, GrpcKMs
-from vqkd.operator.local.runner import HOST, LocalNetwork
-from vqkd.operator.metrics import ControlMetrics
-from vqkd.operator.monitor import LinkMonitor
+from vqkd.operator.adapters.kms import ControlPlaneService, GrpcKMs
+from vqkd.operator.local.processes import HOST, LocalNetwork
+from vqkd.operator.adapters.metrics import ControlMetrics
+from vqkd.operator.adapters.sampling import LinkMonitor
 
 log = logging.getLogger(__name__)
 
