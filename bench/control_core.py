@@ -36,7 +36,7 @@ import tracemalloc
 from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.admission import SessionState
 from vqkd.operator.control.core import ControlCore
-from vqkd.operator.control.session_config import Endpoint
+from vqkd.km.domain.vocabulary import Endpoint
 from vqkd.operator.control.memory_kms import InMemoryKMs
 from vqkd.operator.control.monitoring import LinkSample
 from vqkd.operator.resources.models import QKDLink, QKDNode, QoS, UserProfile

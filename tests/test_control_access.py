@@ -7,7 +7,7 @@ import pytest
 from vqkd.operator.control.access import AccessControl, Credentials
 from vqkd.operator.control.errors import ControlError
 from vqkd.operator.control.events import EventLog
-from vqkd.operator.control.session_config import Endpoint
+from vqkd.km.domain.vocabulary import Endpoint
 from vqkd.operator.control.topology import Topology
 from vqkd.operator.resources.models import QKDNode, UserProfile
 

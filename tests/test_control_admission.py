@@ -17,7 +17,8 @@ import pytest
 from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.admission import AdmissionSettings, SessionState
 from vqkd.operator.control.core import ControlCore
-from vqkd.operator.control.session_config import Endpoint, KMSessionConfig, Role
+from vqkd.operator.control.session_config import KMSessionConfig
+from vqkd.km.domain.vocabulary import Endpoint, Role
 from vqkd.operator.control.memory_kms import InMemoryKMs
 from vqkd.operator.control.monitoring import AlarmKind, LinkSample
 from vqkd.operator.resources.models import LinkState, QKDLink, QKDNode, QoS, UserProfile

@@ -13,7 +13,7 @@ from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.admission import AdmissionSettings, SessionState, Side
 from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
-from vqkd.operator.control.session_config import Endpoint, Role
+from vqkd.km.domain.vocabulary import Endpoint, Role
 from vqkd.operator.control.memory_kms import InMemoryKMs
 from vqkd.operator.control.monitoring import LinkSample
 from vqkd.operator.control.topology import ETSI015_ROOT

@@ -20,7 +20,8 @@ from vqkd.km.domain.exchange import KeyExchange
 from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.rpc.peers import fields_from_pb, fields_to_pb
 from vqkd.km.domain.relay import RelayRejected, RelayService
-from vqkd.km.domain.sessions import Endpoint, Role, SessionConfig, SessionTable, State
+from vqkd.km.domain.sessions import SessionConfig, SessionTable, State
+from vqkd.km.domain.vocabulary import Endpoint, Role
 
 TLS = TLSPaths(ca=Path("/nonexistent/ca"), cert=Path("/nonexistent/c"), key=Path("/nonexistent/k"))
 

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 from vqkd.km.domain import errors
 from vqkd.km.domain.keyids import new_key_ids
 from vqkd.km.domain.keypool import InsufficientKey, Span, SpanError
-from vqkd.km.rpc.control_plane_client import OpenRequest, QoS
+from vqkd.km.domain.control_plane import OpenRequest
+from vqkd.km.domain.vocabulary import QoS
 from vqkd.km.domain.keystore import KeysNotFound, StoreFull
-from vqkd.km.domain.sessions import Endpoint
+from vqkd.km.domain.vocabulary import Endpoint
 
 if TYPE_CHECKING:
     from vqkd.km.domain.keymanager import KeyManager
-    from vqkd.km.rpc.control_plane_client import ControlPlaneClient
+    from vqkd.km.domain.control_plane import ControlPlaneClient
     from vqkd.km.domain.relay import RelayService
     from vqkd.km.domain.sessions import Session, SessionTable
 

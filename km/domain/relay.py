@@ -30,7 +30,8 @@ from vqkd.km.domain.keyqueue import QueueTimeout
 from vqkd.km.domain.keyids import new_key_ids
 from vqkd.km.domain.keypool import Span, SpanError
 from vqkd.km.domain.keystore import KeysNotFound, StoreFull
-from vqkd.km.domain.sessions import Role, Session, SessionTable
+from vqkd.km.domain.sessions import Session, SessionTable
+from vqkd.km.domain.vocabulary import Role
 
 if TYPE_CHECKING:
     from vqkd.km.domain.links import Link

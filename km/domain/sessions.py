@@ -13,10 +13,11 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
+from enum import StrEnum
 from typing import Callable
 
 from vqkd.km.domain.tokenbucket import TokenBucket
+from vqkd.km.domain.vocabulary import Endpoint, Role
 
 
 class State(StrEnum):
@@ -25,12 +26,6 @@ class State(StrEnum):
     OPERATIVE = "Operative"
     KEY_EXCHANGING = "KeyExchanging"
     TERMINATED = "Terminated"
-
-
-class Role(Enum):
-    SOURCE = 1
-    INTERMEDIATE = 2
-    DESTINATION = 3
 
 
 ALLOWED = {
@@ -44,12 +39,6 @@ ALLOWED = {
 
 class InvalidConfiguration(ValueError):
     """A pushed configuration is inconsistent; the message names the field."""
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    node: str
-    sae_id: str
 
 
 @dataclass(frozen=True, slots=True)

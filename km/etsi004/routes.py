@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from vqkd.km.domain import errors
-from vqkd.km.rpc.control_plane_client import QoS
+from vqkd.km.domain.vocabulary import QoS
 from vqkd.km.etsi004 import schema
 from vqkd.km.etsi004.service import Status
 from vqkd.km.etsi014.routes import RequestError, caller_of, json_body, validated

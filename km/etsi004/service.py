@@ -19,11 +19,13 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from vqkd.km.domain import errors
-from vqkd.km.rpc.control_plane_client import OpenRequest, QoS
-from vqkd.km.domain.sessions import Endpoint, Session, State
+from vqkd.km.domain.control_plane import OpenRequest
+from vqkd.km.domain.vocabulary import QoS
+from vqkd.km.domain.sessions import Session, State
+from vqkd.km.domain.vocabulary import Endpoint
 
 if TYPE_CHECKING:
-    from vqkd.km.rpc.control_plane_client import ControlPlaneClient
+    from vqkd.km.domain.control_plane import ControlPlaneClient
     from vqkd.km.domain.exchange import KeyExchange
     from vqkd.km.domain.keymanager import KeyManager
     from vqkd.km.domain.sessions import SessionTable

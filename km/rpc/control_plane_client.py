@@ -1,11 +1,8 @@
-"""What a KM asks of the control plane (paper Fig. 2a), and the gRPC client that asks it.
+"""The KM's gRPC client of the control plane (``vqkd.km.domain.control_plane``, paper Fig. 2a).
 
-When an application opens a session the KM asks admission control for a configuration;
-key requests are signalled so the control plane's session timer stays alive (the first of a
-session at once, then at most one signal per ``SIGNAL_INTERVAL_S`` and session, carrying the
-count: the control plane's load does not grow with the key request rate); closes and timer
-expiry are reported. The configuration itself arrives separately, pushed over
-KeyManagerControl once the peer registered and a path was reserved.
+Key requests are signalled the first of a session at once, then at most one signal per
+``SIGNAL_INTERVAL_S`` and session, carrying the count: the control plane's load does not
+grow with the key request rate.
 """
 
 from __future__ import annotations
@@ -13,61 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import dataclass
-from typing import Protocol
 
 import grpc
 
 from vqkd.km.domain import errors
-from vqkd.km.domain.sessions import Endpoint
+from vqkd.km.domain.control_plane import OpenRequest, OpenResult
+from vqkd.km.domain.vocabulary import QoS
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_S = 5.0
 SIGNAL_INTERVAL_S = 1.0  # at most one key-request signal per session in this time
-
-
-@dataclass(frozen=True, slots=True)
-class QoS:
-    """ETSI GS QKD 004 QoS; zero means 'let the control plane choose'."""
-
-    key_chunk_size: int = 0
-    max_bps: float = 0.0
-    min_bps: float = 0.0
-    jitter: float = 0.0
-    priority: int = 0
-    timeout_ms: int = 0
-    ttl_s: int = 0
-    fallback: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class OpenRequest:
-    node: str
-    caller_sae_id: str
-    source: Endpoint
-    destination: Endpoint
-    qos: QoS
-    session_id: str = ""
-    implicit: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class OpenResult:
-    accepted: bool
-    session_id: str
-    reason: str
-    qos: QoS
-    peer_registered: bool
-    etsi004_status: int = 0
-    unauthorized: bool = False
-
-
-class ControlPlaneClient(Protocol):
-    async def open_session(self, request: OpenRequest) -> OpenResult: ...
-    async def key_requested(self, session_id: str) -> None: ...
-    async def session_closed(self, session_id: str, reason: str) -> None: ...
 
 
 def qos_to_pb(q: QoS) -> km_pb2.QoS:

@@ -13,7 +13,8 @@ import grpc
 
 from vqkd.km import identity
 from vqkd.km.rpc.peers import peer_identity
-from vqkd.km.domain.sessions import Endpoint, InvalidConfiguration, Role, SessionConfig, SessionTable
+from vqkd.km.domain.sessions import InvalidConfiguration, SessionConfig, SessionTable
+from vqkd.km.domain.vocabulary import Endpoint, Role
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ def config_from_pb(pb: km_pb2.SessionConfig) -> SessionConfig:
     if pb.role == km_pb2.ROLE_UNSPECIFIED:
         raise InvalidConfiguration(f"session {pb.session_id or '?'}: role must be SOURCE, INTERMEDIATE or DESTINATION")
     return SessionConfig(
-        session_id=pb.session_id, version=pb.version, role=Role(pb.role), user=pb.user,
+        session_id=pb.session_id, version=pb.version, role=Role(km_pb2.Role.Name(pb.role)), user=pb.user,
         source=Endpoint(pb.source.node, pb.source.sae_id),
         destination=Endpoint(pb.destination.node, pb.destination.sae_id),
         prev_hop=pb.prev_hop, next_hop=pb.next_hop, priority=pb.priority,
@@ -41,7 +42,7 @@ def config_from_pb(pb: km_pb2.SessionConfig) -> SessionConfig:
 
 def config_to_pb(c: SessionConfig) -> km_pb2.SessionConfig:
     return km_pb2.SessionConfig(
-        session_id=c.session_id, version=c.version, role=c.role.value, user=c.user,
+        session_id=c.session_id, version=c.version, role=km_pb2.Role.Value(c.role.value), user=c.user,
         source=km_pb2.Endpoint(node=c.source.node, sae_id=c.source.sae_id),
         destination=km_pb2.Endpoint(node=c.destination.node, sae_id=c.destination.sae_id),
         prev_hop=c.prev_hop, next_hop=c.next_hop, priority=c.priority, rate_bps=c.rate_bps,

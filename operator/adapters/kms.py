@@ -20,7 +20,8 @@ from vqkd.km.tls import TLSFiles, grpc_channel_credentials
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.core import ControlCore
-from vqkd.operator.control.session_config import Endpoint, KMSessionConfig
+from vqkd.operator.control.session_config import KMSessionConfig
+from vqkd.km.domain.vocabulary import Endpoint
 from vqkd.operator.resources.models import QoS
 
 PUSH_TIMEOUT_S = 5.0

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vqkd.operator.control.errors import ControlError
-from vqkd.operator.control.session_config import Endpoint
+from vqkd.km.domain.vocabulary import Endpoint
 from vqkd.operator.control.topology import Topology
 from vqkd.operator.resources.models import TokenSecretRef, UserProfile
 

@@ -29,7 +29,8 @@ from vqkd.operator.control.admission import (
 )
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
 from vqkd.operator.control.events import EventLog, Subject
-from vqkd.operator.control.session_config import Endpoint, KMPusher
+from vqkd.operator.control.session_config import KMPusher
+from vqkd.km.domain.vocabulary import Endpoint
 from vqkd.operator.control.monitoring import Alarm, LinkSample, Monitoring, MonitoringSettings
 from vqkd.operator.control.routing import Routing
 from vqkd.operator.control.topology import LinkChange, Topology

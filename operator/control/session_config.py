@@ -13,27 +13,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Protocol
 
-
-@dataclass(frozen=True, slots=True, order=True)
-class Endpoint:
-    """One end of a session: an SAE and the node its KM runs on."""
-
-    node: str
-    sae_id: str
-
-    def __str__(self) -> str:
-        return f"{self.sae_id}@{self.node}"
-
-
-class Role(StrEnum):
-    """A KM's part in a session; the names are those of ``vqkd.km.v1.Role``."""
-
-    SOURCE = "SOURCE"
-    INTERMEDIATE = "INTERMEDIATE"
-    DESTINATION = "DESTINATION"
+from vqkd.km.domain.vocabulary import Endpoint, Role
 
 
 @dataclass(frozen=True, slots=True)
