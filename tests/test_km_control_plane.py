@@ -111,10 +111,11 @@ async def cp_net(tmp_path):
     await server.stop(0)
 
 
-async def post(net, sae, path, body):
+async def post(net, sae, path, body, at: str | None = None):
+    """POST as ``sae`` to the KM of its own node, or to the KM of node ``at``."""
     ctx = client_context(files(net, sae))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
-        async with s.post(url(net, net.endpoints["saes"][sae]["node"]) + path, json=body) as resp:
+        async with s.post(url(net, at or net.endpoints["saes"][sae]["node"]) + path, json=body) as resp:
             return resp.status, await resp.json(content_type=None)
 
 
@@ -181,6 +182,12 @@ async def test_etsi004_both_applications_get_the_same_stream(cp_net):
     assert all(len(base64.b64decode(k)) == 32 for k in by_index.values())
     _, nothing = await post(net, "sae-n2", "/api/v1/etsi004/get_key", {"Key_stream_ID": ksid, "index": 7})
     assert nothing["status"] == 6  # the source never asked for chunk 7: timeout
+    # The destination application at the source's KM: refused at once, as ETSI 014 calls are,
+    # instead of waiting out the stream's timeout.
+    started = time.monotonic()
+    status, body = await post(net, "sae-n2", "/api/v1/etsi004/get_key", {"Key_stream_ID": ksid, "index": 3},
+                              at=net.endpoints["saes"]["sae-n0"]["node"])
+    assert status == 401 and "not attached" in body["message"] and time.monotonic() - started < 1.0
     _, closed = await post(net, "sae-n0", "/api/v1/etsi004/close", {"Key_stream_ID": ksid})
     assert closed["status"] == 0
     await eventually(lambda: ("SessionClosed", "closed by application sae-n0") in cp.calls)

@@ -111,6 +111,9 @@ class ETSI004Service:
         return OpenResult(Status.SUCCESS, result.session_id, result.qos)
 
     def _session_of(self, caller: str, key_stream_id: str) -> Session:
+        if not self.km.is_local(caller):
+            raise errors.NotAuthorized(f"SAE {caller} is not attached to node {self.km.node}; "
+                                       f"call the KM of its own node")
         session = self.sessions.get(key_stream_id)
         if session is None or session.state is State.TERMINATED:
             raise errors.InvalidRequest(f"no open session with Key_stream_ID {key_stream_id!r} at this KM")
