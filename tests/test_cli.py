@@ -25,3 +25,20 @@ def test_bad_yaml_names_file_document_and_field(tmp_path):
 def test_get_without_a_running_network_says_how_to_start_one(tmp_path):
     out = vqkd("get", "sessions", "--state-dir", str(tmp_path))
     assert out.returncode != 0 and "start one with vqkd up" in out.stderr
+
+
+def test_up_refuses_a_link_to_real_devices_before_starting_anything(tmp_path):
+    devices = tmp_path / "devices.yaml"
+    devices.write_text((ROOT / "examples" / "two-nodes.yaml").read_text().replace(
+        """  emulated:
+    keyRateBps: 1000000   # 1 Mbit/s of secret key at zero QBER
+    qber: 0.02
+""", """  etsi014:
+    endpoints:
+      alice: {url: "https://qkd-a.lab/", saeId: KM_A, peerSaeId: KM_B, secretRef: {name: qkd-a}}
+      bob: {url: "https://qkd-b.lab/", saeId: KM_B, peerSaeId: KM_A, secretRef: {name: qkd-b}}
+"""))
+    out = vqkd("up", str(devices), "--state-dir", str(tmp_path / "state"))
+    assert out.returncode != 0
+    assert "QKDLink alice-bob: spec.etsi014: the local runtime runs emulated QKD modules only" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not list((tmp_path / "state" / "logs").iterdir())

@@ -9,6 +9,7 @@ whose peer never shows up.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -21,10 +22,12 @@ import pytest
 import pytest_asyncio
 
 from test_km_control_plane import eventually
-from test_km_etsi014 import control as link_control
+from test_km_etsi014 import control as link_control, wait_stored
+from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.km.tls import client_context
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.local import paper
+from vqkd.operator.local.clients import sae_client, sae_tls
 from vqkd.operator.local.runtime import LocalControlPlane
 from vqkd.operator.local.processes import LocalNetwork
 from vqkd.operator.resources.loader import load_text
@@ -42,6 +45,28 @@ spec:
   source: {node: node-4, saeId: sae-4}
   destination: {node: node-5, saeId: sae-5}
   qos: {minBps: 100000, maxBps: 200000}
+"""
+
+
+LIMITED = """
+apiVersion: vqkd.io/v1alpha1
+kind: QKDNode
+metadata: {name: alice}
+spec:
+  saeIds: [sae-a]
+  km: {keySize: 512, minKeySize: 128, maxKeySize: 1024, maxKeyPerRequest: 4}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDNode
+metadata: {name: bob}
+spec: {saeIds: [sae-b]}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDLink
+metadata: {name: alice-bob}
+spec:
+  nodes: [alice, bob]
+  emulated: {keyRateBps: 1000000}
 """
 
 
@@ -164,6 +189,38 @@ async def test_status_api_and_etsi015_view(paper_net):
                                                    "--state-dir", str(paper_net.network.state_dir)],
                                   capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.split("\n")[0].split()[:3] == ["USER", "ENABLED", "SAES"], out.stderr
+
+
+async def test_each_km_of_vqkd_up_offers_and_enforces_the_key_limits_of_its_node(tmp_path):
+    network = LocalNetwork(load_text(LIMITED, "limited.yaml"), tmp_path, log_level="INFO")
+    await asyncio.to_thread(network.start)
+    try:
+        endpoints = network.endpoints
+        async with sae_client(endpoints, "sae-a") as alice, sae_client(endpoints, "sae-b") as bob:
+            status = await alice.status("sae-b")
+            assert (status.key_size, status.min_key_size, status.max_key_size, status.max_key_per_request) == (
+                512, 128, 1024, 4)
+            status = await bob.status("sae-a")  # bob's node sets no limits: the defaults
+            assert (status.key_size, status.min_key_size, status.max_key_size, status.max_key_per_request) == (
+                256, 64, 8192, 1024)
+            with pytest.raises(ETSI014Error) as refused:
+                await alice.enc_keys("sae-b", 5, 512)
+            assert (refused.value.status, refused.value.message) == (
+                400, "number must be between 1 and max_key_per_request=4, got 5")
+            with pytest.raises(ETSI014Error) as refused:
+                await alice.enc_keys("sae-b", 1, 2048)
+            assert (refused.value.status, refused.value.message) == (
+                400, "size must be between min_key_size=128 and max_key_size=1024 bits, got 2048")
+            await wait_stored(alice, "sae-b", 4 * 512)
+        # A request naming no size gets keys of the node's keySize.
+        ctx = client_context(sae_tls(endpoints, "sae-a"))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+            async with s.get(endpoints["nodes"]["alice"]["etsi014_url"] + "/api/v1/keys/sae-b/enc_keys") as r:
+                assert r.status == 200, await r.text()
+                (key,) = (await r.json())["keys"]
+        assert len(base64.b64decode(key["key"])) * 8 == 512
+    finally:
+        await asyncio.to_thread(network.stop)
 
 
 def _files(cp, sae):

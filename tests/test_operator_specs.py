@@ -1,5 +1,6 @@
-"""What the operator creates, checked without a cluster: the pure builders in ``vqkd.operator.kopf.manifests``,
-plus the helpers around them (status merge patches, endpoints, create-or-update, the CA Secret)."""
+"""What the operator creates, checked without a cluster: the pure builders in ``vqkd.operator.kopf.manifests``
+and the network plan with their cluster addressing, plus the helpers around them (status merge patches,
+endpoints, create-or-update, the CA Secret)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from vqkd.operator.kopf.endpoints import ClusterEndpoints, LocalEndpoints
 from vqkd.operator.kopf.handlers.lifecycle import load_ca
 from vqkd.operator.kopf.kube import CONFIGMAPS, SECRETS, Kube, Kind, KubeError
 from vqkd.operator.kopf.status import merge_patch
+from vqkd.operator import plan
 from vqkd.operator.resources.loader import load_text
 from vqkd.operator.resources.models import parse
 
@@ -65,7 +67,7 @@ def network():
 
 
 def km_config(network, node: str) -> KMConfig:
-    return specs.build_km_config(network.nodes[node], network, NS, CONTROL_PLANE)
+    return plan.km_config(network, node, specs.ClusterAddressing(NS, CONTROL_PLANE))
 
 
 def test_children_are_named_after_their_resource_and_too_long_names_are_refused():
@@ -108,12 +110,11 @@ def test_km_config_reaches_peers_and_modules_by_service_name(network):
 def test_a_link_whose_other_node_is_unknown_is_left_out(network):
     partial = load_text(NETWORK, "specs-test")
     del partial.nodes["carol"]
-    assert [link.name for link in specs.build_km_config(partial.nodes["bob"], partial, NS, None).links] == [
-        "alice-bob"]
+    assert [link.name for link in plan.km_config(partial, "bob", specs.ClusterAddressing(NS)).links] == ["alice-bob"]
 
 
 def test_emulator_config_serves_each_node_at_its_own_end(network):
-    config = specs.build_emulator_config(network.links["alice-bob"])
+    config = plan.module_config(network.links["alice-bob"], specs.ClusterAddressing(NS))
     assert (config.link, config.key_rate_bps, config.qber, config.buffer_bits) == ("alice-bob", 1e6, 0.02, 4096000)
     assert config.admin_listen == "0.0.0.0:9100"
     assert {end: (e.listen, e.sae_id, e.client, e.kme_id, str(e.tls.cert)) for end, e in config.ends.items()} == {
@@ -121,8 +122,8 @@ def test_emulator_config_serves_each_node_at_its_own_end(network):
         "b": ("0.0.0.0:8444", "bob", "vqkd://km/bob", "alice-bob-b", "/etc/vqkd/tls/b.crt"),
     }
     assert EmulatedLinkConfig.model_validate_json(specs.config_json(config)) == config
-    with pytest.raises(ValueError, match="QKDLink bob-carol has no emulated key source"):
-        specs.build_emulator_config(network.links["bob-carol"])
+    with pytest.raises(plan.PlanError, match="QKDLink bob-carol has no emulated key source"):
+        plan.module_config(network.links["bob-carol"], specs.ClusterAddressing(NS))
 
 
 def test_km_statefulset_runs_one_km_from_its_configmap_and_secret(network):

@@ -12,9 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
-from vqkd.operator.kopf.manifests import (
-    KM_ETSI014_PORT, KM_GRPC_PORT, KM_METRICS_PORT, MODULE_ADMIN_PORT, km_name, module_name, service_host,
-)
+from vqkd.operator.kopf.manifests import ClusterAddressing
 
 
 class EndpointResolver(Protocol):
@@ -36,21 +34,19 @@ class ClusterEndpoints:
 
     def __init__(self, namespace: str):
         self.namespace = namespace
-
-    def _km(self, node: str) -> str:
-        return service_host(km_name(node), self.namespace)
+        self.addressing = ClusterAddressing(namespace)
 
     def km_grpc(self, node: str) -> str:
-        return f"{self._km(node)}:{KM_GRPC_PORT}"
+        return self.addressing.km(node).grpc
 
     def km_etsi014(self, node: str) -> str:
-        return f"https://{self._km(node)}:{KM_ETSI014_PORT}"
+        return self.addressing.km(node).etsi014_url
 
     def km_metrics(self, node: str) -> str:
-        return f"http://{self._km(node)}:{KM_METRICS_PORT}/metrics"
+        return self.addressing.km(node).metrics_url
 
     def module_metrics(self, link: str) -> str | None:
-        return f"http://{service_host(module_name(link), self.namespace)}:{MODULE_ADMIN_PORT}/metrics"
+        return self.addressing.module(link).metrics_url
 
 
 class LocalEndpoints:

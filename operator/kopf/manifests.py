@@ -7,6 +7,10 @@ becomes the emulated QKD module pair: a ConfigMap (``EmulatedLinkConfig``), a Se
 both ends' identities, a Service and a one-replica Deployment. Names derive from the
 resource names only, so a child is found again after any restart.
 
+The configurations themselves come from the network plan (``vqkd.operator.plan``), the same
+one the local runtime uses; ``ClusterAddressing`` tells it where things are in a cluster,
+from the ports, Service names and mount paths the manifests below declare.
+
 Nothing here talks to Kubernetes or reads the clock; the handlers add owner references and
 apply the result, and the tests check these functions without a cluster.
 """
@@ -17,14 +21,13 @@ import base64
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from vqkd.km import identity
-from vqkd.km.config import EmulatedLinkConfig, KMConfig, LinkEndConfig, ModuleEndConfig, TLSPaths
-from vqkd.operator.local.processes import block_bits_for
-from vqkd.operator.resources.loader import Network
-from vqkd.operator.resources.models import DEFAULT_KM_IMAGE, QKDLink, QKDNode
+from vqkd.km.config import EmulatedLinkConfig, KMConfig, TLSPaths
+from vqkd.operator.plan import End, KMAddress, ModuleAddress
+from vqkd.operator.resources.models import DEFAULT_KM_IMAGE, QKDNode
 
 # --- names, labels, ports -----------------------------------------------------------
 
@@ -148,7 +151,7 @@ def with_spec_hash(manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-# --- process configurations ---------------------------------------------------------
+# --- where the processes are ------------------------------------------------------
 
 
 def _listen(port: int) -> str:
@@ -160,68 +163,41 @@ def _tls_paths(ca: str, cert: str, key: str) -> TLSPaths:
     return TLSPaths(ca=str(TLS_DIR / ca), cert=str(TLS_DIR / cert), key=str(TLS_DIR / key))
 
 
-def build_km_config(node: QKDNode, network: Network, namespace: str, control_plane: str | None) -> KMConfig:
-    """The configuration of a node's KM in the cluster: peers and modules by Service DNS name.
+@dataclass(frozen=True)
+class ClusterAddressing:
+    """The network plan's addressing in a cluster: each process behind its Service's DNS name at the
+    fixed ports of the manifests below, with the TLS files of the Secrets its pod mounts."""
 
-    Only links whose other node is known are included: a KM refuses a configuration that
-    names a peer it cannot reach, and the link is configured once both nodes exist.
-    """
-    name = node.name
-    links: list[LinkEndConfig] = []
-    for link_name, link in sorted(network.links.items()):
-        if name not in link.spec.nodes:
-            continue
-        a, b = link.spec.nodes
-        peer = b if name == a else a
-        peer_node = network.nodes.get(peer)
-        if peer_node is None:
-            continue
-        common = dict(
-            name=link_name, peer_node=peer, peer_kme_id=peer_node.kme_id,
-            peer_grpc=f"{service_host(km_name(peer), namespace)}:{KM_GRPC_PORT}",
+    namespace: str
+    control_plane: str | None = None
+
+    def km(self, node: str) -> KMAddress:
+        host = service_host(km_name(node), self.namespace)
+        return KMAddress(
+            etsi014_listen=_listen(KM_ETSI014_PORT), grpc_listen=_listen(KM_GRPC_PORT),
+            metrics_listen=_listen(KM_METRICS_PORT), etsi014_url=f"https://{host}:{KM_ETSI014_PORT}",
+            grpc=f"{host}:{KM_GRPC_PORT}", metrics_url=f"http://{host}:{KM_METRICS_PORT}/metrics",
         )
-        if link.spec.emulated is not None:
-            end = "a" if name == a else "b"
-            links.append(LinkEndConfig(
-                **common,
-                module_url=f"https://{service_host(module_name(link_name), namespace)}:{MODULE_PORTS[end]}",
-                module_sae_id=name, peer_module_sae_id=peer,
-                block_bits=block_bits_for(link.spec.emulated.key_rate_bps),
-            ))
-        else:
-            device = link.spec.etsi014.endpoints[name]
-            credentials = MODULE_CREDENTIALS_DIR / link_name  # the link's Secret, mounted by the StatefulSet
-            links.append(LinkEndConfig(
-                **common, module_url=device.url, module_sae_id=device.sae_id, peer_module_sae_id=device.peer_sae_id,
-                module_tls=TLSPaths(ca=str(credentials / "ca.crt"), cert=str(credentials / "tls.crt"),
-                                    key=str(credentials / "tls.key")),
-            ))
-    saes = {sae: other for other, other_node in sorted(network.nodes.items()) for sae in other_node.spec.sae_ids}
-    return KMConfig(
-        node=name, kme_id=node.kme_id,
-        etsi014_listen=_listen(KM_ETSI014_PORT), grpc_listen=_listen(KM_GRPC_PORT),
-        metrics_listen=_listen(KM_METRICS_PORT),
-        tls=_tls_paths("ca.crt", "tls.crt", "tls.key"),
-        saes=saes, links=links, limits=node.spec.km.key_limits(), control_plane=control_plane,
-    )
 
-
-def build_emulator_config(link: QKDLink) -> EmulatedLinkConfig:
-    """The configuration of a link's emulated module pair; end ``a`` serves ``spec.nodes[0]``."""
-    emulated = link.spec.emulated
-    if emulated is None:
-        raise ValueError(f"QKDLink {link.name} has no emulated key source; only emulated links get module workloads")
-    ends = {
-        end: ModuleEndConfig(
-            listen=_listen(MODULE_PORTS[end]), sae_id=node, client=identity.km(node).uri, kme_id=f"{link.name}-{end}",
-            tls=_tls_paths("ca.crt", f"{end}.crt", f"{end}.key"),
+    def module(self, link: str) -> ModuleAddress:
+        host = service_host(module_name(link), self.namespace)
+        return ModuleAddress(
+            end_listen={end: _listen(port) for end, port in MODULE_PORTS.items()},
+            end_urls={end: f"https://{host}:{port}" for end, port in MODULE_PORTS.items()},
+            admin_listen=_listen(MODULE_ADMIN_PORT), control_url=f"http://{host}:{MODULE_ADMIN_PORT}/control",
+            metrics_url=f"http://{host}:{MODULE_ADMIN_PORT}/metrics",
         )
-        for end, node in zip(("a", "b"), link.spec.nodes)
-    }
-    return EmulatedLinkConfig(
-        link=link.name, key_rate_bps=emulated.key_rate_bps, qber=emulated.qber, buffer_bits=emulated.buffer_bits,
-        admin_listen=_listen(MODULE_ADMIN_PORT), ends=ends,
-    )
+
+    def km_tls(self, node: str) -> TLSPaths:
+        return _tls_paths("ca.crt", "tls.crt", "tls.key")
+
+    def module_tls(self, link: str, end: End) -> TLSPaths:
+        return _tls_paths("ca.crt", f"{end}.crt", f"{end}.key")
+
+    def device_tls(self, link: str, node: str) -> TLSPaths:
+        credentials = MODULE_CREDENTIALS_DIR / link  # the link's Secret, mounted by build_km_statefulset
+        return TLSPaths(ca=str(credentials / "ca.crt"), cert=str(credentials / "tls.crt"),
+                        key=str(credentials / "tls.key"))
 
 
 def config_json(config: KMConfig | EmulatedLinkConfig) -> str:

@@ -1,9 +1,10 @@
 """The local runtime: a whole QKD network as processes on loopback (the digital twin).
 
-``LocalNetwork`` turns the declared resources into one emulated QKD module pair per link
-and one KM process per node, with a development CA issuing every certificate, real mutual
-TLS and real gRPC between them. It writes ``endpoints.json`` once every endpoint answers
-and stops every process it started.
+``LocalNetwork`` allocates loopback ports and issues every certificate from a development
+CA, hands both to the network plan as a ``LocalAddressing``, and runs what the plan says:
+one emulated QKD module pair per link and one KM process per node, with real mutual TLS
+and real gRPC between them. It writes ``endpoints.json`` once every endpoint answers and
+stops every process it started.
 """
 
 from __future__ import annotations
@@ -16,27 +17,73 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from vqkd.km import identity
-from vqkd.km.config import (
-    EmulatedLinkConfig, KMConfig, LinkEndConfig, ModuleEndConfig, TLSPaths,
-)
+from vqkd.km.config import TLSPaths
 from vqkd.km.pki import DevCA
+from vqkd.operator.plan import ENDS, End, KMAddress, ModuleAddress, NetworkPlan, PlanError, plan_network
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 30.0
-PULLS_PER_SECOND = 20  # how often a KM should be able to draw a full block on a slow link
 
 
-def block_bits_for(secret_rate_bps: float) -> int:
-    """Blocks a KM draws from its module: large on fast links, small enough on slow ones
-    that key becomes usable within a fraction of a second."""
-    bits = int(secret_rate_bps / PULLS_PER_SECOND) // 256 * 256
-    return max(256, min(8192, bits))
+class KMPorts(NamedTuple):
+    etsi014: int
+    grpc: int
+    metrics: int
+
+
+class ModulePorts(NamedTuple):
+    a: int
+    b: int
+    admin: int
+
+
+@dataclass(frozen=True)
+class LocalAddressing:
+    """The network plan's addressing on one machine: the loopback ports the runtime allocated
+    and the certificates it issued, by the identity each one names."""
+
+    km_ports: Mapping[str, KMPorts]
+    module_ports: Mapping[str, ModulePorts]
+    certificates: Mapping[identity.Identity, TLSPaths]
+    control_plane: str | None = None
+
+    def km(self, node: str) -> KMAddress:
+        ports = self.km_ports[node]
+        return KMAddress(
+            etsi014_listen=f"{HOST}:{ports.etsi014}", grpc_listen=f"{HOST}:{ports.grpc}",
+            metrics_listen=f"{HOST}:{ports.metrics}", etsi014_url=f"https://{HOST}:{ports.etsi014}",
+            grpc=f"{HOST}:{ports.grpc}", metrics_url=f"http://{HOST}:{ports.metrics}/metrics",
+        )
+
+    def module(self, link: str) -> ModuleAddress:
+        ports = self.module_ports[link]
+        ends: dict[End, int] = {"a": ports.a, "b": ports.b}
+        return ModuleAddress(
+            end_listen={end: f"{HOST}:{port}" for end, port in ends.items()},
+            end_urls={end: f"https://{HOST}:{port}" for end, port in ends.items()},
+            admin_listen=f"{HOST}:{ports.admin}", control_url=f"http://{HOST}:{ports.admin}/control",
+            metrics_url=f"http://{HOST}:{ports.admin}/metrics",
+        )
+
+    def km_tls(self, node: str) -> TLSPaths:
+        return self.certificates[identity.km(node)]
+
+    def module_tls(self, link: str, end: End) -> TLSPaths:
+        return self.certificates[identity.module(link, end)]
+
+    def device_tls(self, link: str, node: str) -> TLSPaths:
+        # The one place the local runtime turns real devices away: it has nowhere to take
+        # their credentials from (the cluster mounts them from the Secrets named in the link).
+        raise PlanError(f"QKDLink {link}: spec.etsi014: the local runtime runs emulated QKD modules only; "
+                        "give the link spec.emulated instead, or run it on the cluster runtime")
 
 
 @dataclass
@@ -79,68 +126,39 @@ class LocalNetwork:
     def plan(self) -> None:
         if self.processes:
             return
-        nodes = self.manifest.nodes
-        links = self.manifest.links
-        ports = _free_ports(3 * len(nodes) + 3 * len(links) + 2)
+        nodes = list(self.manifest.nodes)
+        emulated = [name for name, link in self.manifest.links.items() if link.spec.emulated is not None]
+        ports = _free_ports(3 * len(nodes) + 3 * len(emulated) + 2)
         self.status_port = ports.pop()
         if self.control_plane == "auto":
             self.control_plane = f"{HOST}:{ports.pop()}"
-        km_ports = {name: (ports.pop(), ports.pop(), ports.pop()) for name in nodes}
-        saes = {sae: name for name, node in nodes.items() for sae in node.spec.sae_ids}
-        kme_id = {name: node.spec.kme_id or name for name, node in nodes.items()}
+        identities = [identity.km(node) for node in nodes]
+        identities += [identity.module(link, end) for link in emulated for end in ENDS]
+        addressing = LocalAddressing(
+            km_ports={node: KMPorts(ports.pop(), ports.pop(), ports.pop()) for node in nodes},
+            module_ports={link: ModulePorts(ports.pop(), ports.pop(), ports.pop()) for link in emulated},
+            certificates={ident: self._tls(ident) for ident in identities},
+            control_plane=self.control_plane,
+        )
+        try:
+            planned = plan_network(self.manifest, addressing)
+        except PlanError as e:
+            raise SystemExit(str(e)) from None
+        self._write(planned, addressing)
 
-        link_ends: dict[str, list[LinkEndConfig]] = {name: [] for name in nodes}
-        for name, link in links.items():
-            a, b = link.spec.nodes
-            emulated = link.spec.emulated
-            if emulated is None:
-                raise SystemExit(f"QKDLink {name}: the local runtime needs an emulated key source")
-            end_ports = {"a": ports.pop(), "b": ports.pop()}
-            admin_port = ports.pop()
-            ends = {
-                end: ModuleEndConfig(
-                    listen=f"{HOST}:{end_ports[end]}", sae_id=node, client=identity.km(node).uri,
-                    kme_id=f"{name}-{end}", tls=self._tls(identity.module(name, end)),
-                )
-                for end, node in (("a", a), ("b", b))
-            }
-            cfg = EmulatedLinkConfig(
-                link=name, key_rate_bps=emulated.key_rate_bps, qber=emulated.qber,
-                **({"buffer_bits": emulated.buffer_bits} if getattr(emulated, "buffer_bits", None) else {}),
-                admin_listen=f"{HOST}:{admin_port}", ends=ends,
-            )
-            self._add(f"link-{name}", "vqkd.km.emulator", cfg, f"http://{HOST}:{admin_port}/control")
-            block = block_bits_for(emulated.key_rate_bps)
-            for end, me, peer in (("a", a, b), ("b", b, a)):
-                link_ends[me].append(LinkEndConfig(
-                    name=name, peer_node=peer, peer_kme_id=kme_id[peer],
-                    peer_grpc=f"{HOST}:{km_ports[peer][1]}",
-                    module_url=f"https://{HOST}:{end_ports[end]}",
-                    module_sae_id=me, peer_module_sae_id=peer, block_bits=block,
-                ))
-            self.endpoints.setdefault("links", {})[name] = {
-                "nodes": [a, b], "control_url": f"http://{HOST}:{admin_port}/control",
-                "metrics_url": f"http://{HOST}:{admin_port}/metrics",
-            }
-
-        for name in nodes:
-            api, grpc_port, metrics = km_ports[name]
-            cfg = KMConfig(
-                node=name, kme_id=kme_id[name], etsi014_listen=f"{HOST}:{api}",
-                grpc_listen=f"{HOST}:{grpc_port}", metrics_listen=f"{HOST}:{metrics}",
-                tls=self._tls(identity.km(name)), saes=saes, links=link_ends[name],
-                control_plane=self.control_plane,
-            )
-            self._add(f"km-{name}", "vqkd.km", cfg, f"http://{HOST}:{metrics}/healthz")
-            self.endpoints.setdefault("nodes", {})[name] = {
-                "kme_id": kme_id[name], "etsi014_url": f"https://{HOST}:{api}",
-                "grpc": f"{HOST}:{grpc_port}", "metrics_url": f"http://{HOST}:{metrics}/metrics",
-            }
+    def _write(self, planned: NetworkPlan, addressing: LocalAddressing) -> None:
+        """Each planned process's configuration file, and the endpoints to publish."""
+        for name, config in planned.modules.items():
+            self._add(f"link-{name}", "vqkd.km.emulator", config, addressing.module(name).control_url)
+        for name, config in planned.kms.items():
+            self._add(f"km-{name}", "vqkd.km", config, f"http://{config.metrics_listen}/healthz")
+        self.endpoints["nodes"] = {name: asdict(ends) for name, ends in planned.km_endpoints.items()}
+        self.endpoints["links"] = {name: asdict(ends) for name, ends in planned.module_endpoints.items()}
         self.endpoints["ca_cert"] = str(self.ca.cert_path)
         if self.control_plane:
             self.endpoints["control"] = {"grpc": self.control_plane, "status_url": f"http://{HOST}:{self.status_port}"}
         self.endpoints["saes"] = {}
-        for sae, node in saes.items():
+        for sae, node in planned.saes.items():
             tls = self._tls(identity.sae(sae))
             self.endpoints["saes"][sae] = {"node": node, "cert": str(tls.cert), "key": str(tls.key)}
 

@@ -22,9 +22,10 @@ from vqkd.operator.kopf.handlers.common import dump, refuse, validated, wait
 from vqkd.operator.kopf.kube import CONFIGMAPS, DEPLOYMENTS, SECRETS, SERVICES, Kube, KubeError
 from vqkd.operator.kopf.runtime import Runtime
 from vqkd.operator.kopf.manifests import (
-    build_emulator_config, build_module_configmap, build_module_deployment, build_module_service, build_tls_secret,
+    ClusterAddressing, build_module_configmap, build_module_deployment, build_module_service, build_tls_secret,
     content_hash, link_labels, module_name, module_tls_secret, service_hosts, with_spec_hash,
 )
+from vqkd.operator.plan import module_config
 from vqkd.operator.resources.models import ConditionType, LinkState, QKDLink, QKDLinkStatus
 
 KIND = "QKDLink"
@@ -94,7 +95,7 @@ async def _sync_modules(runtime: Runtime, link: QKDLink) -> None:
     if link.spec.emulated is None:
         work, args = _delete_modules, (runtime.kube, link.name)
     else:
-        configmap = build_module_configmap(link.name, build_emulator_config(link))
+        configmap = build_module_configmap(link.name, module_config(link, ClusterAddressing(runtime.namespace)))
         children = (configmap, build_module_service(link.name),
                     build_module_deployment(link.name, runtime.options.module_image, content_hash(configmap["data"])))
         owner = nodes.owner_of(runtime, KIND, link.name)

@@ -22,9 +22,10 @@ from vqkd.operator.kopf.handlers.common import dump, refuse, validated
 from vqkd.operator.kopf.kube import CONFIGMAPS, PODS, SECRETS, SERVICES, STATEFULSETS, Kube, KubeError
 from vqkd.operator.kopf.runtime import Runtime
 from vqkd.operator.kopf.manifests import (
-    ANNOTATION_RESTARTED_AT, build_km_config, build_km_configmap, build_km_service, build_km_statefulset,
+    ANNOTATION_RESTARTED_AT, ClusterAddressing, build_km_configmap, build_km_service, build_km_statefulset,
     build_tls_secret, content_hash, km_name, km_pod, km_tls_secret, node_labels, service_hosts, with_spec_hash,
 )
+from vqkd.operator.plan import km_config
 from vqkd.operator.resources.models import API_VERSION, ConditionType, LinkState, NodePhase, QKDNode, QKDNodeStatus
 
 KIND = "QKDNode"
@@ -93,7 +94,8 @@ def owner_of(runtime: Runtime, kind: str, name: str) -> dict[str, Any] | None:
 
 def desired_children(runtime: Runtime, node: QKDNode) -> tuple[dict[str, Any], ...]:
     """ConfigMap, Service and StatefulSet of the node's KM, owned by the node."""
-    config = build_km_config(node, runtime.resources, runtime.namespace, runtime.options.km_control_plane)
+    addressing = ClusterAddressing(runtime.namespace, runtime.options.km_control_plane)
+    config = km_config(runtime.resources, node.name, addressing)
     configmap = build_km_configmap(node.name, config)
     device_secrets = {
         name: link.spec.etsi014.endpoints[node.name].secret_ref.name

@@ -1,0 +1,209 @@
+"""The network plan: every process's configuration, derived once from the declared resources.
+
+A network of QKDNodes and QKDLinks becomes one KM per node (``KMConfig``) and one emulated
+QKD module pair per emulated link (``EmulatedLinkConfig``), plus the endpoints a runtime
+publishes for them. Both runtimes derive these from the same functions here; what differs
+between them is only the *addressing*: where each process listens, where the others reach
+it and where it finds its TLS files. The local runtime passes the loopback ports it
+allocated and the certificates it issued into its state directory; the cluster passes
+Service DNS names, fixed container ports and the paths at which its pods mount Secrets.
+
+Pure: no sockets, files or clock; the addressing is data the runtime prepared beforehand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from vqkd.km import identity
+from vqkd.km.config import EmulatedLinkConfig, KMConfig, LinkEndConfig, ModuleEndConfig, TLSPaths
+from vqkd.operator.resources.models import QKDLink, QKDNode
+
+End = Literal["a", "b"]
+ENDS: tuple[End, End] = ("a", "b")  # end "a" of a module pair serves spec.nodes[0]
+
+PULLS_PER_SECOND = 20  # how often a KM should be able to draw a full block on a slow link
+
+
+class PlanError(ValueError):
+    """A declared resource the runtime planning it cannot realise; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class KMAddress:
+    """Where a node's KM binds its servers, and where the others reach them."""
+
+    etsi014_listen: str
+    grpc_listen: str
+    metrics_listen: str
+    etsi014_url: str  # base URL of the KM's ETSI 014 API, for the node's SAEs
+    grpc: str  # host:port of its gRPC services, for the control plane and the peer KMs
+    metrics_url: str
+
+
+@dataclass(frozen=True)
+class ModuleAddress:
+    """Where an emulated module pair binds its two ends and its admin server, and where they are reached."""
+
+    end_listen: Mapping[End, str]
+    end_urls: Mapping[End, str]  # https base URL of each end's ETSI 014 API, for the KM of its node
+    admin_listen: str
+    control_url: str
+    metrics_url: str
+
+
+class Addressing(Protocol):
+    """What a runtime decides about where its processes are; the plan decides everything else."""
+
+    @property
+    def control_plane(self) -> str | None:
+        """The ControlPlane gRPC address every KM reports to; None runs the KMs without one."""
+
+    def km(self, node: str) -> KMAddress: ...
+
+    def module(self, link: str) -> ModuleAddress: ...
+
+    def km_tls(self, node: str) -> TLSPaths:
+        """The TLS files of a node's KM."""
+
+    def module_tls(self, link: str, end: End) -> TLSPaths:
+        """The TLS files of one end of an emulated module pair."""
+
+    def device_tls(self, link: str, node: str) -> TLSPaths:
+        """The credentials a node's KM presents at its end of a link to real devices (``spec.etsi014``)."""
+
+
+class DeclaredNetwork(Protocol):
+    """What the plan reads of a network: its nodes and links by name (a loaded ``Network``, the operator's cache)."""
+
+    @property
+    def nodes(self) -> Mapping[str, QKDNode]: ...
+
+    @property
+    def links(self) -> Mapping[str, QKDLink]: ...
+
+
+@dataclass(frozen=True)
+class KMEndpoints:
+    """Where a node's KM is reached, as a runtime publishes it."""
+
+    kme_id: str
+    etsi014_url: str
+    grpc: str
+    metrics_url: str
+
+
+@dataclass(frozen=True)
+class ModuleEndpoints:
+    """Where an emulated link's module pair is controlled and scraped, as a runtime publishes it."""
+
+    nodes: tuple[str, str]
+    control_url: str
+    metrics_url: str
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """Every process a runtime starts for a network, and what it publishes about them."""
+
+    kms: dict[str, KMConfig]  # node -> its KM's configuration
+    modules: dict[str, EmulatedLinkConfig]  # emulated link -> its module pair's configuration
+    km_endpoints: dict[str, KMEndpoints]
+    module_endpoints: dict[str, ModuleEndpoints]
+    saes: dict[str, str]  # SAE ID -> the node it is attached to
+
+
+def block_bits_for(secret_rate_bps: float) -> int:
+    """Blocks a KM draws from its module: large on fast links, small enough on slow ones
+    that key becomes usable within a fraction of a second."""
+    bits = int(secret_rate_bps / PULLS_PER_SECOND) // 256 * 256
+    return max(256, min(8192, bits))
+
+
+def sae_directory(network: DeclaredNetwork) -> dict[str, str]:
+    """Every SAE of the network and the node it is attached to: each KM holds all of them."""
+    return {sae: name for name, node in sorted(network.nodes.items()) for sae in node.spec.sae_ids}
+
+
+def km_config(network: DeclaredNetwork, node: str, addressing: Addressing) -> KMConfig:
+    """The configuration of one node's KM.
+
+    Only links whose other node is declared are included: a KM refuses a configuration that
+    names a peer it cannot reach, and the link is configured once both nodes exist.
+    """
+    declared = network.nodes[node]
+    address = addressing.km(node)
+    links = [
+        _link_end(name, link, node, network.nodes[peer], addressing)
+        for name, link in sorted(network.links.items())
+        if node in link.spec.nodes and (peer := _other(link, node)) in network.nodes
+    ]
+    return KMConfig(
+        node=node, kme_id=declared.kme_id,
+        etsi014_listen=address.etsi014_listen, grpc_listen=address.grpc_listen,
+        metrics_listen=address.metrics_listen, tls=addressing.km_tls(node),
+        saes=sae_directory(network), links=links, limits=declared.spec.km.key_limits(),
+        control_plane=addressing.control_plane,
+    )
+
+
+def module_config(link: QKDLink, addressing: Addressing) -> EmulatedLinkConfig:
+    """The configuration of an emulated link's module pair; end ``a`` serves ``spec.nodes[0]``."""
+    emulated = link.spec.emulated
+    if emulated is None:
+        raise PlanError(f"QKDLink {link.name} has no emulated key source; only emulated links get module workloads")
+    address = addressing.module(link.name)
+    ends = {
+        end: ModuleEndConfig(
+            listen=address.end_listen[end], sae_id=node, client=identity.km(node).uri, kme_id=f"{link.name}-{end}",
+            tls=addressing.module_tls(link.name, end),
+        )
+        for end, node in zip(ENDS, link.spec.nodes)
+    }
+    return EmulatedLinkConfig(
+        link=link.name, key_rate_bps=emulated.key_rate_bps, qber=emulated.qber, buffer_bits=emulated.buffer_bits,
+        admin_listen=address.admin_listen, ends=ends,
+    )
+
+
+def plan_network(network: DeclaredNetwork, addressing: Addressing) -> NetworkPlan:
+    """Every process of the network: a KM per node, a module pair per emulated link, and their endpoints."""
+    emulated = {name: link for name, link in sorted(network.links.items()) if link.spec.emulated is not None}
+    kms = {name: km_config(network, name, addressing) for name in sorted(network.nodes)}
+    km_endpoints = {}
+    for name, config in kms.items():
+        address = addressing.km(name)
+        km_endpoints[name] = KMEndpoints(config.kme_id, address.etsi014_url, address.grpc, address.metrics_url)
+    module_endpoints = {}
+    for name, link in emulated.items():
+        address = addressing.module(name)
+        a, b = link.spec.nodes
+        module_endpoints[name] = ModuleEndpoints((a, b), address.control_url, address.metrics_url)
+    return NetworkPlan(
+        kms=kms, modules={name: module_config(link, addressing) for name, link in emulated.items()},
+        km_endpoints=km_endpoints, module_endpoints=module_endpoints, saes=sae_directory(network),
+    )
+
+
+def _other(link: QKDLink, node: str) -> str:
+    a, b = link.spec.nodes
+    return b if node == a else a
+
+
+def _link_end(name: str, link: QKDLink, node: str, peer: QKDNode, addressing: Addressing) -> LinkEndConfig:
+    """This node's side of a link: its peer KM, and the module end it draws key from."""
+    common = dict(name=name, peer_node=peer.name, peer_kme_id=peer.kme_id, peer_grpc=addressing.km(peer.name).grpc)
+    if link.spec.emulated is not None:
+        end = ENDS[link.spec.nodes.index(node)]
+        return LinkEndConfig(
+            **common, module_url=addressing.module(name).end_urls[end],
+            module_sae_id=node, peer_module_sae_id=peer.name,
+            block_bits=block_bits_for(link.spec.emulated.key_rate_bps),
+        )
+    device = link.spec.etsi014.endpoints[node]
+    return LinkEndConfig(
+        **common, module_url=device.url, module_sae_id=device.sae_id, peer_module_sae_id=device.peer_sae_id,
+        module_tls=addressing.device_tls(name, node),
+    )

@@ -1,0 +1,197 @@
+"""The network plan, checked without processes: one network planned with the local runtime's
+addressing (loopback ports, certificates in a state directory) and the cluster's (Service DNS
+names, fixed ports, mounted Secrets) gives the same processes, differing only in where they are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vqkd.km import identity
+from vqkd.km.config import KeyLimits, TLSPaths
+from vqkd.operator.kopf.manifests import ClusterAddressing
+from vqkd.operator.local.processes import KMPorts, LocalAddressing, ModulePorts
+from vqkd.operator.plan import (
+    KMEndpoints, ModuleEndpoints, PlanError, block_bits_for, km_config, module_config, plan_network,
+)
+from vqkd.operator.resources.loader import load_text
+
+NETWORK = """
+apiVersion: vqkd.io/v1alpha1
+kind: QKDNode
+metadata: {name: carol}
+spec:
+  saeIds: [sae-c]
+  km: {keySize: 512, minKeySize: 128, maxKeySize: 1024, maxKeyPerRequest: 4}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDNode
+metadata: {name: alice}
+spec: {saeIds: [sae-a]}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDNode
+metadata: {name: bob}
+spec: {saeIds: [sae-b1, sae-b2], kmeId: KME-BOB}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDLink
+metadata: {name: bob-carol}
+spec:
+  nodes: [bob, carol]
+  emulated: {keyRateBps: 1000, qber: 0.03}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDLink
+metadata: {name: alice-bob}
+spec:
+  nodes: [alice, bob]
+  emulated: {keyRateBps: 1000000, qber: 0.02, bufferBits: 4096000}
+"""
+DEVICE_LINK = """
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDLink
+metadata: {name: alice-carol}
+spec:
+  nodes: [alice, carol]
+  etsi014:
+    endpoints:
+      alice: {url: "https://qkd-a.lab:443/", saeId: KM_A, peerSaeId: KM_C, secretRef: {name: qkd-a-creds}}
+      carol: {url: "https://qkd-c.lab:443/", saeId: KM_C, peerSaeId: KM_A, secretRef: {name: qkd-c-creds}}
+"""
+PKI = Path("/state/pki")
+
+
+def network(text: str = NETWORK):
+    return load_text(text, "plan-test")
+
+
+def local_addressing(control_plane: str | None = "127.0.0.1:7000") -> LocalAddressing:
+    nodes, links = ("alice", "bob", "carol"), ("alice-bob", "bob-carol")
+    certificates = {ident: TLSPaths(ca=PKI / "ca.crt", cert=PKI / f"{ident.name}.crt", key=PKI / f"{ident.name}.key")
+                    for ident in [identity.km(n) for n in nodes]
+                    + [identity.module(link, end) for link in links for end in "ab"]}
+    return LocalAddressing(
+        km_ports={node: KMPorts(8000 + 10 * i, 8001 + 10 * i, 8002 + 10 * i) for i, node in enumerate(nodes)},
+        module_ports={link: ModulePorts(9000 + 10 * i, 9001 + 10 * i, 9002 + 10 * i) for i, link in enumerate(links)},
+        certificates=certificates, control_plane=control_plane,
+    )
+
+
+def cluster_addressing() -> ClusterAddressing:
+    return ClusterAddressing("qkd", "vqkd-control-plane.qkd.svc:9443")
+
+
+def test_local_addressing_puts_every_process_on_its_loopback_ports():
+    plan = plan_network(network(), local_addressing())
+    bob = plan.kms["bob"]
+    assert (bob.etsi014_listen, bob.grpc_listen, bob.metrics_listen) == ("127.0.0.1:8010", "127.0.0.1:8011",
+                                                                         "127.0.0.1:8012")
+    assert (str(bob.tls.cert), bob.control_plane) == ("/state/pki/bob.crt", "127.0.0.1:7000")
+    to_alice, to_carol = bob.links
+    assert (to_alice.peer_grpc, to_alice.module_url) == ("127.0.0.1:8001", "https://127.0.0.1:9001")
+    assert (to_carol.peer_grpc, to_carol.module_url) == ("127.0.0.1:8021", "https://127.0.0.1:9010")
+    module = plan.modules["alice-bob"]
+    assert {end: (e.listen, str(e.tls.cert)) for end, e in module.ends.items()} == {
+        "a": ("127.0.0.1:9000", "/state/pki/alice-bob/a.crt"), "b": ("127.0.0.1:9001", "/state/pki/alice-bob/b.crt")}
+    assert module.admin_listen == "127.0.0.1:9002"
+    assert plan.km_endpoints["bob"] == KMEndpoints("KME-BOB", "https://127.0.0.1:8010", "127.0.0.1:8011",
+                                                   "http://127.0.0.1:8012/metrics")
+    assert plan.module_endpoints["alice-bob"] == ModuleEndpoints(("alice", "bob"), "http://127.0.0.1:9002/control",
+                                                                 "http://127.0.0.1:9002/metrics")
+    assert plan_network(network(), local_addressing(None)).kms["bob"].control_plane is None
+
+
+def test_cluster_addressing_reaches_every_process_by_its_service_name():
+    plan = plan_network(network(), cluster_addressing())
+    bob = plan.kms["bob"]
+    assert (bob.etsi014_listen, bob.grpc_listen, bob.metrics_listen) == ("0.0.0.0:8443", "0.0.0.0:9443",
+                                                                         "0.0.0.0:9090")
+    assert (str(bob.tls.cert), bob.control_plane) == ("/etc/vqkd/tls/tls.crt", "vqkd-control-plane.qkd.svc:9443")
+    assert [(link.peer_grpc, link.module_url) for link in bob.links] == [
+        ("vqkd-km-alice.qkd.svc:9443", "https://vqkd-link-alice-bob.qkd.svc:8444"),
+        ("vqkd-km-carol.qkd.svc:9443", "https://vqkd-link-bob-carol.qkd.svc:8443"),
+    ]
+    assert plan.km_endpoints["bob"] == KMEndpoints("KME-BOB", "https://vqkd-km-bob.qkd.svc:8443",
+                                                   "vqkd-km-bob.qkd.svc:9443", "http://vqkd-km-bob.qkd.svc:9090/metrics")
+    assert plan.module_endpoints["alice-bob"].control_url == "http://vqkd-link-alice-bob.qkd.svc:9100/control"
+
+
+def _placeless(config) -> dict:
+    """A configuration without where its process listens, reaches others and finds its TLS files."""
+    places = {"etsi014_listen", "grpc_listen", "metrics_listen", "tls", "control_plane", "admin_listen", "listen",
+              "peer_grpc", "module_url"}
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {key: strip(item) for key, item in value.items() if key not in places}
+        if isinstance(value, list):
+            return [strip(item) for item in value]
+        return value
+
+    return strip(config.model_dump(mode="json"))
+
+
+def test_both_runtimes_plan_the_same_processes_and_differ_only_in_where_they_are():
+    local, cluster = plan_network(network(), local_addressing()), plan_network(network(), cluster_addressing())
+    assert list(local.kms) == list(cluster.kms) == ["alice", "bob", "carol"]
+    assert {n: _placeless(c) for n, c in local.kms.items()} == {n: _placeless(c) for n, c in cluster.kms.items()}
+    assert {n: _placeless(c) for n, c in local.modules.items()} == {
+        n: _placeless(c) for n, c in cluster.modules.items()}
+    bob = _placeless(local.kms["bob"])
+    assert bob["saes"] == local.saes == {"sae-a": "alice", "sae-b1": "bob", "sae-b2": "bob", "sae-c": "carol"}
+    assert [(link["name"], link["peer_node"], link["peer_kme_id"], link["module_sae_id"], link["peer_module_sae_id"],
+             link["block_bits"], link["pool_target_bits"]) for link in bob["links"]] == [
+        ("alice-bob", "alice", "alice", "bob", "alice", 8192, 64 * 1024 * 1024),
+        ("bob-carol", "carol", "carol", "bob", "carol", 256, 64 * 1024 * 1024),
+    ]
+    module = local.modules["alice-bob"]
+    assert (module.key_rate_bps, module.qber, module.buffer_bits) == (1e6, 0.02, 4096000)
+    assert {end: (e.sae_id, e.client, e.kme_id) for end, e in module.ends.items()} == {
+        "a": ("alice", "vqkd://km/alice", "alice-bob-a"), "b": ("bob", "vqkd://km/bob", "alice-bob-b")}
+
+
+@pytest.mark.parametrize("addressing", [local_addressing(), cluster_addressing()], ids=["local", "cluster"])
+def test_each_km_gets_the_key_limits_of_its_node(addressing):
+    plan = plan_network(network(), addressing)
+    assert plan.kms["carol"].limits == KeyLimits(key_size=512, min_key_size=128, max_key_size=1024,
+                                                 max_key_per_request=4)
+    assert plan.kms["alice"].limits == KeyLimits()
+
+
+@pytest.mark.parametrize("addressing", [local_addressing(), cluster_addressing()], ids=["local", "cluster"])
+def test_a_link_to_a_node_not_yet_declared_waits_for_it_but_its_modules_are_planned(addressing):
+    partial = network()
+    del partial.nodes["carol"]
+    plan = plan_network(partial, addressing)
+    assert [link.name for link in plan.kms["bob"].links] == ["alice-bob"]
+    assert "carol" not in plan.kms and "sae-c" not in plan.kms["bob"].saes
+    # The module pair needs neither KM to run: it is there when the node is declared.
+    assert plan.modules["bob-carol"].ends["b"].client == "vqkd://km/carol"
+    assert km_config(partial, "bob", addressing) == plan.kms["bob"]
+
+
+def test_a_device_link_in_the_cluster_uses_the_device_and_the_credentials_mounted_from_its_secret():
+    alice = plan_network(network(NETWORK + DEVICE_LINK), cluster_addressing()).kms["alice"]
+    device = next(link for link in alice.links if link.name == "alice-carol")
+    assert (device.module_url, device.module_sae_id, device.peer_module_sae_id, device.peer_grpc) == (
+        "https://qkd-a.lab:443/", "KM_A", "KM_C", "vqkd-km-carol.qkd.svc:9443")
+    assert [str(p) for p in (device.module_tls.ca, device.module_tls.cert, device.module_tls.key)] == [
+        "/etc/vqkd/modules/alice-carol/ca.crt", "/etc/vqkd/modules/alice-carol/tls.crt",
+        "/etc/vqkd/modules/alice-carol/tls.key"]
+    assert next(link for link in alice.links if link.name == "alice-bob").module_tls is None
+    with pytest.raises(PlanError, match="QKDLink alice-carol has no emulated key source"):
+        module_config(network(NETWORK + DEVICE_LINK).links["alice-carol"], cluster_addressing())
+
+
+def test_the_local_runtime_refuses_a_device_link_naming_it_and_the_way_out():
+    with pytest.raises(PlanError) as refused:
+        plan_network(network(NETWORK + DEVICE_LINK), local_addressing())
+    assert str(refused.value) == ("QKDLink alice-carol: spec.etsi014: the local runtime runs emulated QKD modules "
+                                  "only; give the link spec.emulated instead, or run it on the cluster runtime")
+
+
+def test_block_size_follows_the_link_rate_within_bounds():
+    assert [block_bits_for(rate) for rate in (10, 1000, 100_000, 1e6, 1e9)] == [256, 256, 4864, 8192, 8192]
