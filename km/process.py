@@ -30,6 +30,7 @@ from vqkd.km.rpc.control_plane_client import GrpcControlPlane
 from vqkd.km.etsi004.routes import ETSI004Routes
 from vqkd.km.etsi004.service import ETSI004Service
 from vqkd.km.rpc.peers import LinkPeerService, PeerClient
+from vqkd.km.rpc.credentials import grpc_channel_credentials, grpc_server_credentials
 from vqkd.km.domain.relay import RelayService
 from vqkd.km.domain.sessions import SessionTable
 from vqkd.km.v1 import km_pb2_grpc
@@ -69,7 +70,7 @@ class KMService:
         self.tls_files = config.tls.files()
         self.control_plane: GrpcControlPlane | None = None
         if config.control_plane:
-            channel = grpc.aio.secure_channel(config.control_plane, tls.grpc_channel_credentials(self.tls_files),
+            channel = grpc.aio.secure_channel(config.control_plane, grpc_channel_credentials(self.tls_files),
                                               options=CHANNEL_OPTIONS)
             self.control_plane = GrpcControlPlane(config.node, channel)
         self.exchange = KeyExchange(self.km, self.sessions, self.relays, self.control_plane)
@@ -104,7 +105,7 @@ class KMService:
     async def start(self) -> None:
         await self._start_grpc()
         self._tasks.append(asyncio.create_task(self._expire_sessions(), name="session-timers"))
-        credentials = tls.grpc_channel_credentials(self.tls_files)
+        credentials = grpc_channel_credentials(self.tls_files)
         for link in self.km.links.values():
             channel = grpc.aio.secure_channel(link.config.peer_grpc, credentials, options=CHANNEL_OPTIONS)
             self._channels.append(channel)
@@ -123,7 +124,7 @@ class KMService:
             LinkPeerService(self.km, self.exchange, self.modules, self.relays), server)
         km_pb2_grpc.add_KeyManagerControlServicer_to_server(KeyManagerControlService(self.km, self.sessions), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        server.add_secure_port(self.config.grpc_listen, tls.grpc_server_credentials(self.tls_files))
+        server.add_secure_port(self.config.grpc_listen, grpc_server_credentials(self.tls_files))
         await server.start()
         self._grpc = server
 

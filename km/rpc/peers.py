@@ -17,6 +17,7 @@ from vqkd.km.domain.exchange import DeliveryRefused, KeyExchange
 from vqkd.km.domain.keypool import Span, SpanError
 from vqkd.km.domain.links import Link
 from vqkd.km.domain.relay import HybridMessage, RelayRejected, RelayService
+from vqkd.km.rpc.credentials import peer_identity
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 if TYPE_CHECKING:
@@ -32,11 +33,6 @@ MAX_KEYS_PER_DELIVER = 4096
 MAX_COMMITS_PER_REQUEST = 1024  # a commit is two IDs: this bounds the request to ~100 KB
 # Relay messages per Relay request, weighed by their keys like deliveries.
 MAX_RELAYED_KEYS_PER_REQUEST = 4096
-
-
-def peer_identity(context: grpc.aio.ServicerContext) -> identity.Identity | None:
-    certs = context.auth_context().get("x509_pem_cert")
-    return identity.from_pem(certs[0]) if certs else None
 
 
 class LinkPeerService(km_pb2_grpc.LinkPeerServicer):

@@ -15,8 +15,8 @@ from typing import Callable
 import grpc
 
 from vqkd.km import identity
-from vqkd.km.rpc.peers import peer_identity
-from vqkd.km.tls import TLSFiles, grpc_channel_credentials
+from vqkd.km.rpc.credentials import grpc_channel_credentials, peer_identity
+from vqkd.km.tls import TLSFiles
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.core import ControlCore
