@@ -1,4 +1,4 @@
-"""Why a key request could not be served. Adapters map these to ETSI 014 / 004 codes."""
+"""Why a KM refuses a request. Adapters map the ``KMError``s to ETSI 014 / 004 codes."""
 
 
 class KMError(Exception):
@@ -31,3 +31,9 @@ class NoPath(Unavailable):
 
 class PeerUnavailable(Unavailable):
     """A KM on the path did not answer or refused; the keys were delivered to no one."""
+
+
+class DeliveryRefused(Exception):
+    """Keys a peer KM delivered, or a relay it committed, cannot be held here; the message
+    says why. Not a ``KMError``: whoever gets it words the answer it owes (a refusal to the
+    peer KM, or ``Unavailable`` to an application of this node)."""

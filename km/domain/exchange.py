@@ -11,21 +11,16 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from vqkd.km.domain import errors
+from vqkd.km.domain.control_plane import ControlPlaneClient, OpenRequest
 from vqkd.km.domain.keyids import new_key_ids
+from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.domain.keypool import InsufficientKey, Span, SpanError
-from vqkd.km.domain.control_plane import OpenRequest
-from vqkd.km.domain.vocabulary import QoS
 from vqkd.km.domain.keystore import KeysNotFound, StoreFull
-from vqkd.km.domain.vocabulary import Endpoint
-
-if TYPE_CHECKING:
-    from vqkd.km.domain.keymanager import KeyManager
-    from vqkd.km.domain.control_plane import ControlPlaneClient
-    from vqkd.km.domain.relay import RelayService
-    from vqkd.km.domain.sessions import Session, SessionTable
+from vqkd.km.domain.relay import RelayService
+from vqkd.km.domain.sessions import Session, SessionTable
+from vqkd.km.domain.vocabulary import Endpoint, QoS
 
 
 IMPLICIT_ROUTE_TIMEOUT_S = 5.0
@@ -35,10 +30,6 @@ IMPLICIT_ROUTE_TIMEOUT_S = 5.0
 class Issued:
     keys: list[tuple[str, bytes]]
     extension: dict | None = None  # attached to every key, e.g. marking hybrid (PQC) keys
-
-
-class DeliveryRefused(Exception):
-    """The peer's delivery cannot be accepted; the message says why."""
 
 
 def split(material: bytes, size_bytes: int) -> list[bytes]:
@@ -70,7 +61,7 @@ class KeyExchange:
             keys = list(zip(new_key_ids(number), (secrets.token_bytes(size_bytes) for _ in range(number))))
             try:
                 self._store(master, slaves, keys)
-            except DeliveryRefused as e:
+            except errors.DeliveryRefused as e:
                 raise errors.Unavailable(f"cannot hold keys for {slaves}: {e}") from None
             return Issued(keys)
         session = self.sessions.between(master, slaves[0]) if self.sessions is not None else None
@@ -154,19 +145,19 @@ class KeyExchange:
         km = self.km
         link = km.links[link_name]
         if not key_ids:
-            raise DeliveryRefused("a delivery needs at least one key")
+            raise errors.DeliveryRefused("a delivery needs at least one key")
         try:
             material = link.incoming.consume(spans)
         except SpanError as e:
-            raise DeliveryRefused(f"link {link_name}: {e}") from None
+            raise errors.DeliveryRefused(f"link {link_name}: {e}") from None
         # The material is consumed from here on: whatever is refused below is lost on both
         # sides (the sender dropped it too), never used for something else.
         if size_bits <= 0 or size_bits % 8 or len(key_ids) * size_bits != len(material) * 8:
-            raise DeliveryRefused(f"{len(key_ids)} keys of {size_bits} bits do not match "
+            raise errors.DeliveryRefused(f"{len(key_ids)} keys of {size_bits} bits do not match "
                                   f"{len(material) * 8} bits of material")
         not_here = [s for s in slaves if not km.is_local(s)]
         if not slaves or not_here:
-            raise DeliveryRefused(f"slave SAEs {not_here or slaves} are not attached to node {km.node}")
+            raise errors.DeliveryRefused(f"slave SAEs {not_here or slaves} are not attached to node {km.node}")
         self._store(master, slaves, list(zip(key_ids, split(material, size_bits // 8))))
         return len(material) * 8
 
@@ -174,4 +165,4 @@ class KeyExchange:
         try:
             self.km.store.put(master, frozenset(slaves), keys)
         except (StoreFull, KeysNotFound) as e:
-            raise DeliveryRefused(str(e)) from None
+            raise errors.DeliveryRefused(str(e)) from None

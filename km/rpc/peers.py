@@ -13,10 +13,11 @@ import grpc
 
 from vqkd.km import identity
 from vqkd.km.domain import errors, relay_crypto
-from vqkd.km.domain.exchange import DeliveryRefused, KeyExchange
+from vqkd.km.domain.exchange import KeyExchange
 from vqkd.km.domain.keypool import Span, SpanError
 from vqkd.km.domain.links import Link
-from vqkd.km.domain.relay import HybridMessage, RelayRejected, RelayService
+from vqkd.km.domain.peer import HybridMessage
+from vqkd.km.domain.relay import RelayRejected, RelayService
 from vqkd.km.rpc.credentials import peer_identity
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
@@ -103,7 +104,7 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
             try:
                 self.exchange.accept(link.name, d.master_sae_id, list(d.slave_sae_ids), list(d.key_ids), d.size_bits,
                                      spans)
-            except DeliveryRefused as e:
+            except errors.DeliveryRefused as e:
                 refused.append(str(e) or "refused")
             else:
                 refused.append("")
@@ -161,7 +162,7 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
                 await self.relays.commit(link, c.session_id, c.relay_id)
             except RelayRejected as e:
                 return f"{grpc.StatusCode.NOT_FOUND.name}: {e}"
-            except (errors.KMError, DeliveryRefused) as e:
+            except (errors.KMError, errors.DeliveryRefused) as e:
                 return f"{grpc.StatusCode.UNAVAILABLE.name}: {e}"
             return ""
 
