@@ -14,7 +14,9 @@ class NotAuthorized(KMError):
 
 
 class KeysNotFound(KMError):
-    """dec_keys named a key this KM does not hold for that master (ETSI 014: 400)."""
+    """Key IDs that name no key held here for that master: unknown, already taken, expired,
+    issued by another master, or named twice (ETSI 014 dec_keys: 400). ``KeyStore.put``
+    raises it for key IDs already in use."""
 
 
 class Unavailable(KMError):

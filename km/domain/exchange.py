@@ -17,7 +17,7 @@ from vqkd.km.domain.control_plane import ControlPlaneClient, OpenRequest
 from vqkd.km.domain.keyids import new_key_ids
 from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.domain.keypool import InsufficientKey, Span, SpanError
-from vqkd.km.domain.keystore import KeysNotFound, StoreFull
+from vqkd.km.domain.keystore import StoreFull
 from vqkd.km.domain.relay import RelayService
 from vqkd.km.domain.sessions import Session, SessionTable
 from vqkd.km.domain.vocabulary import Endpoint, QoS
@@ -164,5 +164,5 @@ class KeyExchange:
     def _store(self, master: str, slaves: list[str], keys: list[tuple[str, bytes]]) -> None:
         try:
             self.km.store.put(master, frozenset(slaves), keys)
-        except (StoreFull, KeysNotFound) as e:
+        except (StoreFull, errors.KeysNotFound) as e:
             raise errors.DeliveryRefused(str(e)) from None

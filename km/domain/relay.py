@@ -29,7 +29,7 @@ from vqkd.km.domain.keyids import new_key_ids
 from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.domain.keypool import Span, SpanError
 from vqkd.km.domain.keyqueue import QueueTimeout
-from vqkd.km.domain.keystore import KeysNotFound, StoreFull
+from vqkd.km.domain.keystore import StoreFull
 from vqkd.km.domain.links import Link
 from vqkd.km.domain.peer import HybridMessage
 from vqkd.km.domain.sessions import Session, SessionTable
@@ -308,7 +308,7 @@ class RelayService:
         else:
             try:
                 self.km.store.put(pending.master, frozenset(pending.slaves), pending.keys, pending.extension)
-            except (StoreFull, KeysNotFound) as e:
+            except (StoreFull, errors.KeysNotFound) as e:
                 raise errors.DeliveryRefused(str(e)) from None
         if session is not None:
             self.sessions.touch(session)  # counted as delivered where they were issued, not here
