@@ -59,7 +59,7 @@ class KeyManagerControlService(km_pb2_grpc.KeyManagerControlServicer):
 
     async def _authorize(self, context) -> None:
         caller = peer_identity(context)
-        if caller is None or caller.role is not identity.Role.CONTROLLER:
+        if caller is None or caller.kind is not identity.PrincipalKind.CONTROLLER:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"only the control plane (vqkd://controller/...) may configure KMs, not {caller}")
 

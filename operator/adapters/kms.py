@@ -109,7 +109,7 @@ class ControlPlaneService(km_pb2_grpc.ControlPlaneServicer):
 
     async def _node(self, request, context) -> str:
         caller = peer_identity(context)
-        if caller is None or caller.role is not identity.Role.KM or caller.name != request.node:
+        if caller is None or caller.kind is not identity.PrincipalKind.KM or caller.name != request.node:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"only the KM of node {request.node!r} may speak for it, not {caller}")
         return request.node
