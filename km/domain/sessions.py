@@ -2,9 +2,15 @@
 
 A session is a period in which two SAEs may draw symmetric key. The control plane pushes
 each KM on the session's path a configuration: the KM's role, its previous and next hop
-(never the whole path), priority, token bucket and timers. Endpoint KMs run the session
-cycle ``Authenticating → UserAccepted → Operative ⇄ KeyExchanging → Terminated``; every
-transition is recorded with a timestamp so the runtimes can show it.
+(never the whole path), priority, token bucket and timers.
+
+``State`` and ``ALLOWED`` are the one definition of the KM session cycle of Fig. 2a,
+``Authenticating → UserAccepted → Operative ⇄ KeyExchanging → Terminated``, with the
+paper's names. A session begins Authenticating when an application opens it at this KM,
+or UserAccepted when the control plane declares it (a KeySession, or the session at an
+intermediate KM). From there only ``SessionTable`` moves it, and every move goes through
+``ALLOWED`` and is recorded with a timestamp so the runtimes can show it; everything else
+reads a session's state and never sets it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from vqkd.km.domain.vocabulary import Endpoint, Role
 
 
 class State(StrEnum):
+    """Where a session is in the KM session cycle (paper Fig. 2a)."""
+
     AUTHENTICATING = "Authenticating"
     USER_ACCEPTED = "UserAccepted"
     OPERATIVE = "Operative"
@@ -28,10 +36,12 @@ class State(StrEnum):
     TERMINATED = "Terminated"
 
 
+# State -> the states it may move to. KeyExchanging -> KeyExchanging is a further key request
+# while others are in flight; the session is Operative again when the last one is done.
 ALLOWED = {
     State.AUTHENTICATING: {State.USER_ACCEPTED, State.TERMINATED},
     State.USER_ACCEPTED: {State.OPERATIVE, State.TERMINATED},
-    State.OPERATIVE: {State.KEY_EXCHANGING, State.TERMINATED, State.OPERATIVE},
+    State.OPERATIVE: {State.KEY_EXCHANGING, State.TERMINATED},
     State.KEY_EXCHANGING: {State.OPERATIVE, State.TERMINATED, State.KEY_EXCHANGING},
     State.TERMINATED: set(),
 }
@@ -154,7 +164,7 @@ class SessionTable:
     _by_pair: dict[frozenset[str], list[str]] = field(default_factory=dict)
 
     def _record(self, session: Session, event: str, to: State, detail: str = "") -> None:
-        if to not in ALLOWED[session.state] and to is not session.state:
+        if to not in ALLOWED[session.state]:
             raise RuntimeError(f"session {session.session_id}: no transition {session.state} -> {to}")
         session.state = to
         self.events.append(Event(self.wall(), session.session_id, event, to, detail))
