@@ -1,7 +1,10 @@
-"""The KM process: wires the domain to its servers and runs until told to stop.
+"""Assembles one KM process from its configuration and runs it until told to stop.
 
-Listeners: the application API (ETSI 014 over HTTPS, mutual TLS), gRPC (KM <-> KM and the
-standard health service, mutual TLS), and plain HTTP for /metrics and /healthz probes.
+``KMProcess`` builds the domain (key manager, sessions, relay, key exchange), plugs in its
+transports (a gRPC ``PeerClient`` per link, the module feeds, the control-plane client) and
+serves. Listeners: the application API (ETSI 014 and ETSI 004 over HTTPS, mutual TLS),
+gRPC (KM <-> KM, KeyManagerControl for the control plane and the standard health service,
+mutual TLS), and plain HTTP for /metrics, the /healthz probe and the /events log.
 """
 
 from __future__ import annotations
@@ -18,21 +21,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vqkd.km import tls
 from vqkd.km.config import KMConfig
+from vqkd.km.domain.exchange import KeyExchange
+from vqkd.km.domain.keymanager import KeyManager
+from vqkd.km.domain.relay import RelayService
+from vqkd.km.domain.sessions import SessionTable
+from vqkd.km.etsi004.routes import ETSI004Routes
+from vqkd.km.etsi004.service import ETSI004Service
 from vqkd.km.etsi014.client import ETSI014Client
 from vqkd.km.etsi014.routes import MAX_BODY_BYTES, ETSI014Routes
 from vqkd.km.etsi014.service import ETSI014Service
-from vqkd.km.domain.exchange import KeyExchange
-from vqkd.km.module_feed import LinkFeed
-from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.metrics import KMMetrics
-from vqkd.km.rpc.control_service import KeyManagerControlService
+from vqkd.km.module_feed import LinkFeed
 from vqkd.km.rpc.control_plane_client import GrpcControlPlane
-from vqkd.km.etsi004.routes import ETSI004Routes
-from vqkd.km.etsi004.service import ETSI004Service
-from vqkd.km.rpc.peers import LinkPeerService, PeerClient
+from vqkd.km.rpc.control_service import KeyManagerControlService
 from vqkd.km.rpc.credentials import grpc_channel_credentials, grpc_server_credentials
-from vqkd.km.domain.relay import RelayService
-from vqkd.km.domain.sessions import SessionTable
+from vqkd.km.rpc.peers import LinkPeerService, PeerClient
 from vqkd.km.v1 import km_pb2_grpc
 
 log = logging.getLogger("vqkd.km")
@@ -53,7 +56,7 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class KMService:
+class KMProcess:
     def __init__(self, config: KMConfig):
         self.config = config
         self.km = KeyManager(config)
@@ -178,7 +181,7 @@ class KMService:
 
 
 async def serve(config: KMConfig) -> None:
-    service = KMService(config)
+    service = KMProcess(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

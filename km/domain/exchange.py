@@ -1,9 +1,13 @@
-"""Making keys shared between a master SAE here and slave SAEs on this or an adjacent node.
+"""Serving key requests: keys shared between a master SAE here and its slave SAEs.
 
-The master's KM cuts the keys from its outgoing pool of the link towards the slave's node
-and names the material to the peer KM, which stores the same bytes under the same key IDs
-for the slave SAEs. The master gets its keys only after the peer confirmed; if the peer
-fails, the material is gone on both sides and nobody has the keys.
+Slaves on this node get fresh random keys. Otherwise the keys go within the SAE pair's
+session, relayed along its path (``relay.RelayService``) and limited by its token bucket;
+an ETSI 014 request finding no session opens one on the applications' behalf. A KM without
+a control plane serves adjacent nodes directly: the master's KM cuts the keys from its
+outgoing pool of the link towards the slave's node and names the material to the peer KM,
+which stores the same bytes under the same key IDs for the slave SAEs. The master gets its
+keys only after the peer confirmed; if the peer fails, the material is gone on both sides
+and nobody has the keys.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vqkd.km.domain import errors
-from vqkd.km.etsi014 import schema
 from vqkd.km.domain.keystore import NotASlave
+from vqkd.km.etsi014 import schema
 
 if TYPE_CHECKING:
     from vqkd.km.domain.exchange import Issued, KeyExchange

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 import grpc
 
 from vqkd.km import identity
-from vqkd.km.rpc.credentials import peer_identity
 from vqkd.km.domain.sessions import InvalidConfiguration, SessionConfig, SessionTable
 from vqkd.km.domain.vocabulary import Endpoint, Role
+from vqkd.km.rpc.credentials import peer_identity
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 if TYPE_CHECKING:

@@ -22,8 +22,8 @@ from vqkd.km.rpc.credentials import peer_identity
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 if TYPE_CHECKING:
-    from vqkd.km.etsi014.client import ETSI014Client
     from vqkd.km.domain.keymanager import KeyManager
+    from vqkd.km.etsi014.client import ETSI014Client
 
 log = logging.getLogger(__name__)
 
