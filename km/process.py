@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vqkd.km import tls
-from vqkd.km.config import KMConfig
+from vqkd.km.config import KMConfig, split_host_port
 from vqkd.km.domain.exchange import KeyExchange
 from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.domain.relay import RelayService
@@ -49,11 +49,6 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
 ]
 SESSION_SWEEP_S = 0.25
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class KMProcess:

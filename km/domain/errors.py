@@ -24,7 +24,8 @@ class Unavailable(KMError):
 
 
 class InsufficientKey(Unavailable):
-    """Not enough QKD key material; nothing was consumed."""
+    """Not enough QKD key material; nothing was consumed. A key pool raises it too, saying
+    only how much it holds: whoever asked it words the answer for the caller."""
 
 
 class NoPath(Unavailable):

@@ -20,7 +20,7 @@ from vqkd.km.domain import errors
 from vqkd.km.domain.control_plane import ControlPlaneClient, OpenRequest
 from vqkd.km.domain.keyids import new_key_ids
 from vqkd.km.domain.keymanager import KeyManager
-from vqkd.km.domain.keypool import InsufficientKey, Span, SpanError
+from vqkd.km.domain.keypool import Span, SpanError
 from vqkd.km.domain.keystore import StoreFull
 from vqkd.km.domain.relay import RelayService
 from vqkd.km.domain.sessions import Session, SessionTable
@@ -78,7 +78,7 @@ class KeyExchange:
             raise errors.NoPath(f"node {km.node} has no QKD link to node {slave_node}, where {slaves[0]} is attached")
         try:
             material, spans = link.outgoing.take(number * size_bytes)
-        except InsufficientKey as e:
+        except errors.InsufficientKey as e:
             raise errors.InsufficientKey(
                 f"not enough QKD key on link {link.name} to node {slave_node}: {e}; retry later or ask for fewer bits"
             ) from None

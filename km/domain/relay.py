@@ -32,12 +32,12 @@ from vqkd.km.domain.keyqueue import QueueTimeout
 from vqkd.km.domain.keystore import StoreFull
 from vqkd.km.domain.links import Link
 from vqkd.km.domain.peer import HybridMessage
+from vqkd.km.domain.relay_crypto import MAC_KEY_BYTES
 from vqkd.km.domain.sessions import Session, SessionTable
 from vqkd.km.domain.vocabulary import Role
 
 log = logging.getLogger(__name__)
 
-MAC_KEY_BYTES = relay_crypto.MAC_KEY_BYTES
 CONFIGURATION_GRACE_S = 1.0
 # How long relayed keys wait for their commit (and intermediates remember the way on). It
 # bounds a relay's round trip, not the application's call: the commit follows the relay

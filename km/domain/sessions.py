@@ -106,7 +106,9 @@ class SessionConfig:
 
 
 @dataclass(slots=True)
-class Event:
+class SessionEvent:
+    """A transition of the cycle, or a step of a key exchange that changes no state."""
+
     at: float  # wall clock, seconds since the epoch
     session_id: str
     event: str
@@ -156,7 +158,7 @@ class SessionTable:
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
     sessions: dict[str, Session] = field(default_factory=dict)
-    events: deque[Event] = field(default_factory=lambda: deque(maxlen=10_000))
+    events: deque[SessionEvent] = field(default_factory=lambda: deque(maxlen=10_000))
     on_terminated: Callable[[Session, str], None] = lambda session, reason: None
     _awaited: dict[str, tuple[asyncio.Event, int]] = field(default_factory=dict)  # session -> (event, waiters)
     # The SAE pair of each session (either direction) -> its session IDs, oldest first: every
@@ -167,7 +169,7 @@ class SessionTable:
         if to not in ALLOWED[session.state]:
             raise RuntimeError(f"session {session.session_id}: no transition {session.state} -> {to}")
         session.state = to
-        self.events.append(Event(self.wall(), session.session_id, event, to, detail))
+        self.events.append(SessionEvent(self.wall(), session.session_id, event, to, detail))
 
     def _bucket(self, config: SessionConfig) -> TokenBucket:
         return TokenBucket(config.rate_bps, config.bucket_bits, clock=self.clock, subject=f"session {config.session_id}")
@@ -227,7 +229,7 @@ class SessionTable:
         if session is None:
             session = Session(session_id, source, destination, implicit=implicit, last_activity=self.clock())
             self._add(session)
-            self.events.append(Event(self.wall(), session_id, "open request", State.AUTHENTICATING, detail))
+            self.events.append(SessionEvent(self.wall(), session_id, "open request", State.AUTHENTICATING, detail))
         if session.state is State.AUTHENTICATING:
             self._record(session, "user authenticated", State.USER_ACCEPTED, detail)
         return session
@@ -253,7 +255,7 @@ class SessionTable:
                 self._record(session, "user authenticated", State.USER_ACCEPTED)
             self._record(session, "route configured", State.OPERATIVE, detail)
         else:
-            self.events.append(Event(self.wall(), config.session_id, "route configured", session.state, detail))
+            self.events.append(SessionEvent(self.wall(), config.session_id, "route configured", session.state, detail))
         session.configured.set()
         awaited = self._awaited.pop(config.session_id, None)
         if awaited is not None:
@@ -277,7 +279,7 @@ class SessionTable:
 
     def note(self, session: Session, event: str, detail: str = "") -> None:
         """Record a step of a key exchange that changes no state (key available, relayed, ...)."""
-        self.events.append(Event(self.wall(), session.session_id, event, session.state, detail))
+        self.events.append(SessionEvent(self.wall(), session.session_id, event, session.state, detail))
 
     def touch(self, session: Session) -> None:
         session.last_activity = self.clock()
