@@ -252,7 +252,8 @@ class _Batches:
 
 
 class PeerClient:
-    """Calls the peer KM of one link; every call has a deadline and maps failures to KM errors."""
+    """The domain's ``Peer`` over gRPC: calls the peer KM of one link, every call with a deadline,
+    and maps failures to KM errors."""
 
     def __init__(self, km: KeyManager, link: Link, channel: grpc.aio.Channel):
         self.km = km
