@@ -18,6 +18,12 @@ from vqkd.km.tls import TLSFiles
 HostPort = Annotated[str, Field(pattern=r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")]
 
 
+def split_host_port(address: str) -> tuple[str, int]:
+    """A listen address's host (IPv6 without its brackets) and port."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,9 +1,9 @@
 """Who is on the other end of a TLS connection.
 
 Every certificate vqkd issues or accepts names exactly one principal in a URI subject
-alternative name, ``vqkd://<role>/<name>``: an application (``sae``), a key manager
+alternative name, ``vqkd://<kind>/<name>``: an application (``sae``), a key manager
 (``km``), one end of a QKD module (``module``) or the control plane (``controller``).
-The role keeps a key manager from posing as an application and vice versa.
+The kind keeps a key manager from posing as an application and vice versa.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from cryptography import x509
 SCHEME = "vqkd://"
 
 
-class Role(StrEnum):
+class PrincipalKind(StrEnum):
+    """What kind of principal a certificate names (a KM's part in a session is ``vocabulary.Role``)."""
+
     SAE = "sae"
     KM = "km"
     MODULE = "module"
@@ -26,12 +28,12 @@ class Role(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    role: Role
+    kind: PrincipalKind
     name: str
 
     @property
     def uri(self) -> str:
-        return f"{SCHEME}{self.role.value}/{self.name}"
+        return f"{SCHEME}{self.kind.value}/{self.name}"
 
     def __str__(self) -> str:
         return self.uri
@@ -40,30 +42,30 @@ class Identity:
     def parse(cls, uri: str) -> Identity:
         if not uri.startswith(SCHEME):
             raise ValueError(f"identity {uri!r} must start with {SCHEME!r}")
-        role, sep, name = uri[len(SCHEME):].partition("/")
+        kind, sep, name = uri[len(SCHEME):].partition("/")
         if not sep or not name:
-            raise ValueError(f"identity {uri!r} must look like {SCHEME}<role>/<name>")
+            raise ValueError(f"identity {uri!r} must look like {SCHEME}<kind>/<name>")
         try:
-            return cls(Role(role), name)
+            return cls(PrincipalKind(kind), name)
         except ValueError:
-            roles = ", ".join(r.value for r in Role)
-            raise ValueError(f"identity {uri!r} has unknown role {role!r}; expected one of {roles}") from None
+            kinds = ", ".join(k.value for k in PrincipalKind)
+            raise ValueError(f"identity {uri!r} has unknown kind {kind!r}; expected one of {kinds}") from None
 
 
 def sae(name: str) -> Identity:
-    return Identity(Role.SAE, name)
+    return Identity(PrincipalKind.SAE, name)
 
 
 def km(node: str) -> Identity:
-    return Identity(Role.KM, node)
+    return Identity(PrincipalKind.KM, node)
 
 
 def module(link: str, end: str) -> Identity:
-    return Identity(Role.MODULE, f"{link}/{end}")
+    return Identity(PrincipalKind.MODULE, f"{link}/{end}")
 
 
 def controller(name: str = "control-plane") -> Identity:
-    return Identity(Role.CONTROLLER, name)
+    return Identity(PrincipalKind.CONTROLLER, name)
 
 
 def _from_certificate(cert: x509.Certificate) -> Identity | None:

@@ -1,7 +1,10 @@
-"""The KM process: wires the domain to its servers and runs until told to stop.
+"""Assembles one KM process from its configuration and runs it until told to stop.
 
-Listeners: the application API (ETSI 014 over HTTPS, mutual TLS), gRPC (KM <-> KM and the
-standard health service, mutual TLS), and plain HTTP for /metrics and /healthz probes.
+``KMProcess`` builds the domain (key manager, sessions, relay, key exchange), plugs in its
+transports (a gRPC ``PeerClient`` per link, the module feeds, the control-plane client) and
+serves. Listeners: the application API (ETSI 014 and ETSI 004 over HTTPS, mutual TLS),
+gRPC (KM <-> KM, KeyManagerControl for the control plane and the standard health service,
+mutual TLS), and plain HTTP for /metrics, the /healthz probe and the /events log.
 """
 
 from __future__ import annotations
@@ -17,21 +20,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vqkd.km import tls
-from vqkd.km.config import KMConfig
+from vqkd.km.config import KMConfig, split_host_port
+from vqkd.km.domain.exchange import KeyExchange
+from vqkd.km.domain.keymanager import KeyManager
+from vqkd.km.domain.relay import RelayService
+from vqkd.km.domain.sessions import SessionTable
+from vqkd.km.etsi004.routes import ETSI004Routes
+from vqkd.km.etsi004.service import ETSI004Service
 from vqkd.km.etsi014.client import ETSI014Client
 from vqkd.km.etsi014.routes import MAX_BODY_BYTES, ETSI014Routes
 from vqkd.km.etsi014.service import ETSI014Service
-from vqkd.km.domain.exchange import KeyExchange
-from vqkd.km.module_feed import LinkFeed
-from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.metrics import KMMetrics
-from vqkd.km.rpc.control_service import KeyManagerControlService
+from vqkd.km.module_feed import LinkFeed
 from vqkd.km.rpc.control_plane_client import GrpcControlPlane
-from vqkd.km.etsi004.routes import ETSI004Routes
-from vqkd.km.etsi004.service import ETSI004Service
+from vqkd.km.rpc.control_service import KeyManagerControlService
+from vqkd.km.rpc.credentials import grpc_channel_credentials, grpc_server_credentials
 from vqkd.km.rpc.peers import LinkPeerService, PeerClient
-from vqkd.km.domain.relay import RelayService
-from vqkd.km.domain.sessions import SessionTable
 from vqkd.km.v1 import km_pb2_grpc
 
 log = logging.getLogger("vqkd.km")
@@ -47,12 +51,7 @@ CHANNEL_OPTIONS = [
 SESSION_SWEEP_S = 0.25
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-class KMService:
+class KMProcess:
     def __init__(self, config: KMConfig):
         self.config = config
         self.km = KeyManager(config)
@@ -69,7 +68,7 @@ class KMService:
         self.tls_files = config.tls.files()
         self.control_plane: GrpcControlPlane | None = None
         if config.control_plane:
-            channel = grpc.aio.secure_channel(config.control_plane, tls.grpc_channel_credentials(self.tls_files),
+            channel = grpc.aio.secure_channel(config.control_plane, grpc_channel_credentials(self.tls_files),
                                               options=CHANNEL_OPTIONS)
             self.control_plane = GrpcControlPlane(config.node, channel)
         self.exchange = KeyExchange(self.km, self.sessions, self.relays, self.control_plane)
@@ -104,7 +103,7 @@ class KMService:
     async def start(self) -> None:
         await self._start_grpc()
         self._tasks.append(asyncio.create_task(self._expire_sessions(), name="session-timers"))
-        credentials = tls.grpc_channel_credentials(self.tls_files)
+        credentials = grpc_channel_credentials(self.tls_files)
         for link in self.km.links.values():
             channel = grpc.aio.secure_channel(link.config.peer_grpc, credentials, options=CHANNEL_OPTIONS)
             self._channels.append(channel)
@@ -123,7 +122,7 @@ class KMService:
             LinkPeerService(self.km, self.exchange, self.modules, self.relays), server)
         km_pb2_grpc.add_KeyManagerControlServicer_to_server(KeyManagerControlService(self.km, self.sessions), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        server.add_secure_port(self.config.grpc_listen, tls.grpc_server_credentials(self.tls_files))
+        server.add_secure_port(self.config.grpc_listen, grpc_server_credentials(self.tls_files))
         await server.start()
         self._grpc = server
 
@@ -177,7 +176,7 @@ class KMService:
 
 
 async def serve(config: KMConfig) -> None:
-    service = KMService(config)
+    service = KMProcess(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

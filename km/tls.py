@@ -1,12 +1,15 @@
-"""Mutual-TLS contexts and credentials for HTTPS (aiohttp) and gRPC."""
+"""The mutual-TLS file set of a principal, and the ``ssl`` contexts HTTPS (aiohttp) uses.
+
+No gRPC here: the configuration models name a ``TLSFiles``, and whatever reads them (the
+control core among others) must not pull in gRPC for it. The gRPC credentials made from
+the same files are in ``vqkd.km.rpc.credentials``.
+"""
 
 from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-
-import grpc
 
 
 @dataclass(frozen=True)
@@ -35,13 +38,3 @@ def client_context(files: TLSFiles) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(files.cert), str(files.key))
     return ctx
-
-
-def grpc_server_credentials(files: TLSFiles) -> grpc.ServerCredentials:
-    ca, cert, key = files.read()
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
-
-
-def grpc_channel_credentials(files: TLSFiles) -> grpc.ChannelCredentials:
-    ca, cert, key = files.read()
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)

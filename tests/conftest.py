@@ -43,7 +43,7 @@ class PKI:
         self.ca = DevCA.load_or_create(directory)
 
     def files(self, ident: identity.Identity) -> TLSFiles:
-        stem = f"{ident.role.value}-{ident.name.replace('/', '-')}"
+        stem = f"{ident.kind.value}-{ident.name.replace('/', '-')}"
         issued = self.ca.issue(ident, stem)
         return TLSFiles(self.ca.cert_path, issued.cert, issued.key)
 

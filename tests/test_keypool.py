@@ -2,7 +2,8 @@
 
 import pytest
 
-from vqkd.km.domain.keypool import IncomingPool, InsufficientKey, OutgoingPool, Span, SpanError
+from vqkd.km.domain.errors import InsufficientKey
+from vqkd.km.domain.keypool import IncomingPool, OutgoingPool, Span, SpanError
 
 BLOCKS = [("b1", bytes(range(16))), ("b2", bytes(range(16, 32)))]
 

@@ -4,7 +4,8 @@ import gc
 
 import pytest
 
-from vqkd.km.domain.keystore import KeysNotFound, KeyStore, NotASlave, StoreFull
+from vqkd.km.domain.errors import KeysNotFound
+from vqkd.km.domain.keystore import KeyStore, NotASlave, StoreFull
 
 
 class Clock:

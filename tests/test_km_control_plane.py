@@ -18,7 +18,8 @@ import pytest
 
 from conftest import free_port
 from test_km_etsi014 import client, control, files, url, wait_stored
-from vqkd.km import identity, tls
+from vqkd.km import identity
+from vqkd.km.rpc.credentials import grpc_channel_credentials, grpc_server_credentials
 from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.km.tls import client_context
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
@@ -72,7 +73,7 @@ class ControlPlaneDouble(km_pb2_grpc.ControlPlaneServicer):
         source, destination = self.endpoints[sid]
         a, b = NODES.index(source.node), NODES.index(destination.node)
         path = NODES[a:b + 1] if a < b else NODES[b:a + 1][::-1]
-        creds = tls.grpc_channel_credentials(self.net._tls(identity.controller()).files())
+        creds = grpc_channel_credentials(self.net._tls(identity.controller()).files())
         # Far end first: the source turns Operative (and starts relaying) only when every KM
         # after it already holds its forwarding entry.
         for i, node in reversed(list(enumerate(path))):
@@ -102,7 +103,7 @@ async def cp_net(tmp_path):
     network = LocalNetwork(load_text(NETWORK, "cp"), tmp_path, log_level="INFO", control_plane=f"127.0.0.1:{port}")
     server = grpc.aio.server()
     km_pb2_grpc.add_ControlPlaneServicer_to_server(double, server)
-    server.add_secure_port(f"127.0.0.1:{port}", tls.grpc_server_credentials(network._tls(identity.controller()).files()))
+    server.add_secure_port(f"127.0.0.1:{port}", grpc_server_credentials(network._tls(identity.controller()).files()))
     await server.start()
     double.net = network
     await asyncio.to_thread(network.start)

@@ -13,7 +13,8 @@ import grpc
 import pytest
 
 from test_km_etsi014 import client, enc_keys_retrying, wait_stored
-from vqkd.km import identity, tls
+from vqkd.km import identity
+from vqkd.km.rpc.credentials import grpc_channel_credentials
 from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 from vqkd.operator.local.processes import LocalNetwork
@@ -54,7 +55,7 @@ class ControlPlane:
     def __init__(self, net: LocalNetwork):
         self.net = net
         files = net._tls(identity.controller()).files()
-        self.credentials = tls.grpc_channel_credentials(files)
+        self.credentials = grpc_channel_credentials(files)
 
     def stub(self, node: str) -> km_pb2_grpc.KeyManagerControlStub:
         channel = grpc.aio.secure_channel(self.net.endpoints["nodes"][node]["grpc"], self.credentials)
@@ -158,7 +159,7 @@ async def test_a_dead_intermediate_means_no_key_for_anyone(net):
 
 async def test_only_the_control_plane_may_configure(net):
     files = net._tls(identity.km("n0")).files()  # a KM certificate, not a controller
-    channel = grpc.aio.secure_channel(net.endpoints["nodes"]["n1"]["grpc"], tls.grpc_channel_credentials(files))
+    channel = grpc.aio.secure_channel(net.endpoints["nodes"]["n1"]["grpc"], grpc_channel_credentials(files))
     stub = km_pb2_grpc.KeyManagerControlStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await stub.ListSessions(km_pb2.ListSessionsRequest(), timeout=5)

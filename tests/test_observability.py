@@ -34,7 +34,8 @@ import yaml
 from conftest import free_port
 from test_helm import CHART, ROOT, needs_helm, one, render
 from test_km_etsi014 import control as link_control
-from vqkd.km import identity, tls
+from vqkd.km import identity
+from vqkd.km.rpc.credentials import grpc_channel_credentials
 from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 from vqkd.operator.control.admission import AdmissionSettings
@@ -286,7 +287,7 @@ def _km_metric(net: LocalNetwork, node: str, name: str) -> bool:
 
 async def _forged_commit(net: LocalNetwork) -> None:
     """A commit for a relay KM c never received, from its real peer b: refused and counted."""
-    controller = tls.grpc_channel_credentials(net._tls(identity.controller()).files())
+    controller = grpc_channel_credentials(net._tls(identity.controller()).files())
 
     async def incarnation(node: str) -> str:
         async with grpc.aio.secure_channel(net.endpoints["nodes"][node]["grpc"], controller) as channel:
@@ -294,7 +295,7 @@ async def _forged_commit(net: LocalNetwork) -> None:
                                                                              timeout=5)).incarnation
 
     sender, receiver = await incarnation("b"), await incarnation("c")
-    peer_b = tls.grpc_channel_credentials(net._tls(identity.km("b")).files())
+    peer_b = grpc_channel_credentials(net._tls(identity.km("b")).files())
     async with grpc.aio.secure_channel(net.endpoints["nodes"]["c"]["grpc"], peer_b) as channel:
         reply = await km_pb2_grpc.LinkPeerStub(channel).Commit(km_pb2.CommitRequest(
             link="b-c", sender_incarnation=sender, receiver_incarnation=receiver,

@@ -27,7 +27,7 @@ from test_km_control_plane import get_key_when_connected, post
 from test_km_etsi014 import client, enc_keys_retrying
 from vqkd.km import identity
 from vqkd.km.config import EmulatedLinkConfig, KMConfig
-from vqkd.km.tls import grpc_channel_credentials
+from vqkd.km.rpc.credentials import grpc_channel_credentials
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.kopf.endpoints import LocalEndpoints

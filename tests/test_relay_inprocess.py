@@ -35,7 +35,7 @@ class Clock:
 
 
 class WirePeer:
-    """Stands in for PeerClient: hands each message to the neighbour's servicer logic."""
+    """A domain Peer standing in for the gRPC PeerClient: hands each message to the neighbour's servicer logic."""
 
     def __init__(self, here: "Node", there: "Node", link_name: str):
         self.here, self.there, self.link_name = here, there, link_name

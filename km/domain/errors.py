@@ -1,4 +1,4 @@
-"""Why a key request could not be served. Adapters map these to ETSI 014 / 004 codes."""
+"""Why a KM refuses a request. Adapters map the ``KMError``s to ETSI 014 / 004 codes."""
 
 
 class KMError(Exception):
@@ -14,7 +14,9 @@ class NotAuthorized(KMError):
 
 
 class KeysNotFound(KMError):
-    """dec_keys named a key this KM does not hold for that master (ETSI 014: 400)."""
+    """Key IDs that name no key held here for that master: unknown, already taken, expired,
+    issued by another master, or named twice (ETSI 014 dec_keys: 400). ``KeyStore.put``
+    raises it for key IDs already in use."""
 
 
 class Unavailable(KMError):
@@ -22,7 +24,8 @@ class Unavailable(KMError):
 
 
 class InsufficientKey(Unavailable):
-    """Not enough QKD key material; nothing was consumed."""
+    """Not enough QKD key material; nothing was consumed. A key pool raises it too, saying
+    only how much it holds: whoever asked it words the answer for the caller."""
 
 
 class NoPath(Unavailable):
@@ -31,3 +34,9 @@ class NoPath(Unavailable):
 
 class PeerUnavailable(Unavailable):
     """A KM on the path did not answer or refused; the keys were delivered to no one."""
+
+
+class DeliveryRefused(Exception):
+    """Keys a peer KM delivered, or a relay it committed, cannot be held here; the message
+    says why. Not a ``KMError``: whoever gets it words the answer it owes (a refusal to the
+    peer KM, or ``Unavailable`` to an application of this node)."""

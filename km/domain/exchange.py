@@ -1,9 +1,13 @@
-"""Making keys shared between a master SAE here and slave SAEs on this or an adjacent node.
+"""Serving key requests: keys shared between a master SAE here and its slave SAEs.
 
-The master's KM cuts the keys from its outgoing pool of the link towards the slave's node
-and names the material to the peer KM, which stores the same bytes under the same key IDs
-for the slave SAEs. The master gets its keys only after the peer confirmed; if the peer
-fails, the material is gone on both sides and nobody has the keys.
+Slaves on this node get fresh random keys. Otherwise the keys go within the SAE pair's
+session, relayed along its path (``relay.RelayService``) and limited by its token bucket;
+an ETSI 014 request finding no session opens one on the applications' behalf. A KM without
+a control plane serves adjacent nodes directly: the master's KM cuts the keys from its
+outgoing pool of the link towards the slave's node and names the material to the peer KM,
+which stores the same bytes under the same key IDs for the slave SAEs. The master gets its
+keys only after the peer confirmed; if the peer fails, the material is gone on both sides
+and nobody has the keys.
 """
 
 from __future__ import annotations
@@ -11,21 +15,16 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from vqkd.km.domain import errors
+from vqkd.km.domain.control_plane import ControlPlaneClient, OpenRequest
 from vqkd.km.domain.keyids import new_key_ids
-from vqkd.km.domain.keypool import InsufficientKey, Span, SpanError
-from vqkd.km.domain.control_plane import OpenRequest
-from vqkd.km.domain.vocabulary import QoS
-from vqkd.km.domain.keystore import KeysNotFound, StoreFull
-from vqkd.km.domain.vocabulary import Endpoint
-
-if TYPE_CHECKING:
-    from vqkd.km.domain.keymanager import KeyManager
-    from vqkd.km.domain.control_plane import ControlPlaneClient
-    from vqkd.km.domain.relay import RelayService
-    from vqkd.km.domain.sessions import Session, SessionTable
+from vqkd.km.domain.keymanager import KeyManager
+from vqkd.km.domain.keypool import Span, SpanError
+from vqkd.km.domain.keystore import StoreFull
+from vqkd.km.domain.relay import RelayService
+from vqkd.km.domain.sessions import Session, SessionTable
+from vqkd.km.domain.vocabulary import Endpoint, QoS
 
 
 IMPLICIT_ROUTE_TIMEOUT_S = 5.0
@@ -35,10 +34,6 @@ IMPLICIT_ROUTE_TIMEOUT_S = 5.0
 class Issued:
     keys: list[tuple[str, bytes]]
     extension: dict | None = None  # attached to every key, e.g. marking hybrid (PQC) keys
-
-
-class DeliveryRefused(Exception):
-    """The peer's delivery cannot be accepted; the message says why."""
 
 
 def split(material: bytes, size_bytes: int) -> list[bytes]:
@@ -70,7 +65,7 @@ class KeyExchange:
             keys = list(zip(new_key_ids(number), (secrets.token_bytes(size_bytes) for _ in range(number))))
             try:
                 self._store(master, slaves, keys)
-            except DeliveryRefused as e:
+            except errors.DeliveryRefused as e:
                 raise errors.Unavailable(f"cannot hold keys for {slaves}: {e}") from None
             return Issued(keys)
         session = self.sessions.between(master, slaves[0]) if self.sessions is not None else None
@@ -83,7 +78,7 @@ class KeyExchange:
             raise errors.NoPath(f"node {km.node} has no QKD link to node {slave_node}, where {slaves[0]} is attached")
         try:
             material, spans = link.outgoing.take(number * size_bytes)
-        except InsufficientKey as e:
+        except errors.InsufficientKey as e:
             raise errors.InsufficientKey(
                 f"not enough QKD key on link {link.name} to node {slave_node}: {e}; retry later or ask for fewer bits"
             ) from None
@@ -154,24 +149,24 @@ class KeyExchange:
         km = self.km
         link = km.links[link_name]
         if not key_ids:
-            raise DeliveryRefused("a delivery needs at least one key")
+            raise errors.DeliveryRefused("a delivery needs at least one key")
         try:
             material = link.incoming.consume(spans)
         except SpanError as e:
-            raise DeliveryRefused(f"link {link_name}: {e}") from None
+            raise errors.DeliveryRefused(f"link {link_name}: {e}") from None
         # The material is consumed from here on: whatever is refused below is lost on both
         # sides (the sender dropped it too), never used for something else.
         if size_bits <= 0 or size_bits % 8 or len(key_ids) * size_bits != len(material) * 8:
-            raise DeliveryRefused(f"{len(key_ids)} keys of {size_bits} bits do not match "
+            raise errors.DeliveryRefused(f"{len(key_ids)} keys of {size_bits} bits do not match "
                                   f"{len(material) * 8} bits of material")
         not_here = [s for s in slaves if not km.is_local(s)]
         if not slaves or not_here:
-            raise DeliveryRefused(f"slave SAEs {not_here or slaves} are not attached to node {km.node}")
+            raise errors.DeliveryRefused(f"slave SAEs {not_here or slaves} are not attached to node {km.node}")
         self._store(master, slaves, list(zip(key_ids, split(material, size_bits // 8))))
         return len(material) * 8
 
     def _store(self, master: str, slaves: list[str], keys: list[tuple[str, bytes]]) -> None:
         try:
             self.km.store.put(master, frozenset(slaves), keys)
-        except (StoreFull, KeysNotFound) as e:
-            raise DeliveryRefused(str(e)) from None
+        except (StoreFull, errors.KeysNotFound) as e:
+            raise errors.DeliveryRefused(str(e)) from None

@@ -17,9 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-
-class InsufficientKey(Exception):
-    """The pool holds less material than asked for; nothing was taken."""
+from vqkd.km.domain.errors import InsufficientKey
 
 
 class SpanError(Exception):

@@ -11,9 +11,7 @@ from collections import Counter
 from itertools import repeat
 from typing import Callable, NamedTuple
 
-
-class KeysNotFound(Exception):
-    """At least one key ID is unknown here, already taken, or was issued by another master."""
+from vqkd.km.domain.errors import KeysNotFound
 
 
 class NotASlave(Exception):

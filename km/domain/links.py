@@ -8,14 +8,11 @@ this side sees a new incarnation it drops everything it shared with the old one.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from vqkd.km.config import LinkEndConfig
 from vqkd.km.domain.keypool import IncomingPool, OutgoingPool
 from vqkd.km.domain.keyqueue import KeyQueue
-
-if TYPE_CHECKING:
-    from vqkd.km.rpc.peers import PeerClient
+from vqkd.km.domain.peer import Peer
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +27,7 @@ class Link:
         # Requests waiting for outgoing key: by priority, then first come first served.
         self.queue = KeyQueue()
         self.peer_incarnation: str | None = None
-        self.peer: PeerClient | None = None
+        self.peer: Peer | None = None  # plugged in by the process once its transport is up
         self.flushed_bits = 0
         self.peer_restarts = 0
         self.drawn_bits = 0

@@ -22,24 +22,22 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from vqkd.km.domain import errors, hybrid, relay_crypto
-from vqkd.km.domain.exchange import DeliveryRefused, split
-from vqkd.km.domain.keyqueue import QueueTimeout
 from vqkd.km.domain.keyids import new_key_ids
+from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.domain.keypool import Span, SpanError
-from vqkd.km.domain.keystore import KeysNotFound, StoreFull
+from vqkd.km.domain.keyqueue import QueueTimeout
+from vqkd.km.domain.keystore import StoreFull
+from vqkd.km.domain.links import Link
+from vqkd.km.domain.peer import HybridMessage
+from vqkd.km.domain.relay_crypto import MAC_KEY_BYTES
 from vqkd.km.domain.sessions import Session, SessionTable
 from vqkd.km.domain.vocabulary import Role
 
-if TYPE_CHECKING:
-    from vqkd.km.domain.links import Link
-    from vqkd.km.domain.keymanager import KeyManager
-
 log = logging.getLogger(__name__)
 
-MAC_KEY_BYTES = relay_crypto.MAC_KEY_BYTES
 CONFIGURATION_GRACE_S = 1.0
 # How long relayed keys wait for their commit (and intermediates remember the way on). It
 # bounds a relay's round trip, not the application's call: the commit follows the relay
@@ -65,22 +63,6 @@ class Pending:
     extension: dict | None
     expires: float
     stream_index: int | None = None  # ETSI 004 chunks from this index, else ETSI 014 keys
-
-
-@dataclass(frozen=True, slots=True)
-class HybridMessage:
-    """One hop of the hybrid fallback exchange (km.proto HybridRequest)."""
-
-    link: str
-    session_id: str
-    relay_id: str
-    index: int
-    master_sae_id: str
-    slave_sae_ids: tuple[str, ...]
-    key_ids: tuple[str, ...]
-    size_bits: int
-    stream: bool
-    offer: bytes
 
 
 @dataclass(slots=True)
@@ -165,7 +147,7 @@ class RelayService:
         await link.peer.commit(link.name, session.session_id, fields.relay_id)
         self.on_relay_done(direct, self.clock() - started)
         self.on_relayed("source", nbytes * 8)
-        return list(zip(ids, split(keys_material, size_bits // 8))), None
+        return list(zip(ids, relay_crypto.split_keys(keys_material, number, size_bits))), None
 
     async def _send_hybrid(self, session: Session, link: Link, master: str, slaves: list[str], number: int,
                            size_bits: int, stream: bool, index: int) -> tuple[list[tuple[str, bytes]], dict]:
@@ -326,7 +308,7 @@ class RelayService:
         else:
             try:
                 self.km.store.put(pending.master, frozenset(pending.slaves), pending.keys, pending.extension)
-            except (StoreFull, KeysNotFound) as e:
-                raise DeliveryRefused(str(e)) from None
+            except (StoreFull, errors.KeysNotFound) as e:
+                raise errors.DeliveryRefused(str(e)) from None
         if session is not None:
             self.sessions.touch(session)  # counted as delivered where they were issued, not here

@@ -2,9 +2,15 @@
 
 A session is a period in which two SAEs may draw symmetric key. The control plane pushes
 each KM on the session's path a configuration: the KM's role, its previous and next hop
-(never the whole path), priority, token bucket and timers. Endpoint KMs run the session
-cycle ``Authenticating → UserAccepted → Operative ⇄ KeyExchanging → Terminated``; every
-transition is recorded with a timestamp so the runtimes can show it.
+(never the whole path), priority, token bucket and timers.
+
+``State`` and ``ALLOWED`` are the one definition of the KM session cycle of Fig. 2a,
+``Authenticating → UserAccepted → Operative ⇄ KeyExchanging → Terminated``, with the
+paper's names. A session begins Authenticating when an application opens it at this KM,
+or UserAccepted when the control plane declares it (a KeySession, or the session at an
+intermediate KM). From there only ``SessionTable`` moves it, and every move goes through
+``ALLOWED`` and is recorded with a timestamp so the runtimes can show it; everything else
+reads a session's state and never sets it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from vqkd.km.domain.vocabulary import Endpoint, Role
 
 
 class State(StrEnum):
+    """Where a session is in the KM session cycle (paper Fig. 2a)."""
+
     AUTHENTICATING = "Authenticating"
     USER_ACCEPTED = "UserAccepted"
     OPERATIVE = "Operative"
@@ -28,10 +36,12 @@ class State(StrEnum):
     TERMINATED = "Terminated"
 
 
+# State -> the states it may move to. KeyExchanging -> KeyExchanging is a further key request
+# while others are in flight; the session is Operative again when the last one is done.
 ALLOWED = {
     State.AUTHENTICATING: {State.USER_ACCEPTED, State.TERMINATED},
     State.USER_ACCEPTED: {State.OPERATIVE, State.TERMINATED},
-    State.OPERATIVE: {State.KEY_EXCHANGING, State.TERMINATED, State.OPERATIVE},
+    State.OPERATIVE: {State.KEY_EXCHANGING, State.TERMINATED},
     State.KEY_EXCHANGING: {State.OPERATIVE, State.TERMINATED, State.KEY_EXCHANGING},
     State.TERMINATED: set(),
 }
@@ -96,7 +106,9 @@ class SessionConfig:
 
 
 @dataclass(slots=True)
-class Event:
+class SessionEvent:
+    """A transition of the cycle, or a step of a key exchange that changes no state."""
+
     at: float  # wall clock, seconds since the epoch
     session_id: str
     event: str
@@ -146,7 +158,7 @@ class SessionTable:
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
     sessions: dict[str, Session] = field(default_factory=dict)
-    events: deque[Event] = field(default_factory=lambda: deque(maxlen=10_000))
+    events: deque[SessionEvent] = field(default_factory=lambda: deque(maxlen=10_000))
     on_terminated: Callable[[Session, str], None] = lambda session, reason: None
     _awaited: dict[str, tuple[asyncio.Event, int]] = field(default_factory=dict)  # session -> (event, waiters)
     # The SAE pair of each session (either direction) -> its session IDs, oldest first: every
@@ -154,10 +166,10 @@ class SessionTable:
     _by_pair: dict[frozenset[str], list[str]] = field(default_factory=dict)
 
     def _record(self, session: Session, event: str, to: State, detail: str = "") -> None:
-        if to not in ALLOWED[session.state] and to is not session.state:
+        if to not in ALLOWED[session.state]:
             raise RuntimeError(f"session {session.session_id}: no transition {session.state} -> {to}")
         session.state = to
-        self.events.append(Event(self.wall(), session.session_id, event, to, detail))
+        self.events.append(SessionEvent(self.wall(), session.session_id, event, to, detail))
 
     def _bucket(self, config: SessionConfig) -> TokenBucket:
         return TokenBucket(config.rate_bps, config.bucket_bits, clock=self.clock, subject=f"session {config.session_id}")
@@ -217,7 +229,7 @@ class SessionTable:
         if session is None:
             session = Session(session_id, source, destination, implicit=implicit, last_activity=self.clock())
             self._add(session)
-            self.events.append(Event(self.wall(), session_id, "open request", State.AUTHENTICATING, detail))
+            self.events.append(SessionEvent(self.wall(), session_id, "open request", State.AUTHENTICATING, detail))
         if session.state is State.AUTHENTICATING:
             self._record(session, "user authenticated", State.USER_ACCEPTED, detail)
         return session
@@ -243,7 +255,7 @@ class SessionTable:
                 self._record(session, "user authenticated", State.USER_ACCEPTED)
             self._record(session, "route configured", State.OPERATIVE, detail)
         else:
-            self.events.append(Event(self.wall(), config.session_id, "route configured", session.state, detail))
+            self.events.append(SessionEvent(self.wall(), config.session_id, "route configured", session.state, detail))
         session.configured.set()
         awaited = self._awaited.pop(config.session_id, None)
         if awaited is not None:
@@ -267,7 +279,7 @@ class SessionTable:
 
     def note(self, session: Session, event: str, detail: str = "") -> None:
         """Record a step of a key exchange that changes no state (key available, relayed, ...)."""
-        self.events.append(Event(self.wall(), session.session_id, event, session.state, detail))
+        self.events.append(SessionEvent(self.wall(), session.session_id, event, session.state, detail))
 
     def touch(self, session: Session) -> None:
         session.last_activity = self.clock()

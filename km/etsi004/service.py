@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING
 
 from vqkd.km.domain import errors
 from vqkd.km.domain.control_plane import OpenRequest
-from vqkd.km.domain.vocabulary import QoS
 from vqkd.km.domain.sessions import Session, State
-from vqkd.km.domain.vocabulary import Endpoint
+from vqkd.km.domain.vocabulary import Endpoint, QoS
 
 if TYPE_CHECKING:
     from vqkd.km.domain.control_plane import ControlPlaneClient
@@ -38,6 +37,8 @@ MAX_CHUNK_BYTES = 1024
 
 
 class Status(IntEnum):
+    """The status codes of ETSI GS QKD 004."""
+
     SUCCESS = 0
     PEER_NOT_CONNECTED = 1
     INSUFFICIENT_KEY = 2
@@ -50,7 +51,9 @@ class Status(IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class OpenResult:
+class OpenConnectResult:
+    """What OPEN_CONNECT answers the application."""
+
     status: Status
     key_stream_id: str
     qos: QoS
@@ -58,7 +61,9 @@ class OpenResult:
 
 
 @dataclass(frozen=True, slots=True)
-class KeyResult:
+class GetKeyResult:
+    """What GET_KEY answers the application."""
+
     status: Status
     index: int
     key: bytes = b""
@@ -81,14 +86,14 @@ class ETSI004Service:
         return Endpoint(node, sae_id)
 
     async def open_connect(self, caller: str, source: str, destination: str, qos: QoS,
-                           key_stream_id: str = "") -> OpenResult:
+                           key_stream_id: str = "") -> OpenConnectResult:
         if caller not in (source, destination) or not self.km.is_local(caller):
             raise errors.NotAuthorized(f"SAE {caller} may open sessions only as itself, at the KM of its node")
         src, dst = self._endpoint(source, "source"), self._endpoint(destination, "destination")
         if source == destination:
             raise errors.InvalidRequest("source and destination must be different SAEs")
         if self.control_plane is None:
-            return OpenResult(Status.NO_QKD_CONNECTION, key_stream_id, qos,
+            return OpenConnectResult(Status.NO_QKD_CONNECTION, key_stream_id, qos,
                               f"KM {self.km.node} runs without a control plane; ETSI 004 sessions need one")
         timeout_s = (qos.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
         result = await self.control_plane.open_session(OpenRequest(
@@ -98,7 +103,7 @@ class ETSI004Service:
         if not result.accepted:
             if result.unauthorized:
                 raise errors.NotAuthorized(result.reason)
-            return OpenResult(Status(result.etsi004_status or Status.NO_QKD_CONNECTION), key_stream_id,
+            return OpenConnectResult(Status(result.etsi004_status or Status.NO_QKD_CONNECTION), key_stream_id,
                               result.qos, result.reason)
         session = self.sessions.open(result.session_id, src, dst, detail=f"ETSI 004 OPEN_CONNECT by {caller}")
         try:
@@ -106,9 +111,9 @@ class ETSI004Service:
         except asyncio.TimeoutError:
             pass
         if session.config is None:
-            return OpenResult(Status.PEER_NOT_CONNECTED, result.session_id, result.qos,
+            return OpenConnectResult(Status.PEER_NOT_CONNECTED, result.session_id, result.qos,
                               "the peer application has not connected yet")
-        return OpenResult(Status.SUCCESS, result.session_id, result.qos)
+        return OpenConnectResult(Status.SUCCESS, result.session_id, result.qos)
 
     def _session_of(self, caller: str, key_stream_id: str) -> Session:
         if not self.km.is_local(caller):
@@ -122,31 +127,31 @@ class ETSI004Service:
         return session
 
     async def get_key(self, caller: str, key_stream_id: str, index: int | None,
-                      metadata_size: int = 0) -> KeyResult:
+                      metadata_size: int = 0) -> GetKeyResult:
         """``metadata_size`` 0 means the caller takes metadata of any size."""
         session = self._session_of(caller, key_stream_id)
         if 0 < metadata_size < METADATA_BYTES:  # refuse before anything is taken
-            return KeyResult(Status.METADATA_TOO_SMALL, index or 0,
+            return GetKeyResult(Status.METADATA_TOO_SMALL, index or 0,
                              message=f"the metadata needs {METADATA_BYTES} bytes, the buffer has {metadata_size}")
         c = session.config
         if c is None:
-            return KeyResult(Status.GET_KEY_PEER_NOT_CONNECTED, index or 0,
+            return GetKeyResult(Status.GET_KEY_PEER_NOT_CONNECTED, index or 0,
                              message="the peer application has not connected yet")
         if index is not None and not 0 <= index < 2**32:
             raise errors.InvalidRequest(f"index must be an unsigned 32-bit integer, got {index}")
         if index in session.stream:
             key_id, key = session.stream.pop(index)
             self.sessions.touch(session)
-            return KeyResult(Status.SUCCESS, index, key, key_id)
+            return GetKeyResult(Status.SUCCESS, index, key, key_id)
         producer = caller == session.source.sae_id
         if producer:
             return await self._produce(session, caller, index)
         return await self._await_chunk(session, index)
 
-    async def _produce(self, session: Session, caller: str, index: int | None) -> KeyResult:
+    async def _produce(self, session: Session, caller: str, index: int | None) -> GetKeyResult:
         wanted = session.next_index if index is None else index
         if wanted < session.next_index:
-            return KeyResult(Status.INSUFFICIENT_KEY, wanted,
+            return GetKeyResult(Status.INSUFFICIENT_KEY, wanted,
                              message=f"chunk {wanted} was already delivered to this application")
         chunk = session.config.key_chunk_size or DEFAULT_CHUNK_BYTES
         first, count = session.next_index, wanted - session.next_index + 1
@@ -157,17 +162,17 @@ class ETSI004Service:
             issued = await self.exchange.issue_stream(session, caller, session.peer_of(caller), first, count, chunk * 8)
         except errors.InsufficientKey as e:
             session.next_index = min(session.next_index, first)
-            return KeyResult(Status.INSUFFICIENT_KEY, wanted, message=str(e))
+            return GetKeyResult(Status.INSUFFICIENT_KEY, wanted, message=str(e))
         except errors.KMError as e:
             session.next_index = min(session.next_index, first)
-            return KeyResult(Status.NO_QKD_CONNECTION, wanted, message=str(e))
+            return GetKeyResult(Status.NO_QKD_CONNECTION, wanted, message=str(e))
         chunks = issued.keys
         if count > 1:
             session.add_chunks(first, chunks[:-1])
         key_id, key = chunks[-1]
-        return KeyResult(Status.SUCCESS, wanted, key, key_id)
+        return GetKeyResult(Status.SUCCESS, wanted, key, key_id)
 
-    async def _await_chunk(self, session: Session, index: int | None) -> KeyResult:
+    async def _await_chunk(self, session: Session, index: int | None) -> GetKeyResult:
         timeout_s = session.config.request_timeout_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -176,12 +181,12 @@ class ETSI004Service:
             if wanted is not None and wanted in session.stream:
                 key_id, key = session.stream.pop(wanted)
                 self.sessions.touch(session)
-                return KeyResult(Status.SUCCESS, wanted, key, key_id)
+                return GetKeyResult(Status.SUCCESS, wanted, key, key_id)
             if session.state is State.TERMINATED:
-                return KeyResult(Status.GET_KEY_PEER_NOT_CONNECTED, wanted or 0, message="the session was closed")
+                return GetKeyResult(Status.GET_KEY_PEER_NOT_CONNECTED, wanted or 0, message="the session was closed")
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return KeyResult(Status.TIMEOUT, wanted or 0,
+                return GetKeyResult(Status.TIMEOUT, wanted or 0,
                                  message=f"no chunk {'' if wanted is None else wanted} arrived within "
                                          f"{timeout_s:g} s; the peer application has to ask for it first")
             try:

@@ -43,7 +43,7 @@ def caller_of(request: web.Request) -> str:
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
     who = identity.from_der(der) if der else None
-    if who is None or who.role is not identity.Role.SAE:
+    if who is None or who.kind is not identity.PrincipalKind.SAE:
         raise RequestError(401, "a client certificate naming an SAE (vqkd://sae/<id>) is required")
     return who.name
 

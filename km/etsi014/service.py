@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vqkd.km.domain import errors
+from vqkd.km.domain.keystore import NotASlave
 from vqkd.km.etsi014 import schema
-from vqkd.km.domain.keystore import KeysNotFound, NotASlave
 
 if TYPE_CHECKING:
     from vqkd.km.domain.exchange import Issued, KeyExchange
@@ -100,7 +100,7 @@ class ETSI014Service:
             )
         try:
             found = self.km.store.take(caller, master, key_ids)
-        except KeysNotFound:
+        except errors.KeysNotFound:
             raise errors.KeysNotFound(schema.MSG_KEYS_NOT_FOUND) from None
         except NotASlave:
             raise errors.NotAuthorized(f"SAE {caller} is not a slave SAE of the keys it named") from None

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 import grpc
 
 from vqkd.km import identity
-from vqkd.km.rpc.peers import peer_identity
 from vqkd.km.domain.sessions import InvalidConfiguration, SessionConfig, SessionTable
 from vqkd.km.domain.vocabulary import Endpoint, Role
+from vqkd.km.rpc.credentials import peer_identity
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class KeyManagerControlService(km_pb2_grpc.KeyManagerControlServicer):
 
     async def _authorize(self, context) -> None:
         caller = peer_identity(context)
-        if caller is None or caller.role is not identity.Role.CONTROLLER:
+        if caller is None or caller.kind is not identity.PrincipalKind.CONTROLLER:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"only the control plane (vqkd://controller/...) may configure KMs, not {caller}")
 

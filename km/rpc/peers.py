@@ -13,15 +13,17 @@ import grpc
 
 from vqkd.km import identity
 from vqkd.km.domain import errors, relay_crypto
-from vqkd.km.domain.exchange import DeliveryRefused, KeyExchange
+from vqkd.km.domain.exchange import KeyExchange
 from vqkd.km.domain.keypool import Span, SpanError
 from vqkd.km.domain.links import Link
-from vqkd.km.domain.relay import HybridMessage, RelayRejected, RelayService
+from vqkd.km.domain.peer import HybridMessage
+from vqkd.km.domain.relay import RelayRejected, RelayService
+from vqkd.km.rpc.credentials import peer_identity
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 if TYPE_CHECKING:
-    from vqkd.km.etsi014.client import ETSI014Client
     from vqkd.km.domain.keymanager import KeyManager
+    from vqkd.km.etsi014.client import ETSI014Client
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,6 @@ MAX_KEYS_PER_DELIVER = 4096
 MAX_COMMITS_PER_REQUEST = 1024  # a commit is two IDs: this bounds the request to ~100 KB
 # Relay messages per Relay request, weighed by their keys like deliveries.
 MAX_RELAYED_KEYS_PER_REQUEST = 4096
-
-
-def peer_identity(context: grpc.aio.ServicerContext) -> identity.Identity | None:
-    certs = context.auth_context().get("x509_pem_cert")
-    return identity.from_pem(certs[0]) if certs else None
 
 
 class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
@@ -107,7 +104,7 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
             try:
                 self.exchange.accept(link.name, d.master_sae_id, list(d.slave_sae_ids), list(d.key_ids), d.size_bits,
                                      spans)
-            except DeliveryRefused as e:
+            except errors.DeliveryRefused as e:
                 refused.append(str(e) or "refused")
             else:
                 refused.append("")
@@ -165,7 +162,7 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
                 await self.relays.commit(link, c.session_id, c.relay_id)
             except RelayRejected as e:
                 return f"{grpc.StatusCode.NOT_FOUND.name}: {e}"
-            except (errors.KMError, DeliveryRefused) as e:
+            except (errors.KMError, errors.DeliveryRefused) as e:
                 return f"{grpc.StatusCode.UNAVAILABLE.name}: {e}"
             return ""
 
@@ -255,7 +252,8 @@ class _Batches:
 
 
 class PeerClient:
-    """Calls the peer KM of one link; every call has a deadline and maps failures to KM errors."""
+    """The domain's ``Peer`` over gRPC: calls the peer KM of one link, every call with a deadline,
+    and maps failures to KM errors."""
 
     def __init__(self, km: KeyManager, link: Link, channel: grpc.aio.Channel):
         self.km = km

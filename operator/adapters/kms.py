@@ -15,8 +15,8 @@ from typing import Callable
 import grpc
 
 from vqkd.km import identity
-from vqkd.km.rpc.peers import peer_identity
-from vqkd.km.tls import TLSFiles, grpc_channel_credentials
+from vqkd.km.rpc.credentials import grpc_channel_credentials, peer_identity
+from vqkd.km.tls import TLSFiles
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.core import ControlCore
@@ -109,7 +109,7 @@ class ControlPlaneService(km_pb2_grpc.ControlPlaneServicer):
 
     async def _node(self, request, context) -> str:
         caller = peer_identity(context)
-        if caller is None or caller.role is not identity.Role.KM or caller.name != request.node:
+        if caller is None or caller.kind is not identity.PrincipalKind.KM or caller.name != request.node:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"only the KM of node {request.node!r} may speak for it, not {caller}")
         return request.node

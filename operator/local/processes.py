@@ -119,7 +119,7 @@ class LocalNetwork:
     # -- planning --------------------------------------------------------------------
 
     def _tls(self, ident: identity.Identity) -> TLSPaths:
-        stem = f"{ident.role.value}-{ident.name.replace('/', '-')}"
+        stem = f"{ident.kind.value}-{ident.name.replace('/', '-')}"
         files = self.ca.issue(ident, stem)
         return TLSPaths(ca=self.ca.cert_path, cert=files.cert, key=files.key)
 

@@ -24,7 +24,8 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vqkd.km import identity, tls
+from vqkd.km import identity
+from vqkd.km.rpc.credentials import grpc_server_credentials
 from vqkd.km.v1 import km_pb2_grpc
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.control.core import ControlCore
@@ -73,7 +74,7 @@ class LocalControlPlane:
         grpc_address = self.network.control_plane
         server = grpc.aio.server()
         km_pb2_grpc.add_ControlPlaneServicer_to_server(ControlPlaneService(self.core), server)
-        server.add_secure_port(grpc_address, tls.grpc_server_credentials(self.tls_files))
+        server.add_secure_port(grpc_address, grpc_server_credentials(self.tls_files))
         await server.start()
         self._grpc = server
         await self._serve_status()

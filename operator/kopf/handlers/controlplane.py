@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from vqkd.km.tls import grpc_server_credentials
+from vqkd.km.rpc.credentials import grpc_server_credentials
 from vqkd.km.v1 import km_pb2_grpc
 from vqkd.operator.adapters.kms import ControlPlaneService
 from vqkd.operator.kopf.runtime import Runtime
