@@ -383,3 +383,28 @@ def test_the_session_of_an_sae_pair_is_the_oldest_live_one_in_either_direction()
     table.terminate("s-2", "close request")
     assert table.between("sae-a", "sae-b") is None and table.between("sae-a", "sae-c").session_id == "s-3"
     assert table.terminate("s-2", "again") is None
+
+
+async def test_an_abandoned_key_request_leaves_the_session_idle_so_its_timer_can_expire():
+    # An application that hangs up mid-relay cancels its request: the session must not stay
+    # KeyExchanging for ever (it would never expire and its KMs would keep it).
+    nodes, names, clock = chain(3)
+    configure(nodes, names, timeout_s=5)
+    src, dst = names[0], names[-1]
+    relayed = asyncio.Event()
+
+    async def stuck(*args, **kwargs):
+        relayed.set()
+        await asyncio.Event().wait()
+
+    nodes[src].relays.send = stuck
+    request = asyncio.create_task(nodes[src].exchange.issue(f"sae-{src}", [f"sae-{dst}"], 1, 256))
+    await relayed.wait()
+    session = nodes[src].sessions.get("s-1")
+    assert session.state is State.KEY_EXCHANGING
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert session.busy == 0 and session.state is State.OPERATIVE
+    clock.t += 6
+    assert nodes[src].sessions.expired() == [session]

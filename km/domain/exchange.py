@@ -131,13 +131,19 @@ class KeyExchange:
             session.refused_by_bucket += 1
             raise session.bucket.refusal(bits)
         self.sessions.key_exchange_started(session)
-        if self.control_plane is not None:
-            await self.control_plane.key_requested(session.session_id)
         try:
+            if self.control_plane is not None:
+                await self.control_plane.key_requested(session.session_id)
             keys, extension = await self.relays.send(session, master, slaves, number, size_bits,
                                                      stream=stream_index is not None, index=stream_index or 0)
         except errors.KMError as e:
             self.sessions.key_exchange_done(session, 0, 0, detail=str(e))
+            raise
+        except BaseException:
+            # The application hung up (the request was cancelled) or something unforeseen
+            # failed: the exchange is over either way, or the session would stay busy and
+            # its inactivity timer could never end it.
+            self.sessions.key_exchange_done(session, 0, 0, detail="key request abandoned")
             raise
         self.sessions.key_exchange_done(session, number, bits)
         return Issued(keys, extension)
