@@ -34,7 +34,7 @@ from vqkd.km.domain.vocabulary import Endpoint
 from vqkd.operator.control.monitoring import Alarm, LinkSample, Monitoring, MonitoringSettings
 from vqkd.operator.control.routing import Routing
 from vqkd.operator.control.topology import LinkChange, Topology
-from vqkd.operator.resources.loader import Network
+from vqkd.operator.resources.network import Network
 from vqkd.operator.resources.models import (
     KeySession,
     KeySessionSpec,

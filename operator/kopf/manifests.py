@@ -23,7 +23,7 @@ from typing import Any
 from vqkd.km import identity
 from vqkd.km.config import EmulatedLinkConfig, KMConfig, LinkEndConfig, ModuleEndConfig, TLSPaths
 from vqkd.operator.local.processes import block_bits_for
-from vqkd.operator.resources.loader import Network
+from vqkd.operator.resources.network import Network
 from vqkd.operator.resources.models import DEFAULT_KM_IMAGE, QKDLink, QKDNode
 
 # --- names, labels, ports -----------------------------------------------------------

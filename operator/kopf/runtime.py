@@ -31,7 +31,7 @@ from vqkd.operator.kopf.kube import Kube
 from vqkd.operator.kopf.metrics import OperatorMetrics
 from vqkd.operator.kopf.manifests import CONTROL_PLANE_PORT, DEFAULT_MODULE_IMAGE, control_plane_address
 from vqkd.operator.kopf.status import Key, ObjectRef, StatusWriter
-from vqkd.operator.resources.loader import Network
+from vqkd.operator.resources.network import Network
 from vqkd.operator.resources.models import TokenSecretRef
 
 log = logging.getLogger(__name__)
