@@ -33,12 +33,12 @@ import sys
 import time
 import tracemalloc
 
-from vqkd.operator.control.access import Credentials
-from vqkd.operator.control.admission import SessionState
-from vqkd.operator.control.core import ControlCore
 from vqkd.km.domain.vocabulary import Endpoint
+from vqkd.operator.control.access import Credentials
+from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.memory_kms import InMemoryKMs
 from vqkd.operator.control.monitoring import LinkSample
+from vqkd.operator.resources.admission_cycle import AdmissionState
 from vqkd.operator.resources.models import QKDLink, QKDNode, QoS, UserProfile
 
 SAES_PER_NODE = 2
@@ -107,7 +107,7 @@ def km_tables_consistent(core: ControlCore, kms: InMemoryKMs) -> bool:
     """Every Active session is held by exactly the KMs of its path, at its current version."""
     for session in core.admission.sessions.values():
         holders = kms.holders(session.id)
-        if session.state is SessionState.ACTIVE:
+        if session.state is AdmissionState.ACTIVE:
             if holders != set(session.route.nodes):
                 return False
             if any(kms.entry(node, session.id).version != session.version for node in holders):
@@ -148,7 +148,7 @@ async def run(args: argparse.Namespace) -> dict:
     with GCPauses() as collections:
         await open_sessions(core, saes, args.sessions, rng, timings_ms, refused)
     timings_ms.sort()
-    active = [s for s in core.admission.sessions.values() if s.state is SessionState.ACTIVE]
+    active = [s for s in core.admission.sessions.values() if s.state is AdmissionState.ACTIVE]
 
     busiest = max(core.routing.loads, key=lambda name: len(core.routing.loads[name].sessions))
     crossing = core.routing.sessions_on_link(busiest)
@@ -179,8 +179,8 @@ async def run(args: argparse.Namespace) -> dict:
         "reroute": {
             "link": busiest,
             "sessions_on_link": len(crossing),
-            "rerouted": sum(s.state is SessionState.ACTIVE and busiest not in s.route.links for s in after),
-            "held": sum(s.state is SessionState.HELD for s in after),
+            "rerouted": sum(s.state is AdmissionState.ACTIVE and busiest not in s.route.links for s in after),
+            "held": sum(s.state is AdmissionState.HELD for s in after),
             "total_ms": round(reroute_s * 1000, 2),
             "per_session_ms": round(reroute_s * 1000 / max(len(crossing), 1), 3),
             "alarm": [a.kind.value for a in core.monitoring.active_alarms()],

@@ -14,14 +14,16 @@ import random
 
 import pytest
 
-from vqkd.operator.control.access import Credentials
-from vqkd.operator.control.admission import AdmissionSettings, SessionState
-from vqkd.operator.control.core import ControlCore
-from vqkd.operator.control.session_config import KMSessionConfig
 from vqkd.km.domain.vocabulary import Endpoint, Role
+from vqkd.operator.control.access import Credentials
+from vqkd.operator.control.admission import AdmissionSettings
+from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.memory_kms import InMemoryKMs
 from vqkd.operator.control.monitoring import AlarmKind, LinkSample
-from vqkd.operator.resources.models import LinkState, QKDLink, QKDNode, QoS, UserProfile
+from vqkd.operator.control.network_session import InvalidTransition, NetworkSession
+from vqkd.operator.control.session_config import KMSessionConfig
+from vqkd.operator.resources.admission_cycle import ALLOWED, ENTRY, AdmissionState
+from vqkd.operator.resources.models import LinkState, QKDLink, QKDNode, QoS, SessionPhase, UserProfile
 
 
 class Clock:
@@ -105,7 +107,7 @@ async def test_full_cycle_from_open_to_close(kms, clock):
     assert second.accepted and second.peer_registered and second.session_id == first.session_id
     assert second.qos.min_bps == 1000 and second.qos.priority == 3
     session = core.session(first.session_id)
-    assert session.state is SessionState.ACTIVE and session.route.nodes == ("a", "b", "c")
+    assert session.state is AdmissionState.ACTIVE and session.route.nodes == ("a", "b", "c")
 
     entries = {n: kms.entry(n, session.id) for n in "abc"}
     assert [(e.role, e.prev_hop, e.next_hop) for e in entries.values()] == [
@@ -120,7 +122,7 @@ async def test_full_cycle_from_open_to_close(kms, clock):
 
     assert await core.session_closed(session.id, "b") is False, "only an endpoint KM closes a session"
     assert await core.session_closed(session.id, "c", "application closed")
-    assert session.state is SessionState.TERMINATED and session.reason == "Closed"
+    assert session.state is AdmissionState.TERMINATED and session.reason == "Closed"
     assert kms.holders(session.id) == set()
     assert sorted(call[1] for call in kms.calls if call[0] == "delete") == ["a", "b", "c"]
     assert reserved(core) == {} and core.admission.usage("alice").sessions == 0
@@ -163,10 +165,10 @@ async def test_peer_that_never_registers_reserves_nothing_and_expires(kms, clock
     clock.now += 29
     await core.tick()
     session = core.session(opened.session_id)
-    assert session.state is SessionState.ACCEPTED and reserved(core) == {}
+    assert session.state is AdmissionState.ACCEPTED and reserved(core) == {}
     clock.now += 2
     await core.tick()
-    assert session.state is SessionState.TERMINATED and session.reason == "PeerNotRegistered"
+    assert session.state is AdmissionState.TERMINATED and session.reason == "PeerNotRegistered"
     assert "sae-c@c did not register within 30 s" in session.message
     assert [call[:2] for call in kms.calls] == [("delete", "a")], "only the KM that asked held the session"
     assert core.admission.usage("alice").sessions == 0 and reserved(core) == {}
@@ -179,12 +181,12 @@ async def test_key_requests_restart_the_timer_and_silence_expires_the_session(km
         clock.now += 50
         assert await core.key_requested(session_id, "a")
         await core.tick()
-    assert core.session(session_id).state is SessionState.ACTIVE and core.session(session_id).key_requests == 3
+    assert core.session(session_id).state is AdmissionState.ACTIVE and core.session(session_id).key_requests == 3
     assert not await core.key_requested(session_id, "d"), "a key-request signal comes from an endpoint KM"
     clock.now += 61
     await core.tick()
     session = core.session(session_id)
-    assert session.state is SessionState.TERMINATED and session.reason == "InactivityTimeout"
+    assert session.state is AdmissionState.TERMINATED and session.reason == "InactivityTimeout"
     assert kms.holders(session_id) == set() and reserved(core) == {}
     assert not await core.key_requested(session_id, "a")
 
@@ -201,7 +203,7 @@ async def test_qber_spike_takes_the_link_down_raises_an_alarm_and_reroutes(kms, 
     (alarm,) = core.monitoring.active_alarms()
     assert alarm.kind is AlarmKind.POSSIBLE_EAVESDROPPING and alarm.link == "b-c" and alarm.qber == 0.2
     session = core.session(session_id)
-    assert session.state is SessionState.ACTIVE and session.route.nodes == ("a", "d", "c")
+    assert session.state is AdmissionState.ACTIVE and session.route.nodes == ("a", "d", "c")
     assert session.version > before
     # Make-before-break: every KM of the new path confirmed before the old-only KM deletes.
     assert sorted(call[1] for call in kms.calls[:3]) == ["a", "c", "d"]
@@ -219,9 +221,9 @@ async def test_reroute_gives_scarce_capacity_to_the_higher_priority(kms, clock):
     low = await open_pair(core, A, C, QoS(min_bps=1000, priority=1))
     high = await open_pair(core, A, C, QoS(min_bps=1000, priority=3))
     await core.link_sample(LinkSample("a-b", clock.now, key_rate_bps=0, qber=0.3))
-    assert core.session(high).state is SessionState.ACTIVE and core.session(high).route.nodes == ("a", "d", "c")
+    assert core.session(high).state is AdmissionState.ACTIVE and core.session(high).route.nodes == ("a", "d", "c")
     held = core.session(low)
-    assert held.state is SessionState.HELD and held.reason == "InsufficientKeyRate"
+    assert held.state is AdmissionState.HELD and held.reason == "InsufficientKeyRate"
     assert "link a-b Down" in held.message and "a-d" in held.message
     assert reserved(core) == {"a-d": 1000, "d-c": 1000}, "a Held session holds no reservation"
 
@@ -231,7 +233,7 @@ async def test_lost_intermediate_node_reroutes(kms, clock):
     session_id = await open_pair(core, A, C)
     await core.node_down("b", "KMUnreachable", "pod km-b lost")
     session = core.session(session_id)
-    assert session.state is SessionState.ACTIVE and session.route.nodes == ("a", "d", "c")
+    assert session.state is AdmissionState.ACTIVE and session.route.nodes == ("a", "d", "c")
     assert "node b down (KMUnreachable)" in session.message
 
 
@@ -242,7 +244,8 @@ async def test_session_without_alternative_is_held_and_resumes_when_the_node_is_
     assert session.route.nodes == ("a", "b", "c", "e")
     kms.unreachable.add("c")
     await core.node_down("c")
-    assert session.state is SessionState.HELD and session.reason == "NoPath"
+    assert session.state is AdmissionState.HELD and session.reason == "NoPath"
+    assert session.phase == "Held" and session.view()["phase"] == "Held", "its KeySession shows it Held"
     assert "node c down (KMUnreachable); no alternative path" in session.message
     assert reserved(core) == {}
     assert kms.holders(session_id) == {"a", "b", "c", "e"}, "KMs keep their entries while the session is Held"
@@ -250,12 +253,12 @@ async def test_session_without_alternative_is_held_and_resumes_when_the_node_is_
     clock.now += 10
     assert await core.key_requested(session_id, "a"), "a Held session stays alive while the application asks"
     await core.tick()
-    assert session.state is SessionState.HELD and session.retries == 1
+    assert session.state is AdmissionState.HELD and session.retries == 1
 
     kms.unreachable.discard("c")
     clock.now += 1
     await core.node_up("c")
-    assert session.state is SessionState.ACTIVE and session.route.nodes == ("a", "b", "c", "e")
+    assert session.state is AdmissionState.ACTIVE and session.route.nodes == ("a", "b", "c", "e")
     assert states(core, session_id)[-2:] == [("Active", "Held", "NoPath"), ("Held", "Active", "Resumed")]
     assert reserved(core) == {"a-b": 1000, "b-c": 1000, "c-e": 1000}
 
@@ -265,7 +268,7 @@ async def test_held_endpoint_retries_with_backoff(kms, clock):
     session_id = await open_pair(core, A, C)
     await core.node_down("c")
     session = core.session(session_id)
-    assert session.state is SessionState.HELD and session.reason == "EndpointDown"
+    assert session.state is AdmissionState.HELD and session.reason == "EndpointDown"
     retry_times = []
     for _ in range(4):
         clock.now = session.retry_at
@@ -325,7 +328,7 @@ async def test_close_arriving_during_configuration_waits_and_removes_everything(
     slow.gate.set()
     await asyncio.gather(opening, closing)
     session = core.session(first.session_id)
-    assert session.state is SessionState.TERMINATED and session.reason == "Closed"
+    assert session.state is AdmissionState.TERMINATED and session.reason == "Closed"
     assert slow.holders(session.id) == set() and reserved(core) == {}
 
 
@@ -333,7 +336,7 @@ async def test_implicit_open_registers_both_and_is_reused(kms, clock):
     core = await network(kms, clock)
     first = await core.open_session("a", Credentials("sae-a"), A, C, QOS, implicit=True)
     assert first.accepted and first.peer_registered
-    assert core.session(first.session_id).state is SessionState.ACTIVE
+    assert core.session(first.session_id).state is AdmissionState.ACTIVE
     again = await core.open_session("a", Credentials("sae-a"), A, C, QOS, implicit=True)
     assert again.session_id == first.session_id and core.admission.usage("alice").sessions == 1
 
@@ -368,18 +371,22 @@ async def test_reservations_add_up_through_any_sequence_of_events(kms, clock):
             await core.tick()
         expected: dict[str, int] = {}
         for session in core.admission.sessions.values():
-            if session.state is SessionState.ACTIVE:
+            if session.state is AdmissionState.ACTIVE:
                 for name in session.route.links:
                     expected[name] = expected.get(name, 0) + session.grant.min_rate_bps
         for name, load in core.routing.loads.items():
             assert load.reserved_bps >= 0
             assert load.reserved_bps == expected.get(name, 0), (action, name)
             routed = {s.id for s in core.admission.sessions.values()
-                      if s.state is SessionState.ACTIVE and name in s.route.links}
+                      if s.state is AdmissionState.ACTIVE and name in s.route.links}
             assert load.sessions == routed
     for session_id in opened:
-        assert core.routing.release(session_id) is (core.session(session_id).state is SessionState.ACTIVE)
+        assert core.routing.release(session_id) is (core.session(session_id).state is AdmissionState.ACTIVE)
         assert core.routing.release(session_id) is False
+    for event in core.events:
+        if event.subject == "KeySession" and event.from_state != event.to_state:
+            allowed = ENTRY if event.from_state is None else ALLOWED[AdmissionState(event.from_state)]
+            assert event.to_state in allowed, event
 
 
 async def test_every_push_of_a_session_carries_a_higher_version(kms, clock):
@@ -394,3 +401,26 @@ async def test_every_push_of_a_session_carries_a_higher_version(kms, clock):
     pushes = [version for index, version in enumerate(versions) if index == 0 or version != versions[index - 1]]
     assert len(pushes) == 4, "first path, new path, resync, resumed path"
     assert pushes == sorted(pushes) and len(set(pushes)) == len(pushes)
+
+
+def test_the_cycle_refuses_a_transition_its_table_lacks():
+    def session(state: AdmissionState) -> NetworkSession:
+        return NetworkSession("s", "alice", A, C, grant=None, created_at=0.0, state=state)
+
+    with pytest.raises(InvalidTransition, match="begins Accepted or Terminated, not Active"):
+        session(AdmissionState.ACTIVE)
+    accepted = session(AdmissionState.ACCEPTED)
+    with pytest.raises(InvalidTransition, match="no transition Accepted -> Held"):
+        accepted.move_to(AdmissionState.HELD)
+    assert accepted.move_to(AdmissionState.ACTIVE) is AdmissionState.ACCEPTED
+    assert accepted.move_to(AdmissionState.TERMINATED) is AdmissionState.ACTIVE
+    with pytest.raises(InvalidTransition, match="no transition Terminated -> Active"):
+        accepted.move_to(AdmissionState.ACTIVE)
+    assert accepted.state is AdmissionState.TERMINATED
+
+
+def test_every_state_maps_to_one_phase():
+    assert {SessionPhase.of(state, rejected=False) for state in AdmissionState} == {
+        SessionPhase.ACCEPTED, SessionPhase.ACTIVE, SessionPhase.HELD, SessionPhase.TERMINATED}
+    assert SessionPhase.of(AdmissionState.TERMINATED, rejected=True) is SessionPhase.REJECTED
+    assert set(ALLOWED) == set(AdmissionState) and ENTRY <= set(AdmissionState)

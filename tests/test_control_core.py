@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
+from vqkd.km.domain.vocabulary import Endpoint, Role
 from vqkd.operator.control.access import Credentials
-from vqkd.operator.control.admission import AdmissionSettings, SessionState, Side
+from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
-from vqkd.km.domain.vocabulary import Endpoint, Role
+from vqkd.operator.control.etsi015 import ETSI015_ROOT
 from vqkd.operator.control.memory_kms import InMemoryKMs
 from vqkd.operator.control.monitoring import LinkSample
-from vqkd.operator.control.topology import ETSI015_ROOT
+from vqkd.operator.control.network_session import Side
+from vqkd.operator.resources.admission_cycle import AdmissionState
 from vqkd.operator.resources.loader import load_files
 from vqkd.operator.resources.models import KeySession, LinkState, QKDLink, QoS, UserProfile
 
@@ -84,7 +88,7 @@ async def test_changed_key_session_is_admitted_again_under_the_same_id(paper, km
     clock.now += 1
     await paper.apply(key_session("session-4-5", "user-4-5", 4, 5, keyChunkSize=32, maxBps=8192, minBps=2048))
     new = paper.declared_session("session-4-5")
-    assert new is not old and new.id == old.id and new.state is SessionState.ACTIVE
+    assert new is not old and new.id == old.id and new.state is AdmissionState.ACTIVE
     assert old.reason == "SpecChanged" and new.version > old.version
     assert kms.entry("node-4", new.id).rate_bps == 8192
     await paper.apply(key_session("session-4-5", "user-4-5", 4, 5, keyChunkSize=32, maxBps=8192, minBps=2048))
@@ -94,7 +98,7 @@ async def test_changed_key_session_is_admitted_again_under_the_same_id(paper, km
 async def test_deleted_key_session_is_terminated_and_forgotten(paper, kms):
     session = paper.declared_session("session-2-3")
     await paper.delete("KeySession", "session-2-3")
-    assert session.state is SessionState.TERMINATED and session.reason == "Deleted"
+    assert session.state is AdmissionState.TERMINATED and session.reason == "Deleted"
     assert kms.holders(session.id) == set() and paper.session(session.id) is None
     assert paper.routing.loads["link-0-2"].reserved_bps == 0
 
@@ -172,7 +176,7 @@ async def test_disabled_user_loses_its_sessions_and_cannot_open(paper, kms):
     session = paper.declared_session("session-0-1")
     wire = paper.access.users["user-0-1"].to_dict()
     await paper.apply(UserProfile.model_validate(wire | {"spec": wire["spec"] | {"enabled": False}}))
-    assert session.state is SessionState.TERMINATED and session.reason == "UserDisabled"
+    assert session.state is AdmissionState.TERMINATED and session.reason == "UserDisabled"
     assert kms.holders(session.id) == set()
     refused = await paper.open_session("node-0", Credentials("sae-0"), endpoint(0), endpoint(1))
     assert not refused.accepted and refused.reason == "UserDisabled"
@@ -181,7 +185,7 @@ async def test_disabled_user_loses_its_sessions_and_cannot_open(paper, kms):
 async def test_deleting_a_link_reroutes_and_a_node_with_links_cannot_go(paper):
     session = paper.declared_session("session-4-5")
     await paper.delete("QKDLink", "link-4-5")
-    assert session.state is SessionState.ACTIVE and session.route.nodes == ("node-4", "node-0", "node-5")
+    assert session.state is AdmissionState.ACTIVE and session.route.nodes == ("node-4", "node-0", "node-5")
     assert "link link-4-5 deleted" in session.message
     with pytest.raises(ControlError, match="still joined by QKDLinks link-0-4; delete those links first"):
         await paper.delete("QKDNode", "node-4")
@@ -300,6 +304,13 @@ def test_the_control_core_imports_no_transport():
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert not {name.split(".")[0] for name in imported} & TRANSPORTS, module.name
+
+
+def test_the_control_core_reads_no_yaml_even_through_its_imports():
+    """The declared resources reach the core as a ``Network``; reading manifests is the loader's."""
+    check = "import sys, vqkd.operator.control.core; print('yaml' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-P", "-c", check], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False"
 
 
 async def test_a_declared_session_lives_as_long_as_its_resource_however_idle(paper, kms, clock):

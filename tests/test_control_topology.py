@@ -1,4 +1,4 @@
-"""The topology (SDN controller role): registration, changes, the ETSI 015 view."""
+"""The topology (SDN controller role): registration, changes, and its ETSI 015 view."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 import pytest
 
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
+from vqkd.operator.control.etsi015 import ETSI015_ROOT, Application, qkd_nodes
 from vqkd.operator.control.events import EventLog, Subject
 from vqkd.operator.control.routing import LinkLoad
-from vqkd.operator.control.topology import ETSI015_ROOT, Application, Topology
+from vqkd.operator.control.topology import Topology
 from vqkd.operator.resources.models import LinkState, QKDLink, QKDNode
 
 
@@ -76,7 +77,7 @@ def test_etsi015_view(topology):
                       qos={"max_bandwidth": 100, "min_bandwidth": 10, "jitter": 0, "ttl": 60},
                       server_app_id="sae-a", client_app_ids=("sae-c",), local_node="a", remote_node="c",
                       path=("a", "b", "c"), links=("ab", "bc"))
-    view = topology.etsi015({"ab": LinkLoad(10, {app.app_id}), "bc": LinkLoad(10, {app.app_id})}, [app])
+    view = qkd_nodes(topology, {"ab": LinkLoad(10, {app.app_id}), "bc": LinkLoad(10, {app.app_id})}, [app])
     json.dumps(view)
     b = view["b"][ETSI015_ROOT]
     assert b["qkdn_status"] == "OPERATING" and b["qkd_applications"]["qkd_app"] == [], "b only relays"
@@ -91,5 +92,5 @@ def test_etsi015_view(topology):
     assert virtual_session["virt_next_hop"] == [view["c"][ETSI015_ROOT]["qkdn_id"]]
     (qkd_app,) = view["a"][ETSI015_ROOT]["qkd_applications"]["qkd_app"]
     assert qkd_app["backing_qkdl_id"] == [virtual_session["qkdl_id"]] and qkd_app["app_priority"] == 2
-    assert view == topology.etsi015({"ab": LinkLoad(10, {app.app_id}), "bc": LinkLoad(10, {app.app_id})}, [app]), \
+    assert view == qkd_nodes(topology, {"ab": LinkLoad(10, {app.app_id}), "bc": LinkLoad(10, {app.app_id})}, [app]), \
         "identifiers are stable"

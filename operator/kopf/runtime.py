@@ -21,17 +21,18 @@ from typing import Any
 
 from vqkd.km.pki import DevCA
 from vqkd.km.tls import TLSFiles
-from vqkd.operator.control.admission import AdmissionSettings, Session
+from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.events import Event, Subject
 from vqkd.operator.control.monitoring import MonitoringSettings
+from vqkd.operator.control.network_session import NetworkSession
 from vqkd.operator.adapters.kms import GrpcKMs
 from vqkd.operator.kopf.endpoints import EndpointResolver
 from vqkd.operator.kopf.kube import Kube
 from vqkd.operator.kopf.metrics import OperatorMetrics
 from vqkd.operator.kopf.manifests import CONTROL_PLANE_PORT, DEFAULT_MODULE_IMAGE, control_plane_address
 from vqkd.operator.kopf.status import Key, ObjectRef, StatusWriter
-from vqkd.operator.resources.loader import Network
+from vqkd.operator.resources.network import Network
 from vqkd.operator.resources.models import TokenSecretRef
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class Runtime:
         self.status = StatusWriter(kube, self.refs.get, on_error=lambda kind: self.metrics.errors(kind).inc())
         # Set by the sessions concern: records (and keeps up to date) a session an application
         # opened as a KeySession.
-        self.on_application_session: Callable[[Session], None] = lambda session: None
+        self.on_application_session: Callable[[NetworkSession], None] = lambda session: None
         self._tasks: set[asyncio.Task] = set()
         self.core.events.subscribe(self._on_core_event)
 
@@ -177,7 +178,7 @@ class Runtime:
             return session.declared_as
         return self.app_sessions.get(session_id)
 
-    def session_of(self, name: str) -> Session | None:
+    def session_of(self, name: str) -> NetworkSession | None:
         """The session a KeySession shows."""
         session = self.core.declared_session(name)
         if session is not None:

@@ -26,6 +26,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from vqkd.km.config import EmulatedLinkConfig, KeyLimits
+from vqkd.operator.resources.admission_cycle import AdmissionState
 
 API_GROUP = "vqkd.io"
 API_VERSION_NAME = "v1alpha1"
@@ -543,14 +544,24 @@ class KeySessionSpec(_Wire):
         return self
 
 
+# A KeySession's phase is its session's AdmissionState, or one of the two phases the cycle
+# has no state for: not taken in yet, refused. ``of`` is the one mapping.
 class SessionPhase(StrEnum):
     """The admission-control cycle of the paper (§3.2, Fig. 2b), plus the refusal."""
 
     PENDING = "Pending"  # not yet checked against the user's SLA
-    ACCEPTED = "Accepted"  # within the SLA; waiting for both SAEs to register
-    ACTIVE = "Active"  # path configured on every KM; keys flow
-    TERMINATED = "Terminated"  # closed, expired or deleted; resources freed
+    ACCEPTED = AdmissionState.ACCEPTED.value  # within the SLA; waiting for both SAEs to register
+    ACTIVE = AdmissionState.ACTIVE.value  # path configured on every KM; keys flow
+    HELD = AdmissionState.HELD.value  # its path broke and no other is usable yet; retried
+    TERMINATED = AdmissionState.TERMINATED.value  # closed, expired or deleted; resources freed
     REJECTED = "Rejected"  # refused (SLA, no path, invalid); reason says why
+
+    @classmethod
+    def of(cls, state: AdmissionState, *, rejected: bool) -> SessionPhase:
+        """The phase shown for a session in ``state``; ``rejected``: it ended without ever carrying key."""
+        if state is AdmissionState.TERMINATED and rejected:
+            return cls.REJECTED
+        return cls(state.value)
 
 
 class KeySessionStatus(_Status):

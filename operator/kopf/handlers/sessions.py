@@ -29,7 +29,7 @@ from typing import Any
 
 import kopf
 
-from vqkd.operator.control.admission import BOTH_SIDES, Session, SessionState, Side
+from vqkd.operator.control.network_session import BOTH_SIDES, NetworkSession, Side
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
 from vqkd.operator.kopf.handlers.common import INVALID, dump, plain, refuse, validated, wait
 from vqkd.operator.kopf.kube import VQKD, KubeError
@@ -37,6 +37,7 @@ from vqkd.operator.kopf.runtime import Runtime
 from vqkd.operator.kopf.manifests import (
     ANNOTATION_REGISTERED, ANNOTATION_SESSION_ID, LABEL_ORIGIN, ORIGIN_APPLICATION, build_application_session,
 )
+from vqkd.operator.resources.admission_cycle import AdmissionState
 from vqkd.operator.resources.models import ConditionType, KeySession, KeySessionStatus, SessionPhase
 
 KIND = "KeySession"
@@ -181,7 +182,7 @@ def registered_sides(annotations: Mapping[str, str]) -> frozenset[Side] | None:
     return sides
 
 
-def record_application_session(runtime: Runtime, session: Session) -> None:
+def record_application_session(runtime: Runtime, session: NetworkSession) -> None:
     """Called by the core's event listener on each transition of a live session applications
     opened: its KeySession is created, and its ``vqkd.io/registered`` kept up to date.
 
@@ -238,7 +239,7 @@ async def _write_record(runtime: Runtime, session_id: str) -> None:
               session_id)
 
 
-def _application_record(runtime: Runtime, session: Session) -> dict[str, Any]:
+def _application_record(runtime: Runtime, session: NetworkSession) -> dict[str, Any]:
     qos = session.grant.qos.model_dump(mode="json", by_alias=True, exclude_none=True)
     body = build_application_session(session.id, session.user, (session.source.node, session.source.sae_id),
                                      (session.destination.node, session.destination.sae_id), qos,
@@ -307,9 +308,9 @@ def status_of(runtime: Runtime, name: str, previous: dict[str, Any]) -> dict[str
     return dump(status)
 
 
-def _show(status: KeySessionStatus, session: Session, condition) -> None:
+def _show(status: KeySessionStatus, session: NetworkSession, condition) -> None:
     view = session.view()
-    active = session.state is SessionState.ACTIVE
+    active = session.state is AdmissionState.ACTIVE
     why = f"{session.reason}: {session.message}" if session.message else session.reason
     status.phase = session.phase
     status.session_id = uuid.UUID(session.id)
@@ -332,7 +333,7 @@ def _show(status: KeySessionStatus, session: Session, condition) -> None:
                   f"{len(view['path'])} KMs hold configuration version {session.version}")
         condition(ConditionType.READY, True, "Active", f"keys flow on path {path}")
     else:
-        waiting = session.state is SessionState.ACCEPTED and not session.both_registered
+        waiting = session.state is AdmissionState.ACCEPTED and not session.both_registered
         condition(ConditionType.ROUTED, False, "WaitingForPeer" if waiting else reason, why)
         condition(ConditionType.CONFIGURED, False, "WaitingForPeer" if waiting else reason, why)
         condition(ConditionType.READY, False, reason, why)
