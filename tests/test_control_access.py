@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import pytest
 
+from vqkd.km.domain.vocabulary import Endpoint
 from vqkd.operator.control.access import AccessControl, Credentials
 from vqkd.operator.control.errors import ControlError
 from vqkd.operator.control.events import EventLog
-from vqkd.km.domain.vocabulary import Endpoint
 from vqkd.operator.control.topology import Topology
-from vqkd.operator.resources.models import QKDNode, UserProfile
+
+from builders import node, user
 
 SECRETS = {("default", "alice-token", "token"): "s3cret"}
 A, B, C = Endpoint("a", "sae-a"), Endpoint("b", "sae-b"), Endpoint("c", "sae-c")
-
-
-def user(name: str, saes: list[str], **spec) -> UserProfile:
-    return UserProfile.model_validate({"metadata": {"name": name}, "spec": {"saeIds": saes} | spec})
 
 
 @pytest.fixture
 def access() -> AccessControl:
     topology = Topology(EventLog())
     for name in "abc":
-        topology.apply_node(QKDNode.model_validate({"metadata": {"name": name}, "spec": {"saeIds": [f"sae-{name}"]}}),
-                            0.0)
+        topology.apply_node(node(name, f"sae-{name}"), 0.0)
     control = AccessControl(topology, lambda ns, ref: SECRETS.get((ns, ref.name, ref.key)))
     control.put_user(user("plain", ["sae-a", "sae-b"]))
     return control

@@ -23,32 +23,9 @@ from vqkd.operator.control.monitoring import AlarmKind, LinkSample
 from vqkd.operator.control.network_session import InvalidTransition, NetworkSession
 from vqkd.operator.control.session_config import KMSessionConfig
 from vqkd.operator.resources.admission_cycle import ALLOWED, ENTRY, AdmissionState
-from vqkd.operator.resources.models import LinkState, QKDLink, QKDNode, QoS, SessionPhase, UserProfile
+from vqkd.operator.resources.models import LinkState, QoS, SessionPhase
 
-
-class Clock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def node(name: str, *saes: str) -> QKDNode:
-    return QKDNode.model_validate({"metadata": {"name": name}, "spec": {"saeIds": list(saes)}})
-
-
-def link(a: str, b: str, rate: int = 10_000, qber: float = 0.01) -> QKDLink:
-    return QKDLink.model_validate({
-        "metadata": {"name": f"{a}-{b}"},
-        "spec": {"nodes": [a, b], "emulated": {"keyRateBps": rate, "qber": qber}},
-    })
-
-
-def user(name: str, saes: list[str], priority: int = 3, **sla) -> UserProfile:
-    return UserProfile.model_validate({
-        "metadata": {"name": name}, "spec": {"saeIds": saes, "priority": priority, "sla": sla},
-    })
+from builders import Clock, link, node, user
 
 
 A, B, C, D, E = (Endpoint(n, f"sae-{n}") for n in "abcde")
@@ -65,8 +42,8 @@ async def network(kms: InMemoryKMs, clock: Clock, *, ad_rate: int = 10_000, **sl
     await core.apply(link("a", "d", rate=ad_rate, qber=0.05))
     await core.apply(link("d", "c", qber=0.05))
     limits = {"maxKeyRateBps": 8000, "maxSessions": 3, "maxBurstBits": 8192} | sla
-    await core.apply(user("alice", ["sae-a", "sae-c", "sae-e"], **limits))
-    await core.apply(user("bob", ["sae-b", "sae-d"], priority=1))
+    await core.apply(user("alice", ["sae-a", "sae-c", "sae-e"], priority=3, sla=limits))
+    await core.apply(user("bob", ["sae-b", "sae-d"], priority=1, sla={}))
     return core
 
 

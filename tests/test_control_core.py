@@ -24,17 +24,11 @@ from vqkd.operator.resources.admission_cycle import AdmissionState
 from vqkd.operator.resources.loader import load_files
 from vqkd.operator.resources.models import KeySession, LinkState, QKDLink, QoS, UserProfile
 
+from builders import Clock
+
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "examples" / "paper.yaml"
 TRANSPORTS = {"kopf", "grpc", "aiohttp", "kubernetes"}
-
-
-class Clock:
-    def __init__(self, now: float = 5000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -44,7 +38,7 @@ def kms() -> InMemoryKMs:
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(5000.0)
 
 
 @pytest.fixture

@@ -7,13 +7,15 @@ import pytest
 from vqkd.operator.control.events import EventLog
 from vqkd.operator.control.monitoring import AlarmKind, LinkSample, Monitoring, MonitoringSettings
 from vqkd.operator.control.topology import Topology
-from vqkd.operator.resources.models import LinkState, QKDLink, QKDNode
+from vqkd.operator.resources.models import LinkState, QKDLink
+
+from builders import node
 
 
 def watched(qber: float = 0.02, threshold: float = 0.11, **settings) -> tuple[Monitoring, Topology]:
     topology = Topology(EventLog())
     for name in ("a", "b"):
-        topology.apply_node(QKDNode.model_validate({"metadata": {"name": name}}), 0.0)
+        topology.apply_node(node(name), 0.0)
     link = QKDLink.model_validate({"metadata": {"name": "ab"}, "spec": {
         "nodes": ["a", "b"], "qberThreshold": threshold, "emulated": {"keyRateBps": 1000, "qber": qber}}})
     record, _ = topology.apply_link(link, 0.0)

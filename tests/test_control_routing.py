@@ -7,14 +7,16 @@ import pytest
 from vqkd.operator.control.events import EventLog
 from vqkd.operator.control.routing import LinkLoad, NoRoute, Route, Routing, link_weight
 from vqkd.operator.control.topology import LinkRecord, Topology
-from vqkd.operator.resources.models import LinkState, LinkType, QKDLink, QKDNode
+from vqkd.operator.resources.models import LinkState, LinkType, QKDLink
+
+from builders import node
 
 
 def build(links: dict[str, tuple[str, str, int]], qber: dict[str, float] | None = None) -> Routing:
     topology = Topology(EventLog())
     routing = Routing(topology)
     for name in sorted({n for a, b, _ in links.values() for n in (a, b)}):
-        routing.add_node(topology.apply_node(QKDNode.model_validate({"metadata": {"name": name}}), 0.0))
+        routing.add_node(topology.apply_node(node(name), 0.0))
     for name, (a, b, rate) in links.items():
         spec = {"nodes": [a, b], "emulated": {"keyRateBps": rate, "qber": (qber or {}).get(name, 0.0)}}
         record, _ = topology.apply_link(QKDLink.model_validate({"metadata": {"name": name}, "spec": spec}), 0.0)

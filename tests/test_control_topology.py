@@ -13,14 +13,7 @@ from vqkd.operator.control.routing import LinkLoad
 from vqkd.operator.control.topology import Topology
 from vqkd.operator.resources.models import LinkState, QKDLink, QKDNode
 
-
-def node(name: str, *saes: str) -> QKDNode:
-    return QKDNode.model_validate({"metadata": {"name": name}, "spec": {"saeIds": list(saes)}})
-
-
-def link(name: str, a: str, b: str, **spec) -> QKDLink:
-    return QKDLink.model_validate({"metadata": {"name": name},
-                                   "spec": {"nodes": [a, b], "emulated": {"keyRateBps": 1000}} | spec})
+from builders import link, node
 
 
 @pytest.fixture
@@ -28,8 +21,8 @@ def topology() -> Topology:
     topology = Topology(EventLog())
     for name, sae in (("a", "sae-a"), ("b", "sae-b"), ("c", "sae-c")):
         topology.apply_node(node(name, sae), 0.0)
-    topology.apply_link(link("ab", "a", "b"), 0.0)
-    topology.apply_link(link("bc", "b", "c", type="virtual"), 0.0)
+    topology.apply_link(link("a", "b", name="ab", rate=1000), 0.0)
+    topology.apply_link(link("b", "c", name="bc", rate=1000, type="virtual"), 0.0)
     return topology
 
 
@@ -45,15 +38,16 @@ def test_updates_keep_state_and_move_saes(topology):
     topology.apply_node(node("a", "sae-a2"), 1.0)
     assert topology.node_of_sae("sae-a") is None and topology.node_of_sae("sae-a2") == "a"
     topology.set_link_state("ab", LinkState.DOWN, "NoKeyProduced", "quiet", 1.0)
-    record, created = topology.apply_link(link("ab", "b", "a", qberThreshold=0.05), 2.0)
+    record, created = topology.apply_link(link("b", "a", name="ab", rate=1000, qberThreshold=0.05), 2.0)
     assert not created and record.qber_threshold == 0.05 and record.state is LinkState.DOWN
 
 
 @pytest.mark.parametrize(("change", "error", "message"), [
     (lambda t: t.apply_node(node("c", "sae-a"), 1.0), ControlError, "SAE 'sae-a' is already attached to QKDNode a"),
-    (lambda t: t.apply_link(link("ab2", "a", "b"), 1.0), ControlError, "already joined by QKDLink ab"),
-    (lambda t: t.apply_link(link("ab", "a", "c"), 1.0), ControlError, "spec.nodes is immutable"),
-    (lambda t: t.apply_link(link("ax", "a", "x"), 1.0), UnresolvedReference, "'x', which is not a registered QKDNode"),
+    (lambda t: t.apply_link(link("a", "b", name="ab2", rate=1000), 1.0), ControlError, "already joined by QKDLink ab"),
+    (lambda t: t.apply_link(link("a", "c", name="ab", rate=1000), 1.0), ControlError, "spec.nodes is immutable"),
+    (lambda t: t.apply_link(link("a", "x", name="ax", rate=1000), 1.0), UnresolvedReference,
+     "'x', which is not a registered QKDNode"),
     (lambda t: t.remove_node("b"), ControlError, "still joined by QKDLinks ab, bc"),
 ])
 def test_refused_changes_say_what_to_do(topology, change, error, message):

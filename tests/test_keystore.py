@@ -7,16 +7,11 @@ import pytest
 from vqkd.km.domain.errors import KeysNotFound
 from vqkd.km.domain.keystore import KeyStore, NotASlave, StoreFull
 
-
-class Clock:
-    t = 0.0
-
-    def __call__(self):
-        return self.t
+from builders import Clock
 
 
 def store(ttl=10.0, max_bits=10_000):
-    clock = Clock()
+    clock = Clock(0.0)
     return KeyStore(ttl, max_bits, clock), clock
 
 
@@ -60,7 +55,7 @@ def test_expiry_and_bound():
     s.put("m", frozenset({"s"}), [("k1", b"a" * 32)])
     with pytest.raises(StoreFull):
         s.put("m", frozenset({"s"}), [("k2", b"a" * 33)])
-    clock.t = 11
+    clock.now = 11
     with pytest.raises(KeysNotFound):
         s.take("s", "m", ["k1"])
     s.put("m", frozenset({"s"}), [("k2", b"a" * 64)])
@@ -70,15 +65,15 @@ def test_expiry_and_bound():
 def test_expiry_drops_each_delivery_when_its_time_is_up():
     s, clock = store(ttl=10)
     s.put("m", frozenset({"s"}), [("k1", b"a" * 32), ("k2", b"b" * 32)])
-    clock.t = 5
+    clock.now = 5
     s.put("m", frozenset({"s"}), [("k3", b"c" * 32)])
     assert [k for k, _ in s.take("s", "m", ["k1"])] == ["k1"]
-    clock.t = 10
+    clock.now = 10
     assert s.expire() == 1  # k2; k1 was taken
     assert len(s) == 1 and s.bits == 256
     with pytest.raises(KeysNotFound):
         s.take("s", "m", ["k2"])
-    clock.t = 15
+    clock.now = 15
     assert s.expire() == 1
     assert len(s) == 0 and s.bits == 0
 
@@ -87,9 +82,9 @@ def test_a_key_id_taken_and_named_again_lives_by_its_new_delivery():
     s, clock = store(ttl=10)
     s.put("m", frozenset({"s"}), [("k1", b"a" * 32)])
     s.take("s", "m", ["k1"])
-    clock.t = 5
+    clock.now = 5
     s.put("m", frozenset({"s"}), [("k1", b"b" * 32)])
-    clock.t = 11
+    clock.now = 11
     assert s.expire() == 0
     assert [(k, e.key) for k, e in s.take("s", "m", ["k1"])] == [("k1", b"b" * 32)]
 
@@ -106,7 +101,7 @@ def test_a_key_id_named_twice_in_one_delivery_is_refused():
 def test_keys_of_several_deliveries_keep_their_own_slaves_and_extension():
     s, clock = store(ttl=10)
     s.put("m", frozenset({"s", "t"}), [("k1", b"a" * 32), ("k2", b"b" * 32)], {"hybrid": True})
-    clock.t = 1
+    clock.now = 1
     s.put("m", frozenset({"s"}), [("k3", b"c" * 32)])
     with pytest.raises(NotASlave):
         s.take("t", "m", ["k1", "k3"])

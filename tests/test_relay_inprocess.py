@@ -23,15 +23,9 @@ from vqkd.km.domain.relay import RelayRejected, RelayService
 from vqkd.km.domain.sessions import SessionConfig, SessionTable, State
 from vqkd.km.domain.vocabulary import Endpoint, Role
 
+from builders import Clock
+
 TLS = TLSPaths(ca=Path("/nonexistent/ca"), cert=Path("/nonexistent/c"), key=Path("/nonexistent/k"))
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
 
 
 class WirePeer:
@@ -212,7 +206,7 @@ async def test_a_lost_commit_delivers_to_neither_end():
     with pytest.raises(errors.PeerUnavailable):
         await nodes["n0"].exchange.issue("sae-n0", ["sae-n2"], 2, 256)
     assert len(nodes["n2"].km.store) == 0  # held as pending, never released to the slave
-    clock.t += 31  # past the commit wait
+    clock.now += 31  # past the commit wait
     nodes["n2"].relays._expire()
     assert not nodes["n2"].relays.pending
 
@@ -247,7 +241,7 @@ async def test_session_cycle_states_expiry_and_deletion():
     ]
     assert [e.event for e in nodes["n1"].sessions.events][-1] == "relayed key received"
     assert [e.event for e in nodes["n2"].sessions.events][-2:] == ["relayed key received", "key committed"]
-    clock.t += 11
+    clock.now += 11
     assert [s.session_id for s in table.expired()] == ["s-1"]
     table.terminate("s-1", "inactivity timer expired")
     assert table.get("s-1") is None and table.events[-1].state is State.TERMINATED
@@ -309,14 +303,14 @@ async def test_token_bucket_rate_holds_over_several_seconds():
     rate, burst = 8192, 4096
     configure(nodes, names, rate_bps=rate, bucket_bits=burst)
     delivered = refused = 0
-    start = clock.t
-    while clock.t - start < 5.0:  # greedy client, a request every 10 ms of simulated time
+    start = clock.now
+    while clock.now - start < 5.0:  # greedy client, a request every 10 ms of simulated time
         try:
             await nodes["n0"].exchange.issue("sae-n0", ["sae-n1"], 1, 256)
             delivered += 256
         except errors.Unavailable:
             refused += 1
-        clock.t += 0.01
+        clock.now += 0.01
     assert rate * 5 + burst - 256 <= delivered <= rate * 5 + burst
     assert refused > 0 and nodes["n0"].sessions.get("s-1").refused_by_bucket == refused
 
@@ -406,5 +400,5 @@ async def test_an_abandoned_key_request_leaves_the_session_idle_so_its_timer_can
     with pytest.raises(asyncio.CancelledError):
         await request
     assert session.busy == 0 and session.state is State.OPERATIVE
-    clock.t += 6
+    clock.now += 6
     assert nodes[src].sessions.expired() == [session]
