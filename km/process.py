@@ -22,14 +22,14 @@ from vqkd.km.etsi014.client import ETSI014Client
 from vqkd.km.etsi014.routes import MAX_BODY_BYTES, ETSI014Routes
 from vqkd.km.etsi014.service import ETSI014Service
 from vqkd.km.domain.exchange import KeyExchange
-from vqkd.km.module_feed import LinkFeed
+from vqkd.km.module_feed import LinkFeed, PeerKeyCollector
 from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.metrics import KMMetrics
 from vqkd.km.rpc.control_service import KeyManagerControlService
 from vqkd.km.rpc.control_plane_client import GrpcControlPlane
 from vqkd.km.etsi004.routes import ETSI004Routes
 from vqkd.km.etsi004.service import ETSI004Service
-from vqkd.km.rpc.peers import LinkPeerService, PeerClient
+from vqkd.km.rpc.peers import RPC_TIMEOUT_S, LinkPeerService, PeerClient
 from vqkd.km.domain.relay import RelayService
 from vqkd.km.domain.sessions import SessionTable
 from vqkd.km.v1 import km_pb2_grpc
@@ -45,6 +45,9 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
 ]
 SESSION_SWEEP_S = 0.25
+# A draw is sized so that the slave's module end hands it over within half the KM ⇄ KM
+# deadline: the rest is the margin for the network and the peer's own work.
+DRAW_TARGET_S = RPC_TIMEOUT_S / 2
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -80,6 +83,10 @@ class KMService:
             )
             for link in self.km.links.values()
         }
+        self.collectors = {
+            link.name: PeerKeyCollector(self.km.node, link, self.modules[link.name], draw_target_s=DRAW_TARGET_S)
+            for link in self.km.links.values()
+        }
         self._channels: list[grpc.aio.Channel] = []
         self._tasks: list[asyncio.Task] = []
         self._runners: list[web.AppRunner] = []
@@ -109,7 +116,8 @@ class KMService:
             channel = grpc.aio.secure_channel(link.config.peer_grpc, credentials, options=CHANNEL_OPTIONS)
             self._channels.append(channel)
             link.peer = PeerClient(self.km, link, channel)
-            feed = LinkFeed(link, self.modules[link.name], on_drawn=self._drawn)
+            feed = LinkFeed(self.km.node, link, self.modules[link.name], draw_target_s=DRAW_TARGET_S,
+                            on_drawn=self._drawn)
             self._tasks.append(asyncio.create_task(feed.run(), name=f"feed-{link.name}"))
         await self._start_http()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -120,7 +128,7 @@ class KMService:
     async def _start_grpc(self) -> None:
         server = grpc.aio.server()
         km_pb2_grpc.add_LinkPeerServicer_to_server(
-            LinkPeerService(self.km, self.exchange, self.modules, self.relays), server)
+            LinkPeerService(self.km, self.exchange, self.collectors, self.relays), server)
         km_pb2_grpc.add_KeyManagerControlServicer_to_server(KeyManagerControlService(self.km, self.sessions), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_secure_port(self.config.grpc_listen, tls.grpc_server_credentials(self.tls_files))
@@ -166,6 +174,8 @@ class KMService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for collector in self.collectors.values():
+            await collector.close()
         for runner in self._runners:
             await runner.cleanup()
         if self._grpc is not None:

@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from vqkd.km.config import LinkEndConfig
+from vqkd.km.domain.devices import LinkDevices
 from vqkd.km.domain.keypool import IncomingPool, OutgoingPool
 from vqkd.km.domain.keyqueue import KeyQueue
 
@@ -35,6 +36,9 @@ class Link:
         self.peer_restarts = 0
         self.drawn_bits = 0
         self.relayed_bits = 0
+        self.devices = LinkDevices()
+        self.module_drawn_bits = 0  # taken from this KM's module end as master, agreed or not
+        self.burned_bits: dict[str, int] = {}  # taken as master, then given up: by reason
 
     def observe_peer(self, incarnation: str) -> bool:
         """Record the peer's incarnation; on a change, drop all shared material. True if dropped."""

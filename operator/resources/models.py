@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from pydantic.alias_generators import to_camel
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from vqkd.km.config import EmulatedLinkConfig, KeyLimits
+from vqkd.km.config import DeviceProfile, EmulatedLinkConfig, KeyLimits
+from vqkd.km.domain.vocabulary import LinkState
 
 API_GROUP = "vqkd.io"
 API_VERSION_NAME = "v1alpha1"
@@ -372,12 +373,6 @@ class QKDLinkSpec(_Wire):
                 f"must have one entry per linked node {sorted(self.nodes)}, got {sorted(self.etsi014.endpoints)}",
             )
         return self
-
-
-class LinkState(StrEnum):
-    UP = "Up"
-    DEGRADED = "Degraded"  # produces key, but below the rate reserved on it or near the QBER threshold
-    DOWN = "Down"
 
 
 class QKDLinkStatus(_Status):
