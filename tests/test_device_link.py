@@ -168,3 +168,42 @@ async def test_an_outage_of_one_end_makes_the_link_down_and_it_recovers_by_itsel
     assert final["burned"] == 0, "keys drawn before the outage were kept"
     print(f"\noutage of end b for 5 s: serving again {serving:.1f} s after the end came back, Up after "
           f"{serving + 3 + up:.1f} s")
+
+
+async def test_keys_the_slave_end_never_hands_over_are_given_up_counted_and_shown(pki, processes, tmp_path):
+    # The slave end synchronises later than the KMs wait: every draw is given up, none is used.
+    pair = start_device_pair(pki, processes, tmp_path / "vendor", {**LAB_DEVICE, "sync_lag_ms": 5000},
+                             key_rate_bps=KEY_RATE_BPS, sync_timeout_s=1.0)
+    deadline = time.monotonic() + 15
+    while (burned := pair.metrics("A")[("vqkd_km_burned_bits_total", "reason=not_synchronised")]) == 0:
+        assert time.monotonic() < deadline, pair.processes.log("km-A")
+        await asyncio.sleep(0.2)
+    stats = await pair.link_stats("A")
+    assert stats.burned_bits_total["not_synchronised"] == burned and stats.drawn_bits_total == 0
+    assert (stats.state, stats.reason) == ("Degraded", "KeysBurned") and "given up" in stats.message, stats
+    async with pair.client("A") as a:
+        with pytest.raises(ETSI014Error) as e:
+            await a.enc_keys(sae("B"), 1, 256)
+    assert e.value.status == 503
+
+
+async def test_a_device_whose_keys_are_too_small_takes_the_link_down_naming_the_limit(pki, processes, tmp_path):
+    pair = start_device_pair(pki, processes, tmp_path / "vendor", {"max_key_size": 32, "key_size": 32},
+                             key_rate_bps=KEY_RATE_BPS)
+    await wait_state(pair, "A", {"Down"}, timeout=10)
+    deadline = time.monotonic() + 10
+    while (stats := await pair.link_stats("A")).reason != "DeviceLimits":
+        assert time.monotonic() < deadline, stats
+        await asyncio.sleep(0.1)
+    assert "at most 32 bits (max_key_size)" in stats.message and stats.module_drawn_bits_total == 0, stats
+
+
+async def test_occasional_device_errors_degrade_the_link_but_lose_no_key(pki, processes, tmp_path):
+    pair = start_device_pair(pki, processes, tmp_path / "vendor", {**LAB_DEVICE, "error_rate": 0.05},
+                             key_rate_bps=KEY_RATE_BPS)
+    traffic = await round_trips(pair, 6.0)
+    states = {(await pair.link_stats(node)).reason for node in NODES}
+    final = await drained(pair)
+    assert traffic.bits() > 0 and final["burned"] == 0 and final["pools"] / final["module"] >= 0.9
+    assert len(set(traffic.material)) == len(traffic.material)
+    assert "DeviceUnavailable" in states, states
