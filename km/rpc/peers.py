@@ -307,9 +307,12 @@ class PeerClient:
                         lambda: errors.PeerUnavailable(f"{self.peer}: the {item} was cancelled"), on_idle)
 
     async def hello(self) -> None:
-        reply = await self.stub.Hello(
-            km_pb2.HelloRequest(link=self.link.name, incarnation=self.km.incarnation), timeout=RPC_TIMEOUT_S
-        )
+        try:
+            reply = await self.stub.Hello(
+                km_pb2.HelloRequest(link=self.link.name, incarnation=self.km.incarnation), timeout=RPC_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as e:
+            raise errors.PeerUnavailable(f"{self.peer}: {e.code().name}: {e.details()}") from None
         self.link.observe_peer(reply.incarnation)
 
     async def _call(self, method, request_factory):
