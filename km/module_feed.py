@@ -174,8 +174,6 @@ class LinkFeed:
                 devices.health.unblock("peer-device")
         if devices.peer is None or devices.health.blocking("peer-device"):
             return None
-        if devices.peer.max_key_per_request < 1:
-            return None
         return devices.peer
 
     def _fit(self, own: EndLimits, peer: EndLimits) -> int | None:
@@ -285,7 +283,7 @@ class LinkFeed:
                                                   f"{link.config.sync_timeout_s:.0f} s ({reason}): {message}")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: a chunk's IDs change as the peer gives keys up
 class _Chunk:
     """Key IDs to collect with one dec_keys request, all named by the same peer instance."""
 
@@ -416,18 +414,24 @@ class PeerKeyCollector:
                 health.failed("device", reason, f"QKD module end {self.module.base_url}: {e}")
             return
         health.succeeded("device")
-        self.sizer.observe((self.clock() - started) / len(chunk.key_ids))
+        self.sizer.observe((self.clock() - started) / len(blocks))
         link.devices.seconds_per_key = self.sizer.seconds_per_key
-        self._chunks.remove(chunk)
-        self._collecting.difference_update(chunk.key_ids)
+        # Meanwhile the peer may have given some keys up, or restarted: keep only what it still wants.
+        wanted = set(chunk.key_ids) if chunk in self._chunks else set()
+        if chunk in self._chunks:
+            self._chunks.remove(chunk)
+        self._collecting.difference_update(wanted)
         if link.peer_incarnation == chunk.incarnation:
             try:
-                link.incoming.add([(key_id, data) for key_id, data in blocks if not link.incoming.holds(key_id)])
+                link.incoming.add([(key_id, data) for key_id, data in blocks
+                                   if key_id in wanted and not link.incoming.holds(key_id)])
             except SpanError as e:  # cannot happen: held keys were filtered out
                 log.error("link %s: %s", link.name, e)
         self._notify()
 
     def _retry_later(self, chunk: _Chunk, e: Exception) -> None:
+        if chunk not in self._chunks:  # given up or abandoned meanwhile
+            return
         chunk.attempts += 1
         now = self.clock()
         if isinstance(e, ETSI014Error) and e.keys_not_found:

@@ -47,6 +47,9 @@ class QoS:
 
 
 class LinkState(StrEnum):
+    """A QKD link's state. Degraded: it serves key, but below the rate reserved on it, near the
+    QBER threshold, or with device errors or burned key."""
+
     UP = "Up"
-    DEGRADED = "Degraded"  # serves key, but below the rate reserved on it, near the QBER threshold, or with device errors
+    DEGRADED = "Degraded"
     DOWN = "Down"
