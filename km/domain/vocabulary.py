@@ -47,9 +47,9 @@ class QoS:
 
 
 class LinkState(StrEnum):
-    """A QKD link's state. Degraded: it serves key, but below the rate reserved on it, near the
-    QBER threshold, or with device errors or burned key."""
+    """A QKD link's state: Up, Degraded (serving key, with trouble worth watching) or Down."""
 
     UP = "Up"
+    # Below the rate reserved on it, near the QBER threshold, device errors or burned key.
     DEGRADED = "Degraded"
     DOWN = "Down"
