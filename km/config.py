@@ -68,8 +68,14 @@ class LinkEndConfig(_Strict):
     module_tls: TLSPaths | None = Field(
         None, description="credentials for the module's ETSI 014 interface (a real device's CA and this KM's "
                           "certificate there); default: the KM's own")
-    block_bits: int = Field(8192, gt=0, multiple_of=8, description="size of the keys drawn from the module")
+    block_bits: int = Field(
+        8192, gt=0, multiple_of=8,
+        description="largest key drawn from the module; the KM draws the largest size both module ends accept")
     pool_target_bits: int = Field(64 * 1024 * 1024, gt=0, description="keep this much outgoing key in the pool")
+    sync_timeout_s: float = Field(
+        20.0, gt=0,
+        description="how long a key drawn as master waits for the peer's module end to hand it over (a slave "
+                    "end may synchronise late) before it is given up and counted as burned")
 
 
 class KMConfig(_Strict):
@@ -105,14 +111,38 @@ class ModuleEndConfig(_Strict):
     tls: TLSPaths
 
 
+class DeviceProfile(_Strict):
+    """How the emulated module pair behaves, so it can stand in for a particular QKD device.
+
+    The defaults are vqkd's own twin: large keys and batches, and a slave end that hands
+    over keys at once.
+    """
+
+    key_size: int = Field(256, gt=0, multiple_of=8, description="default key size announced in status, bits")
+    max_key_size: int = Field(65536, gt=0, multiple_of=8, description="largest key one request may ask for, bits")
+    max_keys_per_request: int = Field(4096, gt=0, description="most keys in one enc_keys or dec_keys request")
+    slave_latency_ms_per_key: float = Field(
+        0.0, ge=0, le=10_000, description="time an end takes per key to answer dec_keys; an end answers one at a time")
+    sync_lag_ms: float = Field(
+        0.0, ge=0, le=600_000,
+        description="keys taken at one end reach the other end this much later; dec_keys before then: not found")
+    error_rate: float = Field(
+        0.0, ge=0, lt=1, description="share of ETSI 014 requests refused with 503 and nothing consumed")
+    tls12_only: bool = Field(False, description="both ends speak TLS 1.2 and no later version")
+
+    @model_validator(mode="after")
+    def _default_size_allowed(self) -> DeviceProfile:
+        if self.key_size > self.max_key_size:
+            raise ValueError(f"key_size {self.key_size} must not exceed max_key_size {self.max_key_size}")
+        return self
+
+
 class EmulatedLinkConfig(_Strict):
     link: str
     key_rate_bps: float = Field(gt=0, description="secret key rate at zero QBER, bit/s")
     qber: float = Field(0.01, ge=0, le=0.5)
     buffer_bits: int = Field(256 * 1024 * 1024, gt=0, description="bound on produced key not yet drawn")
-    key_size: int = Field(256, gt=0, multiple_of=8)
-    max_key_size: int = Field(65536, gt=0, multiple_of=8)
-    max_key_per_request: int = Field(4096, gt=0)
+    device: DeviceProfile = DeviceProfile()
     admin_listen: HostPort = Field(description="plain HTTP on loopback: /metrics and the twin's control")
     ends: dict[Literal["a", "b"], ModuleEndConfig]
 

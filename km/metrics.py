@@ -9,6 +9,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from vqkd.km.domain import errors
 from vqkd.km.domain.tokenbucket import TokenBucketRefusal
+from vqkd.km.domain.vocabulary import LinkState
+from vqkd.km.module_feed import BURN_REASONS
 
 if TYPE_CHECKING:
     from vqkd.km.domain.keymanager import KeyManager
@@ -96,11 +98,37 @@ class _PoolCollector:
                                  labels=["node", "link"])
         flushed = CounterMetricFamily("vqkd_km_flushed_bits", "Key material dropped because a peer KM restarted",
                                     labels=["node", "link"])
+        taken = CounterMetricFamily(
+            "vqkd_km_module_drawn_bits", "Key bits taken from this KM's QKD module end as master, agreed or not",
+            labels=["node", "link"])
+        burned = CounterMetricFamily(
+            "vqkd_km_burned_bits", "Key bits taken from the QKD module as master and given up, by reason",
+            labels=["node", "link", "reason"])
+        state = GaugeMetricFamily("vqkd_km_link_state", "1 for the link's state as this KM sees it",
+                                  labels=["node", "link", "state"])
+        block = GaugeMetricFamily("vqkd_km_link_block_bits", "Size of the keys drawn from the QKD module now",
+                                  labels=["node", "link"])
+        awaiting = GaugeMetricFamily(
+            "vqkd_km_awaiting_peer_bits", "Key bits drawn as master that the peer's module end has not handed over yet",
+            labels=["node", "link"])
+        latency = GaugeMetricFamily(
+            "vqkd_km_module_seconds_per_key", "Time this KM's QKD module end takes per key to answer dec_keys",
+            labels=["node", "link"])
+        node = self.km.node
         for link in self.km.links.values():
-            pool.add_metric([self.km.node, link.name, "outgoing"], link.outgoing.available_bits)
-            pool.add_metric([self.km.node, link.name, "incoming"], link.incoming.available_bits)
-            peer.add_metric([self.km.node, link.name], link.peer_restarts)
-            flushed.add_metric([self.km.node, link.name], link.flushed_bits)
+            pool.add_metric([node, link.name, "outgoing"], link.outgoing.available_bits)
+            pool.add_metric([node, link.name, "incoming"], link.incoming.available_bits)
+            peer.add_metric([node, link.name], link.peer_restarts)
+            flushed.add_metric([node, link.name], link.flushed_bits)
+            taken.add_metric([node, link.name], link.module_drawn_bits)
+            for reason in BURN_REASONS:
+                burned.add_metric([node, link.name, reason], link.burned_bits.get(reason, 0))
+            verdict = link.devices.health.verdict()
+            for s in LinkState:
+                state.add_metric([node, link.name, s.value], float(s is verdict.state))
+            block.add_metric([node, link.name], link.devices.block_bits or 0)
+            latency.add_metric([node, link.name], link.devices.seconds_per_key or 0.0)
+            awaiting.add_metric([node, link.name], link.devices.awaiting_peer_bits)
         store = GaugeMetricFamily("vqkd_km_stored_key_bits", "Key bits waiting for slave SAEs", labels=["node"])
-        store.add_metric([self.km.node], self.km.store.bits)
-        yield from (pool, peer, flushed, store)
+        store.add_metric([node], self.km.store.bits)
+        yield from (pool, peer, flushed, taken, burned, state, block, latency, awaiting, store)

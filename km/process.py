@@ -31,11 +31,11 @@ from vqkd.km.etsi014.client import ETSI014Client
 from vqkd.km.etsi014.routes import MAX_BODY_BYTES, ETSI014Routes
 from vqkd.km.etsi014.service import ETSI014Service
 from vqkd.km.metrics import KMMetrics
-from vqkd.km.module_feed import LinkFeed
+from vqkd.km.module_feed import LinkFeed, PeerKeyCollector
 from vqkd.km.rpc.control_plane_client import GrpcControlPlane
 from vqkd.km.rpc.control_service import KeyManagerControlService
 from vqkd.km.rpc.credentials import grpc_channel_credentials, grpc_server_credentials
-from vqkd.km.rpc.peers import LinkPeerService, PeerClient
+from vqkd.km.rpc.peers import RPC_TIMEOUT_S, LinkPeerService, PeerClient
 from vqkd.km.v1 import km_pb2_grpc
 
 log = logging.getLogger("vqkd.km")
@@ -49,6 +49,9 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
 ]
 SESSION_SWEEP_S = 0.25
+# A draw is sized so that the slave's module end hands it over within half the KM ⇄ KM
+# deadline: the rest is the margin for the network and the peer's own work.
+DRAW_TARGET_S = RPC_TIMEOUT_S / 2
 
 
 class KMProcess:
@@ -77,6 +80,10 @@ class KMProcess:
                 link.config.module_url,
                 link.config.module_tls.files() if link.config.module_tls else self.tls_files,
             )
+            for link in self.km.links.values()
+        }
+        self.collectors = {
+            link.name: PeerKeyCollector(self.km.node, link, self.modules[link.name], draw_target_s=DRAW_TARGET_S)
             for link in self.km.links.values()
         }
         self._channels: list[grpc.aio.Channel] = []
@@ -108,7 +115,8 @@ class KMProcess:
             channel = grpc.aio.secure_channel(link.config.peer_grpc, credentials, options=CHANNEL_OPTIONS)
             self._channels.append(channel)
             link.peer = PeerClient(self.km, link, channel)
-            feed = LinkFeed(link, self.modules[link.name], on_drawn=self._drawn)
+            feed = LinkFeed(self.km.node, link, self.modules[link.name], draw_target_s=DRAW_TARGET_S,
+                            on_drawn=self._drawn)
             self._tasks.append(asyncio.create_task(feed.run(), name=f"feed-{link.name}"))
         await self._start_http()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -119,7 +127,7 @@ class KMProcess:
     async def _start_grpc(self) -> None:
         server = grpc.aio.server()
         km_pb2_grpc.add_LinkPeerServicer_to_server(
-            LinkPeerService(self.km, self.exchange, self.modules, self.relays), server)
+            LinkPeerService(self.km, self.exchange, self.collectors, self.relays), server)
         km_pb2_grpc.add_KeyManagerControlServicer_to_server(KeyManagerControlService(self.km, self.sessions), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_secure_port(self.config.grpc_listen, grpc_server_credentials(self.tls_files))
@@ -165,6 +173,8 @@ class KMProcess:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for collector in self.collectors.values():
+            await collector.close()
         for runner in self._runners:
             await runner.cleanup()
         if self._grpc is not None:

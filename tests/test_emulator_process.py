@@ -48,9 +48,7 @@ def emulator(pki, processes) -> Emulator:
         "key_rate_bps": 1e7,
         "qber": 0.0,
         "buffer_bits": BUFFER_BITS,
-        "key_size": 256,
-        "max_key_size": MAX_KEY_SIZE,
-        "max_key_per_request": MAX_PER_REQUEST,
+        "device": {"key_size": 256, "max_key_size": MAX_KEY_SIZE, "max_keys_per_request": MAX_PER_REQUEST},
         "admin_listen": f"127.0.0.1:{ports['admin']}",
         "ends": {
             end: {

@@ -107,6 +107,24 @@ class IncomingPool:
                 self._blocks[block_id] = _IncomingBlock(data)
                 self._available += len(data)
 
+    def holds(self, block_id: str) -> bool:
+        return block_id in self._blocks
+
+    def bits_of(self, block_ids: list[str]) -> int:
+        """Unused bits of the named blocks held here."""
+        blocks = self._blocks
+        return 8 * sum(blocks[block_id].remaining for block_id in block_ids if block_id in blocks)
+
+    def discard(self, block_ids: list[str]) -> int:
+        """Drop whole blocks the peer will never name (it gave them up); returns the bits dropped."""
+        dropped = 0
+        for block_id in block_ids:
+            block = self._blocks.pop(block_id, None)
+            if block is not None:
+                dropped += block.remaining
+                self._available -= block.remaining
+        return dropped * 8
+
     def consume(self, spans: list[Span]) -> bytes:
         """The bytes the spans name, marked used; all or nothing."""
         masks: dict[str, int] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from vqkd.km.config import LinkEndConfig
+from vqkd.km.domain.devices import LinkDevices
 from vqkd.km.domain.keypool import IncomingPool, OutgoingPool
 from vqkd.km.domain.keyqueue import KeyQueue
 from vqkd.km.domain.peer import Peer
@@ -32,6 +33,9 @@ class Link:
         self.peer_restarts = 0
         self.drawn_bits = 0
         self.relayed_bits = 0
+        self.devices = LinkDevices()
+        self.module_drawn_bits = 0  # taken from this KM's module end as master, agreed or not
+        self.burned_bits: dict[str, int] = {}  # taken as master, then given up: by reason
 
     def observe_peer(self, incarnation: str) -> bool:
         """Record the peer's incarnation; on a change, drop all shared material. True if dropped."""

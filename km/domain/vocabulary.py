@@ -1,7 +1,8 @@
 """The words the key managers and the control plane share, defined once.
 
 A session runs between two ``Endpoint``s (an SAE and the node its KM runs on); each KM on
-its path plays one ``Role``; applications ask for it with ETSI GS QKD 004 ``QoS``. The KM's
+its path plays one ``Role``; applications ask for it with ETSI GS QKD 004 ``QoS``; a QKD
+link is in one ``LinkState``, as each KM sees it and as the control plane judges it. The KM's
 gRPC messages (``vqkd.km.v1``) and the control core use these types, so a name means the
 same thing on both sides of the wire.
 """
@@ -43,3 +44,12 @@ class QoS:
     timeout_ms: int = 0
     ttl_s: int = 0
     fallback: str = ""
+
+
+class LinkState(StrEnum):
+    """A QKD link's state: Up, Degraded (serving key, with trouble worth watching) or Down."""
+
+    UP = "Up"
+    # Below the rate reserved on it, near the QBER threshold, device errors or burned key.
+    DEGRADED = "Degraded"
+    DOWN = "Down"

@@ -3,8 +3,9 @@
 Both ends draw from one budget of produced key, as the two devices of a real link hold
 the same distilled key. An end that takes keys with ``enc_keys`` (its KM acting as the
 master) leaves an identical copy pending at the other end until that end's KM collects it
-with ``dec_keys`` or the copy expires. Production is computed lazily from the clock on
-every call, so an idle link costs nothing.
+with ``dec_keys`` or the copy expires. Like a real device pair, the copy may reach the other
+end only after a synchronisation lag; asked for earlier, that end answers "not found".
+Production is computed lazily from the clock on every call, so an idle link costs nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class BadRequest(ModuleError):
 
 
 class KeysNotFound(BadRequest):
-    """A key ID is not pending at this end: unknown, already taken, expired or issued here."""
+    """A key ID is not pending at this end: unknown, already taken, expired, issued here, or
+    not synchronised from the other end yet."""
 
     def __init__(self) -> None:
         super().__init__(MSG_KEYS_NOT_FOUND)
@@ -76,7 +78,7 @@ class RequestLimits:
 
 
 @dataclass(frozen=True)
-class LinkState:
+class LinkSnapshot:
     """The link at one instant, as the admin API and the metrics report it."""
 
     key_rate_bps: float
@@ -130,15 +132,17 @@ class EmulatedLink:
         buffer_bits: int,
         limits: RequestLimits = RequestLimits(),
         pending_ttl_s: float = DEFAULT_PENDING_TTL_S,
+        sync_lag_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         if set(sae_ids) != set(ENDS):
             raise ValueError(f"link {name}: sae_ids must name ends 'a' and 'b', got {sorted(sae_ids)}")
         if sae_ids["a"] == sae_ids["b"]:
             raise ValueError(f"link {name}: both ends have SAE ID {sae_ids['a']!r}; they must differ")
-        if buffer_bits <= 0 or pending_ttl_s <= 0:
+        if buffer_bits <= 0 or pending_ttl_s <= 0 or not 0 <= sync_lag_s < pending_ttl_s:
             raise ValueError(
-                f"link {name}: buffer_bits and pending_ttl_s must be > 0, got {buffer_bits} and {pending_ttl_s}"
+                f"link {name}: need buffer_bits > 0, pending_ttl_s > 0 and 0 <= sync_lag_s < pending_ttl_s, got "
+                f"{buffer_bits}, {pending_ttl_s} and {sync_lag_s}"
             )
         _check_control(key_rate_bps, qber)
         self.name = name
@@ -146,6 +150,7 @@ class EmulatedLink:
         self.limits = limits
         self.buffer_capacity_bits = buffer_bits
         self.pending_ttl_s = pending_ttl_s
+        self.sync_lag_s = sync_lag_s
         self._clock = clock
         self._rate = float(key_rate_bps)
         self._qber = float(qber)
@@ -155,9 +160,10 @@ class EmulatedLink:
         self._produced = 0.0
         self._generated = 0.0
         self._last = clock()
-        # Per end: key ID -> (expiry, key) waiting for that end's dec_keys. Every key gets
-        # the same TTL, so insertion order is expiry order and the oldest entry is first.
-        self._pending: dict[str, OrderedDict[str, tuple[float, bytes]]] = {e: OrderedDict() for e in ENDS}
+        # Per end: key ID -> (expiry, synchronised at, key) waiting for that end's dec_keys.
+        # Every key gets the same TTL, so insertion order is expiry order and the oldest
+        # entry is first.
+        self._pending: dict[str, OrderedDict[str, tuple[float, float, bytes]]] = {e: OrderedDict() for e in ENDS}
         self._pending_bits = {e: 0 for e in ENDS}
         self._delivered = {e: 0 for e in ENDS}
         self._expired = {e: 0 for e in ENDS}
@@ -195,7 +201,7 @@ class EmulatedLink:
             if end is None:
                 break
             self._accrue(earliest)
-            _, (_, key) = self._pending[end].popitem(last=False)
+            _, (_, _, key) = self._pending[end].popitem(last=False)
             self._pending_bits[end] -= len(key) * 8
             self._expired[end] += len(key) * 8
         self._accrue(now)
@@ -217,9 +223,9 @@ class EmulatedLink:
             self._outage = bool(outage)
         self._skr = 0.0 if self._outage else physics.secret_key_rate(rate, new_qber)
 
-    def snapshot(self) -> LinkState:
+    def snapshot(self) -> LinkSnapshot:
         self._refresh()
-        return LinkState(
+        return LinkSnapshot(
             key_rate_bps=self._rate,
             qber=self._qber,
             outage=self._outage,
@@ -245,7 +251,8 @@ class EmulatedLink:
     def enc_keys(self, end: str, slave_sae_id: str, number: int, size: int) -> list[tuple[str, bytes]]:
         """Take ``number`` keys of ``size`` bits for the KM at ``end``; all of them or none.
 
-        The same keys wait at the other end for ``dec_keys`` until the pending TTL runs out.
+        The same keys reach the other end after the synchronisation lag and wait there for
+        ``dec_keys`` until the pending TTL runs out.
         """
         self.expect_peer(end, slave_sae_id, "slave")
         self.limits.check(number, size)
@@ -262,9 +269,9 @@ class EmulatedLink:
         keys = [(key_id, material[i * width:(i + 1) * width]) for i, key_id in enumerate(_uuid4_strings(number))]
         other = OTHER_END[end]
         store = self._pending[other]
-        expiry = now + self.pending_ttl_s
+        expiry, synchronised = now + self.pending_ttl_s, now + self.sync_lag_s
         for key_id, key in keys:
-            store[key_id] = (expiry, key)
+            store[key_id] = (expiry, synchronised, key)
         self._pending_bits[other] += wanted
         self._delivered[end] += wanted
         return keys
@@ -284,11 +291,11 @@ class EmulatedLink:
             )
         if len(set(key_ids)) != len(key_ids):
             raise BadRequest("key_IDs names the same key more than once; name each key once")
-        self._refresh()
+        now = self._refresh()
         store = self._pending[end]
-        if not all(key_id in store for key_id in key_ids):
+        if not all(key_id in store and store[key_id][1] <= now for key_id in key_ids):
             raise KeysNotFound()
-        keys = [(key_id, store.pop(key_id)[1]) for key_id in key_ids]
+        keys = [(key_id, store.pop(key_id)[2]) for key_id in key_ids]
         bits = 8 * sum(len(key) for _, key in keys)
         self._pending_bits[end] -= bits
         self._delivered[end] += bits

@@ -2,13 +2,21 @@
 
 Each end of the link is its own HTTPS site speaking ETSI GS QKD 014 to exactly one client,
 the KM of that end's node, identified by its certificate. A plain-HTTP admin site on
-loopback serves Prometheus metrics and the twin's controls (key rate, QBER, outage).
+loopback serves Prometheus metrics and the twin's controls (key rate, QBER, outage of the
+link or of one end).
+
+The device profile makes the pair behave like a particular device: request limits, a slave
+end that answers ``dec_keys`` one request at a time and takes a while per key, keys that
+reach the other end late, random refusals, TLS 1.2 only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import random
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +41,7 @@ from vqkd.km.emulator.module import (
 from vqkd.km.etsi014 import schema
 
 KEYS_PREFIX = "/api/v1/keys"
-CONTROL_FIELDS = ("key_rate_bps", "qber", "outage")
+CONTROL_FIELDS = ("key_rate_bps", "qber", "outage", "end_outage")
 
 
 def split_host_port(listen: str) -> tuple[str, int]:
@@ -42,6 +50,7 @@ def split_host_port(listen: str) -> tuple[str, int]:
 
 
 def link_from_config(cfg: EmulatedLinkConfig, clock: Callable[[], float] = time.monotonic) -> EmulatedLink:
+    device = cfg.device
     return EmulatedLink(
         cfg.link,
         {end: cfg.ends[end].sae_id for end in ENDS},
@@ -49,10 +58,19 @@ def link_from_config(cfg: EmulatedLinkConfig, clock: Callable[[], float] = time.
         qber=cfg.qber,
         buffer_bits=cfg.buffer_bits,
         limits=RequestLimits(
-            key_size=cfg.key_size, max_key_size=cfg.max_key_size, max_key_per_request=cfg.max_key_per_request
+            key_size=device.key_size, max_key_size=device.max_key_size,
+            max_key_per_request=device.max_keys_per_request,
         ),
+        sync_lag_s=device.sync_lag_ms / 1000,
         clock=clock,
     )
+
+
+def end_tls_context(cfg: EmulatedLinkConfig, end: str) -> ssl.SSLContext:
+    ctx = tls.server_context(cfg.ends[end].tls.files())
+    if cfg.device.tls12_only:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
 
 
 def _json_response(status: int, body: Any) -> web.Response:
@@ -107,9 +125,13 @@ def _peer_identity(request: web.Request) -> identity.Identity | None:
 
 
 class _EndAPI:
-    """The ETSI 014 routes of one end; every request must come from that end's KM."""
+    """The ETSI 014 routes of one end; every request must come from that end's KM.
 
-    def __init__(self, cfg: EmulatedLinkConfig, end: str, link: EmulatedLink, requests: Counter):
+    An end in outage answers every request with 503, as a device in maintenance does.
+    """
+
+    def __init__(self, cfg: EmulatedLinkConfig, end: str, link: EmulatedLink, requests: Counter,
+                 rng: random.Random):
         self.end = end
         self.link = link
         self.client = identity.Identity.parse(cfg.ends[end].client)
@@ -117,6 +139,11 @@ class _EndAPI:
         self.peer_kme_id = cfg.ends[OTHER_END[end]].kme_id
         self.requests = requests
         self.label = cfg.link
+        self.device = cfg.device
+        self.rng = rng
+        self.outage = False
+        # A device synchronises and answers one dec_keys request at a time.
+        self._dec_keys_turn = asyncio.Lock()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
@@ -137,6 +164,11 @@ class _EndAPI:
                     f"client {peer or 'without a vqkd identity'} may not use end {self.end} of link "
                     f"{self.label}; only {self.client} may",
                 )
+            elif self.outage:
+                response = _error(503, f"end {self.end} of QKD link {self.label} is out of service; retry later")
+            elif self.device.error_rate and self.rng.random() < self.device.error_rate:
+                response = _error(503, f"end {self.end} of QKD link {self.label} failed to serve the request "
+                                       "(emulated device error); nothing was consumed, retry")
             else:
                 try:
                     response = await handler(request)
@@ -196,13 +228,22 @@ class _EndAPI:
         size = self.link.limits.key_size if req.size is None else req.size
         return _key_container(self.link.enc_keys(self.end, request.match_info["slave_SAE_ID"], number, size))
 
+    async def _dec_keys(self, master_sae_id: str, key_ids: list[str]) -> web.Response:
+        latency_s = self.device.slave_latency_ms_per_key / 1000
+        if not latency_s:
+            return _key_container(self.link.dec_keys(self.end, master_sae_id, key_ids))
+        async with self._dec_keys_turn:
+            keys = self.link.dec_keys(self.end, master_sae_id, key_ids)
+            await asyncio.sleep(latency_s * len(keys))
+        return _key_container(keys)
+
     async def dec_keys_get(self, request: web.Request) -> web.Response:
         key_ids = request.query.getall("key_ID", [])
         if len(key_ids) != 1:
             raise BadRequest(
                 f"GET dec_keys takes exactly one key_ID query parameter, got {len(key_ids)}; POST key_IDs for several"
             )
-        return _key_container(self.link.dec_keys(self.end, request.match_info["master_SAE_ID"], key_ids))
+        return await self._dec_keys(request.match_info["master_SAE_ID"], key_ids)
 
     async def dec_keys_post(self, request: web.Request) -> web.Response:
         # Parsed by hand: a pydantic object per key ID would dominate the cost of a batch.
@@ -214,7 +255,7 @@ class _EndAPI:
         for i, key_id in enumerate(key_ids):
             if not isinstance(key_id, str):
                 raise BadRequest(f"key_IDs[{i}] must be an object with a string key_ID, got {refs[i]!r}")
-        return _key_container(self.link.dec_keys(self.end, request.match_info["master_SAE_ID"], key_ids))
+        return await self._dec_keys(request.match_info["master_SAE_ID"], key_ids)
 
 
 class _LinkCollector:
@@ -273,11 +314,9 @@ class EmulatorServer:
             "vqkd_module_requests", "ETSI 014 requests by end and HTTP status",
             ["link", "end", "code"], registry=self.registry,
         )
-        self._apps = [
-            (_EndAPI(cfg, end, self.link, requests).app(), cfg.ends[end].listen,
-             tls.server_context(cfg.ends[end].tls.files()))
-            for end in ENDS
-        ]
+        rng = random.Random()
+        self.ends = {end: _EndAPI(cfg, end, self.link, requests, rng) for end in ENDS}
+        self._apps = [(self.ends[end].app(), cfg.ends[end].listen, end_tls_context(cfg, end)) for end in ENDS]
         self._apps.append((self._admin_app(), cfg.admin_listen, None))
         self._runners: list[web.AppRunner] = []
 
@@ -326,6 +365,7 @@ class EmulatorServer:
             "buffer_bits": s.buffer_bits,
             "buffer_capacity_bits": s.buffer_capacity_bits,
             "pending_bits": dict(s.pending_bits),
+            "end_outage": {end: api.outage for end, api in self.ends.items()},
         }
 
     async def _get_control(self, request: web.Request) -> web.Response:
@@ -339,6 +379,10 @@ class EmulatorServer:
             unknown = sorted(set(body) - set(CONTROL_FIELDS))
             if unknown:
                 raise BadRequest(f"unknown control fields {unknown}; expected any of {', '.join(CONTROL_FIELDS)}")
+            end_outage = body.pop("end_outage", {})
+            if not isinstance(end_outage, dict) or not set(end_outage) <= set(ENDS) or not all(
+                    isinstance(v, bool) for v in end_outage.values()):
+                raise BadRequest(f'end_outage must map ends to true or false, e.g. {{"b": true}}; got {end_outage!r}')
             for field, value in body.items():
                 if field == "outage":
                     if not isinstance(value, bool):
@@ -346,6 +390,8 @@ class EmulatorServer:
                 elif isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise BadRequest(f"{field} must be a number, got {value!r}")
             self.link.control(**body)
+            for end, down in end_outage.items():
+                self.ends[end].outage = down
         except ModuleError as e:
             return _error(400, e.message)
         except InvalidControl as e:

@@ -32,6 +32,14 @@ class ETSI014Error(Exception):
         self.status = status
         self.message = message
 
+    @property
+    def keys_not_found(self) -> bool:
+        """The KME does not know a key asked for by ID (a slave end may not have synchronised yet).
+
+        ETSI 014 answers 400 with a fixed message; devices word it differently, some answer 404.
+        """
+        return self.status in (400, 404) and "not found" in self.message.lower()
+
 
 def _error_message(status: int, reason: str | None, body: bytes) -> str:
     # 401 and proxies' errors may carry no JSON at all.
@@ -46,7 +54,7 @@ def _error_message(status: int, reason: str | None, body: bytes) -> str:
 
 
 class ETSI014Client:
-    """An async ETSI 014 client for one KME (one QKD module end), over mutual TLS.
+    """An async ETSI 014 client for one KME (one QKD module end), over mutual TLS 1.2 or 1.3.
 
     ``base_url`` is the KME's https root, e.g. ``https://10.0.0.5:8443``. The session is
     opened on first use inside the running event loop; ``close()`` releases it.

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from vqkd.km import identity
+from vqkd.km.domain.links import Link
 from vqkd.km.domain.sessions import InvalidConfiguration, SessionConfig, SessionTable
 from vqkd.km.domain.vocabulary import Endpoint, Role
 from vqkd.km.rpc.credentials import peer_identity
@@ -100,11 +101,16 @@ class KeyManagerControlService(km_pb2_grpc.KeyManagerControlServicer):
             keys_delivered_total=sum(s.keys_delivered for s in self.sessions.sessions.values()),
             delivered=[km_pb2.SessionDelivered(session_id=s.session_id, keys=s.keys_delivered, bits=s.bits_delivered)
                        for s in self.sessions.sessions.values() if s.keys_delivered],
-            links=[
-                km_pb2.LinkStats(link=link.name, peer_node=link.peer_node,
-                                 outgoing_bits=link.outgoing.available_bits,
-                                 incoming_bits=link.incoming.available_bits,
-                                 drawn_bits_total=link.drawn_bits, relayed_bits_total=link.relayed_bits)
-                for link in self.km.links.values()
-            ],
+            links=[link_stats(link) for link in self.km.links.values()],
         )
+
+
+def link_stats(link: Link) -> km_pb2.LinkStats:
+    verdict = link.devices.health.verdict()
+    return km_pb2.LinkStats(
+        link=link.name, peer_node=link.peer_node, outgoing_bits=link.outgoing.available_bits,
+        incoming_bits=link.incoming.available_bits, drawn_bits_total=link.drawn_bits,
+        relayed_bits_total=link.relayed_bits, state=verdict.state.value, reason=verdict.reason,
+        message=verdict.message, module_drawn_bits_total=link.module_drawn_bits,
+        burned_bits_total=link.burned_bits, block_bits=link.devices.block_bits or 0,
+    )

@@ -14,10 +14,11 @@ import grpc
 from vqkd.km import identity
 from vqkd.km.domain import errors, relay_crypto
 from vqkd.km.domain.exchange import KeyExchange
-from vqkd.km.domain.keypool import Span, SpanError
+from vqkd.km.domain.keypool import Span
 from vqkd.km.domain.links import Link
 from vqkd.km.domain.peer import HybridMessage
 from vqkd.km.domain.relay import RelayRejected, RelayService
+from vqkd.km.module_feed import CollectorFull, PeerKeyCollector
 from vqkd.km.rpc.credentials import peer_identity
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_S = 5.0
+# Longest an AgreeKeys answer waits for the receiver to collect keys: well within the
+# deadline, so a slow module end delays the answer, never fails it.
+AGREE_WAIT_S = 2.0
 # Keys per Deliver request, however many deliveries wait: bounds the message (~40 bytes a key)
 # and the time the peer spends on one request. A single larger delivery still goes alone.
 MAX_KEYS_PER_DELIVER = 4096
@@ -37,11 +41,11 @@ MAX_RELAYED_KEYS_PER_REQUEST = 4096
 
 
 class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
-    def __init__(self, km: KeyManager, exchange: KeyExchange, modules: dict[str, ETSI014Client],
+    def __init__(self, km: KeyManager, exchange: KeyExchange, collectors: dict[str, PeerKeyCollector],
                  relays: RelayService):
         self.km = km
         self.exchange = exchange
-        self.modules = modules
+        self.collectors = collectors
         self.relays = relays
 
     async def _link(self, request, context) -> Link:
@@ -77,21 +81,29 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
     async def AgreeKeys(self, request, context):
         link = await self._link(request, context)
         await self._check_incarnations(link, request, context)
-        if not request.key_ids:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AgreeKeys needs at least one key ID")
-        module = self.modules[link.name]
+        if not request.key_ids and not request.abandoned_key_ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AgreeKeys names no key ID")
+        collector = self.collectors[link.name]
+        collector.abandon(list(request.abandoned_key_ids))
+        key_ids = list(request.key_ids)
         try:
-            blocks = await module.dec_keys(link.config.peer_module_sae_id, list(request.key_ids))
-        except Exception as e:  # the module is another system: any failure means no agreement
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"QKD module of link {link.name} refused the keys: {e}")
+            collector.announce(key_ids, request.sender_incarnation)
+        except CollectorFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        remaining = context.time_remaining()
+        wait_s = AGREE_WAIT_S if remaining is None else min(AGREE_WAIT_S, remaining / 2)
+        held = await collector.held(key_ids, wait_s)
         if link.peer_incarnation != request.sender_incarnation:
-            # The peer restarted while we fetched: this material belongs to no one now.
+            # The peer restarted while we waited: what we hold belongs to no one now.
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the sender restarted during key agreement")
-        try:
-            link.incoming.add(blocks)
-        except SpanError as e:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-        return km_pb2.AgreeKeysReply(bits=sum(len(b) for _, b in blocks) * 8)
+        reason, message = collector.waiting if len(held) < len(key_ids) else ("", "")
+        return km_pb2.AgreeKeysReply(
+            bits=link.incoming.bits_of(held), held_key_ids=held, waiting_reason=reason, waiting_message=message,
+            seconds_per_key=link.devices.seconds_per_key or 0.0)
+
+    async def DeviceStatus(self, request, context):
+        link = await self._link(request, context)
+        return device_end_to_pb(link)
 
     async def Deliver(self, request, context):
         link = await self._link(request, context)
@@ -168,6 +180,19 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
 
         # Concurrently: an intermediate KM passes each commit on and waits for its answer.
         return km_pb2.CommitReply(refused=await asyncio.gather(*map(commit, request.commits)))
+
+
+def device_end_to_pb(link: Link) -> km_pb2.DeviceEnd:
+    """This KM's module end of ``link``: its limits and its own health, not the link's.
+
+    Only this end's health: the peer's view of the link includes what it hears about our end
+    from us, and passing that back would keep both ends Down after either recovered.
+    """
+    own, verdict = link.devices.own, link.devices.health.verdict(("device",))
+    limits = dict(key_size=own.key_size, min_key_size=own.min_key_size, max_key_size=own.max_key_size,
+                  max_key_per_request=own.max_key_per_request) if own else {}
+    return km_pb2.DeviceEnd(known=own is not None, **limits, seconds_per_key=link.devices.seconds_per_key or 0.0,
+                            state=verdict.state.value, reason=verdict.reason, message=verdict.message)
 
 
 def fields_from_pb(r: km_pb2.RelayRequest) -> relay_crypto.RelayFields:
@@ -281,9 +306,12 @@ class PeerClient:
                         lambda: errors.PeerUnavailable(f"{self.peer}: the {item} was cancelled"), on_idle)
 
     async def hello(self) -> None:
-        reply = await self.stub.Hello(
-            km_pb2.HelloRequest(link=self.link.name, incarnation=self.km.incarnation), timeout=RPC_TIMEOUT_S
-        )
+        try:
+            reply = await self.stub.Hello(
+                km_pb2.HelloRequest(link=self.link.name, incarnation=self.km.incarnation), timeout=RPC_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as e:
+            raise errors.PeerUnavailable(f"{self.peer}: {e.code().name}: {e.details()}") from None
         self.link.observe_peer(reply.incarnation)
 
     async def _call(self, method, request_factory):
@@ -314,13 +342,21 @@ class PeerClient:
         return [errors.PeerUnavailable(f"{self.peer}: {describe(reason)}") if reason else None
                 for reason in reply.refused]
 
-    async def agree_keys(self, key_ids: list[str]) -> str:
-        """Tell the peer which module keys we drew; returns the peer incarnation they are shared with."""
-        _, incarnation = await self._call(self.stub.AgreeKeys, lambda inc: km_pb2.AgreeKeysRequest(
+    async def agree_keys(self, key_ids: list[str], abandoned: list[str]) -> tuple[km_pb2.AgreeKeysReply, str]:
+        """Tell the peer which module keys we drew and which we gave up; returns its answer
+        (which it holds) and the peer incarnation that answered."""
+        return await self._call(self.stub.AgreeKeys, lambda inc: km_pb2.AgreeKeysRequest(
             link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
-            key_ids=key_ids,
+            key_ids=key_ids, abandoned_key_ids=abandoned,
         ))
-        return incarnation
+
+    async def device_status(self) -> km_pb2.DeviceEnd:
+        """The peer's module end as the peer last read it."""
+        try:
+            return await self.stub.DeviceStatus(km_pb2.DeviceStatusRequest(link=self.link.name),
+                                                timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            raise errors.PeerUnavailable(f"{self.peer}: {e.code().name}: {e.details()}") from None
 
     async def relay(self, fields: relay_crypto.RelayFields, tag: bytes) -> None:
         """Send one relay hop; returns when the destination holds the keys."""

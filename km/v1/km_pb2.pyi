@@ -33,22 +33,60 @@ class HelloReply(_message.Message):
     def __init__(self, incarnation: _Optional[str] = ...) -> None: ...
 
 class AgreeKeysRequest(_message.Message):
-    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "key_ids")
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "key_ids", "abandoned_key_ids")
     LINK_FIELD_NUMBER: _ClassVar[int]
     SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    ABANDONED_KEY_IDS_FIELD_NUMBER: _ClassVar[int]
     link: str
     sender_incarnation: str
     receiver_incarnation: str
     key_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    abandoned_key_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., key_ids: _Optional[_Iterable[str]] = ..., abandoned_key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AgreeKeysReply(_message.Message):
-    __slots__ = ("bits",)
+    __slots__ = ("bits", "held_key_ids", "waiting_reason", "waiting_message", "seconds_per_key")
     BITS_FIELD_NUMBER: _ClassVar[int]
+    HELD_KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REASON_FIELD_NUMBER: _ClassVar[int]
+    WAITING_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_KEY_FIELD_NUMBER: _ClassVar[int]
     bits: int
-    def __init__(self, bits: _Optional[int] = ...) -> None: ...
+    held_key_ids: _containers.RepeatedScalarFieldContainer[str]
+    waiting_reason: str
+    waiting_message: str
+    seconds_per_key: float
+    def __init__(self, bits: _Optional[int] = ..., held_key_ids: _Optional[_Iterable[str]] = ..., waiting_reason: _Optional[str] = ..., waiting_message: _Optional[str] = ..., seconds_per_key: _Optional[float] = ...) -> None: ...
+
+class DeviceStatusRequest(_message.Message):
+    __slots__ = ("link",)
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    link: str
+    def __init__(self, link: _Optional[str] = ...) -> None: ...
+
+class DeviceEnd(_message.Message):
+    __slots__ = ("known", "key_size", "min_key_size", "max_key_size", "max_key_per_request", "seconds_per_key", "state", "reason", "message")
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MIN_KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_KEY_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_KEY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    key_size: int
+    min_key_size: int
+    max_key_size: int
+    max_key_per_request: int
+    seconds_per_key: float
+    state: str
+    reason: str
+    message: str
+    def __init__(self, known: _Optional[bool] = ..., key_size: _Optional[int] = ..., min_key_size: _Optional[int] = ..., max_key_size: _Optional[int] = ..., max_key_per_request: _Optional[int] = ..., seconds_per_key: _Optional[float] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Span(_message.Message):
     __slots__ = ("block_id", "offset", "length")
@@ -307,20 +345,39 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LinkStats(_message.Message):
-    __slots__ = ("link", "peer_node", "outgoing_bits", "incoming_bits", "drawn_bits_total", "relayed_bits_total")
+    __slots__ = ("link", "peer_node", "outgoing_bits", "incoming_bits", "drawn_bits_total", "relayed_bits_total", "state", "reason", "message", "module_drawn_bits_total", "burned_bits_total", "block_bits")
+    class BurnedBitsTotalEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     LINK_FIELD_NUMBER: _ClassVar[int]
     PEER_NODE_FIELD_NUMBER: _ClassVar[int]
     OUTGOING_BITS_FIELD_NUMBER: _ClassVar[int]
     INCOMING_BITS_FIELD_NUMBER: _ClassVar[int]
     DRAWN_BITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RELAYED_BITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MODULE_DRAWN_BITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BURNED_BITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BITS_FIELD_NUMBER: _ClassVar[int]
     link: str
     peer_node: str
     outgoing_bits: int
     incoming_bits: int
     drawn_bits_total: int
     relayed_bits_total: int
-    def __init__(self, link: _Optional[str] = ..., peer_node: _Optional[str] = ..., outgoing_bits: _Optional[int] = ..., incoming_bits: _Optional[int] = ..., drawn_bits_total: _Optional[int] = ..., relayed_bits_total: _Optional[int] = ...) -> None: ...
+    state: str
+    reason: str
+    message: str
+    module_drawn_bits_total: int
+    burned_bits_total: _containers.ScalarMap[str, int]
+    block_bits: int
+    def __init__(self, link: _Optional[str] = ..., peer_node: _Optional[str] = ..., outgoing_bits: _Optional[int] = ..., incoming_bits: _Optional[int] = ..., drawn_bits_total: _Optional[int] = ..., relayed_bits_total: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., module_drawn_bits_total: _Optional[int] = ..., burned_bits_total: _Optional[_Mapping[str, int]] = ..., block_bits: _Optional[int] = ...) -> None: ...
 
 class SessionDelivered(_message.Message):
     __slots__ = ("session_id", "keys", "bits")

@@ -57,6 +57,11 @@ class LinkPeerStub:
                 request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.AgreeKeysRequest.SerializeToString,
                 response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.AgreeKeysReply.FromString,
                 _registered_method=True)
+        self.DeviceStatus = channel.unary_unary(
+                '/vqkd.km.v1.LinkPeer/DeviceStatus',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeviceStatusRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeviceEnd.FromString,
+                _registered_method=True)
         self.Deliver = channel.unary_unary(
                 '/vqkd.km.v1.LinkPeer/Deliver',
                 request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeliverRequest.SerializeToString,
@@ -102,7 +107,18 @@ class LinkPeerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AgreeKeys(self, request, context):
-        """Key-ID agreement: the receiver fetches the named keys from its module end.
+        """Key-ID agreement: the receiver collects the named keys from its module end, in the
+        background and at the pace of its device, and answers which of them it holds. A slave
+        end may hand keys over late (it synchronises after the master end issued them), so the
+        sender keeps the keys aside and names them again until the receiver holds them or the
+        sender gives them up; only keys the receiver holds join the sender's outgoing pool.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeviceStatus(self, request, context):
+        """The receiver's end of the link's QKD module as it last read it: limits and health.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,6 +169,11 @@ def add_LinkPeerServicer_to_server(servicer, server):
                     servicer.AgreeKeys,
                     request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.AgreeKeysRequest.FromString,
                     response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.AgreeKeysReply.SerializeToString,
+            ),
+            'DeviceStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeviceStatus,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeviceStatusRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.DeviceEnd.SerializeToString,
             ),
             'Deliver': grpc.unary_unary_rpc_method_handler(
                     servicer.Deliver,
@@ -242,6 +263,33 @@ class LinkPeer:
             '/vqkd.km.v1.LinkPeer/AgreeKeys',
             vqkd_dot_km_dot_v1_dot_km__pb2.AgreeKeysRequest.SerializeToString,
             vqkd_dot_km_dot_v1_dot_km__pb2.AgreeKeysReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeviceStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.LinkPeer/DeviceStatus',
+            vqkd_dot_km_dot_v1_dot_km__pb2.DeviceStatusRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.DeviceEnd.FromString,
             options,
             channel_credentials,
             insecure,

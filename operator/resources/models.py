@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from pydantic.alias_generators import to_camel
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from vqkd.km.config import EmulatedLinkConfig, KeyLimits
+from vqkd.km.config import DeviceProfile, EmulatedLinkConfig, KeyLimits
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.operator.resources.admission_cycle import AdmissionState
 
 API_GROUP = "vqkd.io"
@@ -311,6 +312,36 @@ class LinkType(StrEnum):
     VIRTUAL = "virtual"  # key comes from a relay the nodes do not run themselves (VIRT)
 
 
+_DEVICE = DeviceProfile.model_fields
+
+
+class EmulatedDevice(_Wire):
+    """The device the emulated pair behaves like; the defaults are vqkd's own twin."""
+
+    max_key_size: int = Field(_DEVICE["max_key_size"].default, gt=0, multiple_of=8,
+                              description="largest key one request may ask for, bits")
+    max_keys_per_request: int = Field(_DEVICE["max_keys_per_request"].default, gt=0,
+                                      description="most keys in one enc_keys or dec_keys request")
+    slave_latency_ms_per_key: float = Field(
+        _DEVICE["slave_latency_ms_per_key"].default, ge=0, le=10_000,
+        description="time an end takes per key to answer dec_keys; an end answers one request at a time")
+    sync_lag_ms: float = Field(
+        _DEVICE["sync_lag_ms"].default, ge=0, le=600_000,
+        description="keys taken at one end reach the other end this much later; asked for earlier: not found")
+    error_rate: float = Field(_DEVICE["error_rate"].default, ge=0, lt=1,
+                              description="share of ETSI 014 requests refused with 503, nothing consumed")
+    tls12_only: bool = Field(_DEVICE["tls12_only"].default,
+                             description="the ends speak TLS 1.2 and no later version")
+
+    def profile(self) -> DeviceProfile:
+        """The emulated module's configuration of this device."""
+        return DeviceProfile(
+            key_size=min(_DEVICE["key_size"].default, self.max_key_size), max_key_size=self.max_key_size,
+            max_keys_per_request=self.max_keys_per_request, slave_latency_ms_per_key=self.slave_latency_ms_per_key,
+            sync_lag_ms=self.sync_lag_ms, error_rate=self.error_rate, tls12_only=self.tls12_only,
+        )
+
+
 class EmulatedKeySource(_Wire):
     """An emulated QKD module pair (the digital twin) producing key for this link."""
 
@@ -319,6 +350,12 @@ class EmulatedKeySource(_Wire):
     buffer_bits: int = Field(
         _EMULATOR["buffer_bits"].default, gt=0, description="bound on produced key not yet drawn by the KMs",
     )
+    device: EmulatedDevice | None = Field(
+        None, description="make the pair behave like a particular QKD device; omitted: vqkd's own twin")
+
+    def device_profile(self) -> DeviceProfile:
+        """What the emulated module pair is configured with (``EmulatedLinkConfig.device``)."""
+        return (self.device or EmulatedDevice()).profile()
 
 
 class SecretRef(_Wire):
@@ -373,12 +410,6 @@ class QKDLinkSpec(_Wire):
                 f"must have one entry per linked node {sorted(self.nodes)}, got {sorted(self.etsi014.endpoints)}",
             )
         return self
-
-
-class LinkState(StrEnum):
-    UP = "Up"
-    DEGRADED = "Degraded"  # produces key, but below the rate reserved on it or near the QBER threshold
-    DOWN = "Down"
 
 
 class QKDLinkStatus(_Status):
