@@ -17,7 +17,8 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PKI, Processes, free_port, wait_for_port
-from vqkd.km import identity, tls
+from vqkd.km import identity
+from vqkd.km.rpc.credentials import grpc_channel_credentials
 from vqkd.km.etsi014.client import ETSI014Client
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
@@ -65,7 +66,7 @@ class DevicePair:
 
     async def link_stats(self, node: str) -> km_pb2.LinkStats:
         """The KM's LinkStats of link ``ab``, as the control plane reads them."""
-        creds = tls.grpc_channel_credentials(self.pki.files(identity.controller()))
+        creds = grpc_channel_credentials(self.pki.files(identity.controller()))
         async with grpc.aio.secure_channel(f"127.0.0.1:{self.ports['grpc-' + node]}", creds) as channel:
             stats = await km_pb2_grpc.KeyManagerControlStub(channel).GetStats(km_pb2.GetStatsRequest(), timeout=5)
         return next(ls for ls in stats.links if ls.link == LINK)
