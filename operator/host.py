@@ -146,8 +146,6 @@ class ControlPlaneHost:
         *,
         module_metrics: Callable[[str], str | None] = lambda link: None,
         cadence: Cadence = Cadence(),
-        replacer: KMReplacer | None = None,
-        listeners: Iterable[HostListener] = (),
         admission: AdmissionSettings = AdmissionSettings(),
         monitoring: MonitoringSettings = MonitoringSettings(),
         namespace: str = "default",
@@ -160,8 +158,8 @@ class ControlPlaneHost:
         self.listen = listen
         self.module_metrics = module_metrics
         self.cadence = cadence
-        self.replacer = replacer
-        self.listeners = list(listeners)
+        self.replacer: KMReplacer | None = None
+        self.listeners: list[HostListener] = []
         self.clock = clock  # liveness and replacement timing; the core keeps its own clock
         self.core = ControlCore(
             _TimedPushes(kms, lambda call, seconds: self.metrics.push_seconds(call).observe(seconds)),
@@ -175,6 +173,12 @@ class ControlPlaneHost:
         self._loops: list[asyncio.Task] = []
         self._work: dict[str, asyncio.Task] = {}  # probes and replacements in flight, by what they do
 
+    def plug(self, *, replacer: KMReplacer | None = None, listeners: Iterable[HostListener] = ()) -> None:
+        """How the runtime replaces a KM that stopped answering, and who shows what the host
+        sees; plugged in before ``start``, once the runtime's parts that need the core exist."""
+        self.replacer = replacer
+        self.listeners = list(listeners)
+
     # --- serving ------------------------------------------------------------------------
 
     async def serve(self) -> None:
@@ -186,8 +190,10 @@ class ControlPlaneHost:
         try:
             port = server.add_secure_port(self.listen, grpc_server_credentials(self.tls))
         except RuntimeError as e:  # grpc's way of saying the address is taken or malformed
+            await server.stop(None)
             raise OSError(f"ControlPlane service: cannot listen on {self.listen}: {e}") from None
         if port == 0:
+            await server.stop(None)
             raise OSError(f"ControlPlane service: cannot listen on {self.listen}")
         await server.start()
         await checks.set("", health_pb2.HealthCheckResponse.SERVING)
