@@ -269,7 +269,7 @@ class Stopped:
     def __bool__(self) -> bool:
         return self.waits > self.rounds
 
-    async def wait(self, timeout: float) -> Stopped:
+    async def wait(self, timeout: float | None = None) -> Stopped:
         self.waits += 1
         return self
 

@@ -17,6 +17,7 @@ QKDNode guards its StatefulSet: a missing one is created again. The controller o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
@@ -105,7 +106,12 @@ class Workloads:
         """The kopf daemon of one QKDNode: its StatefulSet exists, or is created again."""
         runtime = self.runtime
         while not stopped:
-            await stopped.wait(runtime.options.workload_check_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(runtime.options.workload_check_s):
+                    # Not stopped.wait(timeout): kopf's own time limit runs in a task of its own,
+                    # which fails with TimeoutError, and fails the operator's exit, when the daemon
+                    # is cancelled just as the limit expires.
+                    await stopped.wait()
             if stopped or name not in runtime.resources.nodes:
                 continue
             try:
