@@ -112,8 +112,8 @@ def assemble(options: OperatorOptions, kube: Kube, endpoints: EndpointResolver, 
     tokens = Tokens()
 
     def module_metrics(link: str) -> str | None:
-        spec = resources.links.get(link)
-        return endpoints.module_metrics(link) if spec is not None and spec.spec.emulated else None
+        declared = resources.links.get(link)
+        return endpoints.module_metrics(link) if declared is not None and declared.spec.emulated else None
 
     host = ControlPlaneHost(
         kms, controller_tls, options.control_plane_listen,
