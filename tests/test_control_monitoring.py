@@ -1,11 +1,13 @@
-"""The monitoring element: link health from samples, alarms, recovery."""
+"""The monitoring element: samples from raw readings, link health from samples, alarms, recovery."""
 
 from __future__ import annotations
 
 import pytest
 
 from vqkd.operator.control.events import EventLog
-from vqkd.operator.control.monitoring import AlarmKind, LinkSample, Monitoring, MonitoringSettings
+from vqkd.operator.control.monitoring import (
+    AlarmKind, LinkReading, LinkSample, LinkSampler, ModuleReading, Monitoring, MonitoringSettings,
+)
 from vqkd.operator.control.topology import Topology
 from vqkd.operator.resources.models import LinkState, QKDLink
 
@@ -109,3 +111,56 @@ def test_link_state_changes_are_events():
     monitoring.ingest(sample(1.0, qber=0.5), reserved_bps=0)
     (registered, down) = topology.events.about("ab")
     assert (down.from_state, down.to_state, down.reason) == (LinkState.UP, LinkState.DOWN, "QBERAboveThreshold")
+
+
+# --- readings into samples --------------------------------------------------------------
+
+
+def module(generated, buffered=0.0, capacity=1e6, skr=5e5, qber=0.02) -> ModuleReading:
+    return ModuleReading(generated_bits=generated, buffer_bits=buffered, buffer_capacity_bits=capacity,
+                         secret_key_rate_bps=skr, qber=qber)
+
+
+def reading(at: float, drawn: float = 0, pools: int = 0, module: ModuleReading | None = None) -> LinkReading:
+    return LinkReading("ab", at, drawn_bits=drawn, pool_bits=pools, module=module)
+
+
+def test_rates_are_measured_between_readings():
+    sampler = LinkSampler()
+    assert sampler.sample(reading(10.0, module=module(0))) is None  # the first reading only sets the baseline
+    sample = sampler.sample(reading(12.0, drawn=2e5, pools=150, module=module(1e6, buffered=1000)))
+    assert (sample.at, sample.key_rate_bps, sample.load_bps, sample.qber, sample.stored_key_bits) == (
+        12.0, 5e5, 1e5, 0.02, 1150)
+
+
+def test_a_full_buffer_is_an_idle_link_not_a_dead_one():
+    sampler = LinkSampler()
+    sampler.sample(reading(10.0, module=module(1e6, buffered=1e6)))
+    sample = sampler.sample(reading(12.0, module=module(1e6, buffered=1e6)))
+    assert sample.key_rate_bps == 5e5  # what the module says it produces, not 0
+
+
+def test_a_link_that_stops_producing_reports_zero():
+    sampler = LinkSampler()
+    sampler.sample(reading(10.0, module=module(1e6, buffered=10)))
+    assert sampler.sample(reading(12.0, module=module(1e6, buffered=10, skr=0))).key_rate_bps == 0
+
+
+def test_without_module_metrics_the_key_drawn_is_the_rate():
+    sampler = LinkSampler()
+    sampler.sample(reading(10.0, drawn=1000))
+    sample = sampler.sample(reading(11.0, drawn=5000, pools=64))
+    assert (sample.key_rate_bps, sample.load_bps, sample.qber, sample.stored_key_bits) == (4000, 4000, None, 64)
+
+
+def test_a_restarted_km_counting_from_zero_draws_nothing_rather_than_less_than_nothing():
+    sampler = LinkSampler()
+    sampler.sample(reading(10.0, drawn=9000, module=module(1e6)))
+    assert sampler.sample(reading(11.0, drawn=100, module=module(2e6))).load_bps == 0
+
+
+def test_a_link_created_again_starts_from_a_new_baseline():
+    sampler = LinkSampler()
+    sampler.sample(reading(10.0, module=module(1e6)))
+    sampler.retain([])
+    assert sampler.sample(reading(11.0, module=module(0))) is None

@@ -122,3 +122,11 @@ def test_removed_link_takes_its_reservations_along():
     assert not routing.usable(route)
     assert routing.reserved_links("s1") == {"ab"}
     assert routing.release("s1") and routing.loads["ab"].reserved_bps == 0
+
+
+def test_connected_follows_registered_links_whatever_their_state():
+    routing = build({"ab": ("a", "b", 1000), "bc": ("b", "c", 1000), "de": ("d", "e", 1000)})
+    routing.topology.links["bc"].state = LinkState.DOWN
+    routing.topology.set_node_state("b", False, "KMUnreachable", "gone", 1.0)
+    assert routing.connected("a", "c") and not routing.connected("a", "e")
+    assert not routing.connected("a", "unregistered")

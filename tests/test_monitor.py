@@ -1,38 +1,61 @@
-"""Link samples from KM stats and module metrics: what the monitoring element is told."""
+"""The sampling adapter: what one monitoring round reads from the KMs and modules, as raw numbers."""
 
-from vqkd.operator.adapters.sampling import LinkMonitor
+import grpc
 
+from conftest import free_port
+from vqkd.km.v1 import km_pb2
+from vqkd.operator.adapters.sampling import module_reading, read_round
 
-class Stat:
-    def __init__(self, drawn, out=0, inc=0):
-        self.link, self.drawn_bits_total, self.outgoing_bits, self.incoming_bits = "ab", drawn, out, inc
-
-
-def monitor():
-    return LinkMonitor(core=None, kms=None, nodes=["a", "b"], links={"ab": ("a", "b")})
-
-
-def module(generated, buffered=0.0, capacity=1e6, skr=5e5, qber=0.02):
-    return {"vqkd_module_generated_bits_total": generated, "vqkd_module_buffer_bits": buffered,
-            "vqkd_module_buffer_capacity_bits": capacity, "vqkd_module_secret_key_rate_bits_per_second": skr,
-            "vqkd_module_qber": qber}
-
-
-def test_rates_are_measured_between_polls():
-    m = monitor()
-    assert m._sample("ab", 10.0, [Stat(0)], module(0)) is None  # the first poll only sets the baseline
-    sample = m._sample("ab", 12.0, [Stat(2e5, out=100, inc=50)], module(1e6, buffered=1000))
-    assert (sample.key_rate_bps, sample.load_bps, sample.qber, sample.stored_key_bits) == (5e5, 1e5, 0.02, 1150)
+METRICS = """\
+# HELP vqkd_module_generated_bits_total Secret key produced
+# TYPE vqkd_module_generated_bits_total counter
+vqkd_module_generated_bits_total{end="a"} 1000.0
+vqkd_module_generated_bits_total{end="b"} 24.0
+# HELP vqkd_module_buffer_bits Key waiting
+# TYPE vqkd_module_buffer_bits gauge
+vqkd_module_buffer_bits 512.0
+# HELP vqkd_module_qber QBER
+# TYPE vqkd_module_qber gauge
+vqkd_module_qber 0.02
+"""
 
 
-def test_a_full_buffer_is_an_idle_link_not_a_dead_one():
-    m = monitor()
-    m._sample("ab", 10.0, [Stat(0)], module(1e6, buffered=1e6))
-    sample = m._sample("ab", 12.0, [Stat(0)], module(1e6, buffered=1e6))
-    assert sample.key_rate_bps == 5e5  # what the module says it produces, not 0
+def test_module_metrics_are_read_as_totals():
+    reading = module_reading(METRICS)
+    assert (reading.generated_bits, reading.buffer_bits, reading.qber) == (1024.0, 512.0, 0.02)
+    assert (reading.buffer_capacity_bits, reading.secret_key_rate_bps) == (0.0, 0.0)  # not reported
+    assert module_reading("").generated_bits is None
 
 
-def test_a_link_that_stops_producing_reports_zero():
-    m = monitor()
-    m._sample("ab", 10.0, [Stat(0)], module(1e6, buffered=10))
-    assert m._sample("ab", 12.0, [Stat(0)], module(1e6, buffered=10, skr=0)).key_rate_bps == 0
+class KMs:
+    def __init__(self, stats):
+        self.by_node = stats
+
+    async def stats(self, node, timeout):
+        answer = self.by_node[node]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def stats(incarnation, *links):
+    return km_pb2.Stats(incarnation=incarnation, links=[
+        km_pb2.LinkStats(link=name, drawn_bits_total=drawn, outgoing_bits=out, incoming_bits=inc)
+        for name, drawn, out, inc in links])
+
+
+async def test_a_round_reads_every_km_and_sums_both_ends_of_each_link():
+    down = grpc.RpcError("connection refused")
+    kms = KMs({"a": stats("i-a", ("ab", 100, 10, 1), ("ac", 7, 0, 0)), "b": stats("i-b", ("ab", 50, 2, 3)), "c": down})
+    round_ = await read_round(kms, ["a", "b", "c"], {"ab": ("a", "b"), "ac": ("a", "c")}, {}, clock=lambda: 42.0)
+    assert round_.stats["a"].incarnation == "i-a" and round_.stats["c"] is down
+    ab, ac = round_.links
+    assert (ab.link, ab.at, ab.drawn_bits, ab.pool_bits, ab.module) == ("ab", 42.0, 150.0, 16, None)
+    assert (ac.drawn_bits, ac.pool_bits) == (7.0, 0), "a KM that does not answer adds nothing"
+
+
+async def test_a_module_that_does_not_answer_leaves_its_link_without_module_figures():
+    kms = KMs({"a": stats("i-a"), "b": stats("i-b")})
+    round_ = await read_round(kms, ["a", "b"], {"ab": ("a", "b")}, {"ab": f"http://127.0.0.1:{free_port()}/metrics"},
+                              clock=lambda: 1.0)
+    assert round_.links[0].module is None

@@ -1,4 +1,4 @@
-"""The control plane's gRPC side, shared by both runtimes.
+"""The control plane's gRPC side, shared by both runtimes through the control-plane host.
 
 ``GrpcKMs`` pushes session configuration to the KMs (the control core's ``KMPusher``) and
 reads their stats; ``ControlPlaneService`` answers the KMs' calls (paper Fig. 2a: open,
@@ -9,7 +9,6 @@ speaking only for its own node.
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import grpc
@@ -40,14 +39,11 @@ def config_to_pb(c: KMSessionConfig) -> km_pb2.SessionConfig:
 
 
 class GrpcKMs:
-    """KMPusher over gRPC; ``resolve(node)`` gives the KM's current gRPC address and
-    ``on_push(call, seconds)`` hears how long each confirmed push took."""
+    """KMPusher over gRPC; ``resolve(node)`` gives the KM's current gRPC address."""
 
-    def __init__(self, resolve: Callable[[str], str], tls: TLSFiles,
-                 on_push: Callable[[str, float], None] = lambda call, seconds: None):
+    def __init__(self, resolve: Callable[[str], str], tls: TLSFiles):
         self.resolve = resolve
         self.credentials = grpc_channel_credentials(tls)
-        self.on_push = on_push
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, node: str) -> km_pb2_grpc.KeyManagerControlStub:
@@ -60,15 +56,11 @@ class GrpcKMs:
         return km_pb2_grpc.KeyManagerControlStub(channel)
 
     async def configure(self, node: str, config: KMSessionConfig) -> None:
-        started = time.perf_counter()
         await self._stub(node).ConfigureSession(config_to_pb(config), timeout=PUSH_TIMEOUT_S)
-        self.on_push("configure", time.perf_counter() - started)
 
     async def delete(self, node: str, session_id: str, reason: str) -> None:
-        started = time.perf_counter()
         await self._stub(node).DeleteSession(km_pb2.DeleteSessionRequest(session_id=session_id, reason=reason),
                                              timeout=PUSH_TIMEOUT_S)
-        self.on_push("delete", time.perf_counter() - started)
 
     async def stats(self, node: str, timeout: float = 2.0) -> km_pb2.Stats:
         return await self._stub(node).GetStats(km_pb2.GetStatsRequest(), timeout=timeout)

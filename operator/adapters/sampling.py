@@ -1,121 +1,84 @@
-"""The monitoring element's eyes: polls KMs and QKD modules and feeds the control core.
+"""The monitoring element's eyes: reads the KMs' stats and the QKD modules' metrics.
 
-Per link, each poll yields a ``LinkSample``: the secret key the module produced per second
-since the last poll (from its ``vqkd_module_generated_bits_total``; for a device without
-metrics, what the two KMs drew), its QBER when the module reports one, the key waiting in
-the module and both KM pools, and what the KMs drew per second (the load). A KM that does
-not answer is reported down to the core, and up again when it answers — with a new
-incarnation meaning it was replaced and must get its sessions pushed again.
+One round asks every KM for its stats over gRPC and scrapes every module's ``/metrics``,
+concurrently, and returns what they said as raw numbers: per KM its stats (or why it did
+not answer), per link a ``LinkReading`` with what both KMs drew and hold on the link and
+what its module reports. Interpreting them — rates, idle or broken, down or replaced — is
+the monitoring element's and the host's business, not this adapter's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 import urllib.request
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from vqkd.operator.control.core import ControlCore
-from vqkd.operator.control.monitoring import LinkSample
-from vqkd.operator.adapters.kms import GrpcKMs
+from vqkd.km.v1 import km_pb2
+from vqkd.operator.control.monitoring import LinkReading, ModuleReading
 
-log = logging.getLogger(__name__)
-
-BUFFER_FULL_SHARE = 0.99  # a module buffer this full has paused production
+STATS_TIMEOUT_S = 2.0
+SCRAPE_TIMEOUT_S = 2.0
 
 
-@dataclass
-class _Previous:
-    at: float
-    generated_bits: float | None
-    drawn_bits: float
+class KMStats(Protocol):
+    async def stats(self, node: str, timeout: float = STATS_TIMEOUT_S) -> km_pb2.Stats:
+        """The stats of the KM of ``node``; raises when it does not answer in time."""
 
 
-@dataclass
-class LinkMonitor:
-    core: ControlCore
-    kms: GrpcKMs
-    nodes: list[str]
-    links: dict[str, tuple[str, str]]  # link -> its two nodes
-    module_metrics: dict[str, str] = field(default_factory=dict)  # link -> module /metrics URL
-    clock: Callable[[], float] = time.time
-    on_replaced: Callable[[str], None] = lambda node: None
-    _previous: dict[str, _Previous] = field(default_factory=dict)
-    _incarnations: dict[str, str] = field(default_factory=dict)
-    _down: set[str] = field(default_factory=set)
+@dataclass(frozen=True)
+class Round:
+    """What one round read: each KM's stats or the error it answered with, and each link's counters."""
 
-    async def poll(self) -> None:
-        stats = dict(zip(self.nodes, await asyncio.gather(
-            *(self.kms.stats(node) for node in self.nodes), return_exceptions=True)))
-        for node, result in stats.items():
-            await self._liveness(node, result)
-        modules = dict(zip(self.module_metrics, await asyncio.gather(
-            *(asyncio.to_thread(_scrape, url) for url in self.module_metrics.values()), return_exceptions=True)))
-        now = self.clock()
-        for link, (a, b) in self.links.items():
-            ends = [s for s in (stats.get(a), stats.get(b)) if not isinstance(s, BaseException) and s is not None]
-            per_end = [ls for s in ends for ls in s.links if ls.link == link]
-            module = modules.get(link)
-            if isinstance(module, BaseException):
-                module = None
-            sample = self._sample(link, now, per_end, module)
-            if sample is not None:
-                await self.core.link_sample(sample)
-
-    async def _liveness(self, node: str, result) -> None:
-        if isinstance(result, BaseException):
-            if node not in self._down:
-                self._down.add(node)
-                await self.core.node_down(node, "KMUnreachable", f"KM of {node} does not answer: {result}")
-            return
-        replaced = node in self._incarnations and self._incarnations[node] != result.incarnation
-        self._incarnations[node] = result.incarnation
-        self.core.keys_issued(node, result.incarnation, ((d.session_id, d.keys, d.bits) for d in result.delivered))
-        if node in self._down or replaced:
-            self._down.discard(node)
-            await self.core.node_up(node, "KMReplaced" if replaced else "KMReady",
-                                    f"KM of {node} answers (incarnation {result.incarnation[:8]})")
-            if replaced:
-                self.on_replaced(node)
-
-    def _sample(self, link: str, now: float, per_end, module: dict | None) -> LinkSample | None:
-        drawn = float(sum(ls.drawn_bits_total for ls in per_end))
-        generated = module.get("vqkd_module_generated_bits_total") if module else None
-        previous = self._previous.get(link)
-        self._previous[link] = _Previous(now, generated, drawn)
-        if previous is None or now <= previous.at:
-            return None
-        dt = now - previous.at
-        load = max(0.0, drawn - previous.drawn_bits) / dt
-        if generated is not None and previous.generated_bits is not None:
-            rate = max(0.0, generated - previous.generated_bits) / dt
-            if rate == 0 and _buffer_full(module):
-                # Nobody drew key, so the module stopped at its bound: the link is idle, not
-                # broken. Its own figure for what it would produce stands in for the measurement.
-                rate = module.get("vqkd_module_secret_key_rate_bits_per_second", 0.0)
-        else:
-            rate = load
-        pools = sum(ls.outgoing_bits + ls.incoming_bits for ls in per_end)
-        buffered = module.get("vqkd_module_buffer_bits", 0) if module else 0
-        return LinkSample(link=link, at=now, key_rate_bps=rate, qber=module.get("vqkd_module_qber") if module else None,
-                          stored_key_bits=int(pools + buffered), load_bps=load)
+    stats: dict[str, km_pb2.Stats | Exception]
+    links: list[LinkReading]
 
 
-def _buffer_full(module: dict[str, float]) -> bool:
-    capacity = module.get("vqkd_module_buffer_capacity_bits", 0.0)
-    return capacity > 0 and module.get("vqkd_module_buffer_bits", 0.0) >= capacity * BUFFER_FULL_SHARE
+async def read_km(kms: KMStats, node: str) -> km_pb2.Stats | Exception:
+    try:
+        return await kms.stats(node, STATS_TIMEOUT_S)
+    except Exception as e:  # every way a KM can fail to answer is an answer here
+        return e
 
 
-def _scrape(url: str) -> dict[str, float]:
-    """Unlabelled totals of a module's metrics (a module serves one link)."""
-    with urllib.request.urlopen(url, timeout=2) as resp:
+async def read_round(kms: KMStats, nodes: list[str], links: Mapping[str, tuple[str, str]],
+                     module_metrics: Mapping[str, str], clock: Callable[[], float]) -> Round:
+    """Read every KM in ``nodes`` and every module in ``module_metrics`` (link -> URL) once."""
+    answers = await asyncio.gather(*(read_km(kms, node) for node in nodes))
+    stats = dict(zip(nodes, answers))
+    scraped = await asyncio.gather(*(asyncio.to_thread(scrape_module, url) for url in module_metrics.values()),
+                                   return_exceptions=True)
+    modules = {link: reading for link, reading in zip(module_metrics, scraped) if isinstance(reading, ModuleReading)}
+    at = clock()
+    readings = []
+    for link, ends in links.items():
+        per_end = [ls for node in ends if isinstance(s := stats.get(node), km_pb2.Stats)
+                   for ls in s.links if ls.link == link]
+        readings.append(LinkReading(
+            link=link, at=at, drawn_bits=float(sum(ls.drawn_bits_total for ls in per_end)),
+            pool_bits=sum(ls.outgoing_bits + ls.incoming_bits for ls in per_end), module=modules.get(link)))
+    return Round(stats, readings)
+
+
+def scrape_module(url: str) -> ModuleReading:
+    """A module's metrics (a module serves one link, so every family is summed over its labels)."""
+    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as resp:
         text = resp.read().decode()
+    return module_reading(text)
+
+
+def module_reading(text: str) -> ModuleReading:
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return values
+    return ModuleReading(
+        generated_bits=values.get("vqkd_module_generated_bits_total"),
+        buffer_bits=values.get("vqkd_module_buffer_bits", 0.0),
+        buffer_capacity_bits=values.get("vqkd_module_buffer_capacity_bits", 0.0),
+        secret_key_rate_bps=values.get("vqkd_module_secret_key_rate_bits_per_second", 0.0),
+        qber=values.get("vqkd_module_qber"),
+    )

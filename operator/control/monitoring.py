@@ -1,8 +1,10 @@
 """The monitoring element (paper §3.1): link health from KM and QKD module statistics.
 
-The runtimes poll the KMs and modules and hand each measurement in as a ``LinkSample``,
-stamped with the control core's clock. Monitoring writes the latest values into the
-topology (routing reads them from there) and judges each link:
+The control plane's host reads the KMs and modules and hands in what they report as raw
+``LinkReading``s, stamped with the control core's clock; ``LinkSampler`` interprets
+successive readings of a link as one ``LinkSample`` (rates over the interval, the key
+waiting, a full module buffer read as an idle link). Monitoring writes the latest values
+into the topology (routing reads them from there) and judges each link:
 
 - QBER at or above the link's ``qberThreshold`` ⇒ Down, and an ``Alarm`` (possible
   eavesdropping): above the threshold BB84 yields no secure key, and an eavesdropper is
@@ -21,13 +23,43 @@ samples say more. Silence counts only once a link has reported.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
 from vqkd.operator.control.topology import LinkChange, LinkRecord, Topology
 from vqkd.operator.resources.models import LinkState
+
+
+BUFFER_FULL_SHARE = 0.99  # a module buffer this full has paused production
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleReading:
+    """What a QKD module's metrics say at one moment (the emulated module pair reports all of it)."""
+
+    generated_bits: float | None  # secret key produced since the module started; None: not reported
+    buffer_bits: float = 0.0  # key waiting in the module
+    buffer_capacity_bits: float = 0.0  # 0: unknown
+    secret_key_rate_bps: float = 0.0  # what the module produces while its buffer has room
+    qber: float | None = None
+
+    @property
+    def buffer_full(self) -> bool:
+        capacity = self.buffer_capacity_bits
+        return capacity > 0 and self.buffer_bits >= capacity * BUFFER_FULL_SHARE
+
+
+@dataclass(frozen=True, slots=True)
+class LinkReading:
+    """The raw counters of one link at one moment, before any interpretation."""
+
+    link: str
+    at: float  # seconds on the control core's clock
+    drawn_bits: float  # key both KMs drew from the module since each started
+    pool_bits: int  # key in both KMs' pools for the link
+    module: ModuleReading | None  # None: a device without metrics, or the module did not answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +70,48 @@ class LinkSample:
     qber: float | None = None  # None when the source does not report it (ETSI 014 modules do not)
     stored_key_bits: int | None = None  # key waiting in the module buffers and KM pools
     load_bps: float | None = None  # key drawn per second by the KMs over the interval
+
+
+class LinkSampler:
+    """Successive readings of each link as samples: what was produced and drawn per second
+    between two readings, and the key waiting in the module and the KM pools.
+
+    The key rate is the module's production. A module that reports none (a device without
+    metrics) is judged by what the KMs drew. A module that produced nothing because its
+    buffer is full was not drawn from: the link is idle, not broken, and the module's own
+    figure for what it produces stands in for the measurement.
+    """
+
+    def __init__(self) -> None:
+        self._previous: dict[str, LinkReading] = {}
+
+    def sample(self, reading: LinkReading) -> LinkSample | None:
+        """The sample since the link's previous reading; None for its first reading."""
+        previous = self._previous.get(reading.link)
+        self._previous[reading.link] = reading
+        if previous is None or reading.at <= previous.at:
+            return None
+        dt = reading.at - previous.at
+        # A KM that restarted counts from zero again: what it drew since is unknown, not negative.
+        load = max(0.0, reading.drawn_bits - previous.drawn_bits) / dt
+        module, before = reading.module, previous.module
+        if module is not None and module.generated_bits is not None \
+                and before is not None and before.generated_bits is not None:
+            rate = max(0.0, module.generated_bits - before.generated_bits) / dt
+            if rate == 0 and module.buffer_full:
+                rate = module.secret_key_rate_bps
+        else:
+            rate = load
+        buffered = module.buffer_bits if module is not None else 0.0
+        return LinkSample(link=reading.link, at=reading.at, key_rate_bps=rate,
+                          qber=module.qber if module is not None else None,
+                          stored_key_bits=int(reading.pool_bits + buffered), load_bps=load)
+
+    def retain(self, links: Iterable[str]) -> None:
+        """Forget the readings of links no longer sampled: one created again starts afresh."""
+        keep = set(links)
+        for link in [link for link in self._previous if link not in keep]:
+            del self._previous[link]
 
 
 class AlarmKind(StrEnum):

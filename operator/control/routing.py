@@ -203,6 +203,10 @@ class Routing:
             f"{min_rate_bps} bit/s unreserved (e.g. {narrowest.name} on the shortest: {max(spare, 0):.0f} bit/s)",
         )
 
+    def connected(self, source: str, destination: str) -> bool:
+        """Whether registered links join the two nodes, whatever the state of nodes and links."""
+        return source in self.graph and destination in self.graph and nx.has_path(self.graph, source, destination)
+
     def usable(self, route: Route) -> bool:
         """Whether every node and link of the route still works."""
         nodes, links = self.topology.nodes, self.topology.links

@@ -1,4 +1,8 @@
-"""The vqkd operator: every kopf decorator, each delegating to the handler of its concern.
+"""The vqkd operator: every kopf decorator, each handing its event to the controllers of its concern.
+
+A resource event goes to the resource handler of its kind (into the control core) and, for
+QKDNodes and QKDLinks once accepted, to the workloads controller. The operator is assembled
+in ``handlers.lifecycle`` and reached through ``memo.operator``.
 
 Run it with ``vqkd operator`` (see ``operate``) or ``kopf run -m vqkd.operator.kopf.main
 --namespace NS --standalone`` (settings then come from VQKD_* variables).
@@ -12,9 +16,10 @@ from typing import Any
 
 import kopf
 
-from vqkd.operator.kopf.handlers import lifecycle, links, monitoring, nodes, sessions, users
-from vqkd.operator.kopf.runtime import OperatorOptions
+from vqkd.operator.kopf.handlers import lifecycle
+from vqkd.operator.kopf.handlers.lifecycle import Operator
 from vqkd.operator.kopf.manifests import LABEL_ORIGIN, ORIGIN_APPLICATION
+from vqkd.operator.kopf.runtime import OperatorOptions
 from vqkd.operator.resources.models import API_GROUP, API_VERSION_NAME
 
 QKDNODES = (API_GROUP, API_VERSION_NAME, "qkdnodes")
@@ -53,7 +58,7 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.probe(id="kms")
 def kms_probe(memo: kopf.Memo, **_: Any) -> dict[str, int]:
-    return monitoring.probe(memo.runtime)
+    return memo.operator.km_health.probe()
 
 
 # --- QKDNode --------------------------------------------------------------------------
@@ -61,19 +66,25 @@ def kms_probe(memo: kopf.Memo, **_: Any) -> dict[str, int]:
 @kopf.on.resume(*QKDNODES)
 @kopf.on.create(*QKDNODES)
 @kopf.on.update(*QKDNODES)
-async def node_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await nodes.reconcile(memo.runtime, body)
+async def node_changed(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
+    operator: Operator = memo.operator
+    with operator.reconciling("QKDNode"):
+        await operator.nodes.reconcile(body)
+        await operator.workloads.node_changed(name)
 
 
 @kopf.on.delete(*QKDNODES)
-async def node_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await nodes.delete(memo.runtime, body)
+async def node_deleted(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
+    operator: Operator = memo.operator
+    with operator.reconciling("QKDNode"):
+        await operator.nodes.delete(body)
+        await operator.workloads.node_deleted(name)
 
 
 @kopf.daemon(*QKDNODES, cancellation_timeout=5.0)
 async def node_guard(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, logger: logging.Logger,
                      **_: Any) -> None:
-    await monitoring.guard_node(memo.runtime, name, stopped, logger)
+    await memo.operator.workloads.guard(name, stopped, logger)
 
 
 # --- QKDLink --------------------------------------------------------------------------
@@ -81,13 +92,19 @@ async def node_guard(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, lo
 @kopf.on.resume(*QKDLINKS)
 @kopf.on.create(*QKDLINKS)
 @kopf.on.update(*QKDLINKS)
-async def link_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await links.reconcile(memo.runtime, body)
+async def link_changed(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
+    operator: Operator = memo.operator
+    with operator.reconciling("QKDLink"):
+        await operator.links.reconcile(body)
+        await operator.workloads.link_changed(name)
 
 
 @kopf.on.delete(*QKDLINKS)
-async def link_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await links.delete(memo.runtime, body)
+async def link_deleted(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
+    operator: Operator = memo.operator
+    with operator.reconciling("QKDLink"):
+        await operator.links.delete(body)
+        await operator.workloads.link_deleted(name)
 
 
 # --- UserProfile ----------------------------------------------------------------------
@@ -96,17 +113,21 @@ async def link_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.create(*USERPROFILES)
 @kopf.on.update(*USERPROFILES)
 async def user_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await users.reconcile(memo.runtime, body)
+    operator: Operator = memo.operator
+    with operator.reconciling("UserProfile"):
+        await operator.users.reconcile(body)
 
 
 @kopf.on.delete(*USERPROFILES)
 async def user_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await users.delete(memo.runtime, body)
+    operator: Operator = memo.operator
+    with operator.reconciling("UserProfile"):
+        await operator.users.delete(body)
 
 
 @kopf.timer(*USERPROFILES, interval=TOKEN_REFRESH_S, initial_delay=TOKEN_REFRESH_S)
 async def user_token_refresh(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await users.refresh_token(memo.runtime, body)
+    await memo.operator.users.refresh_token(body)
 
 
 # --- KeySession -----------------------------------------------------------------------
@@ -115,14 +136,18 @@ async def user_token_refresh(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
 @kopf.on.create(*KEYSESSIONS)
 @kopf.on.update(*KEYSESSIONS)
 async def session_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await sessions.reconcile(memo.runtime, body)
+    operator: Operator = memo.operator
+    with operator.reconciling("KeySession"):
+        await operator.sessions.reconcile(body)
 
 
 @kopf.on.delete(*KEYSESSIONS)
 async def session_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await sessions.delete(memo.runtime, body)
+    operator: Operator = memo.operator
+    with operator.reconciling("KeySession"):
+        await operator.sessions.delete(body)
 
 
 @kopf.timer(*KEYSESSIONS, labels={LABEL_ORIGIN: ORIGIN_APPLICATION}, interval=APPLICATION_SESSION_GC_S)
 async def application_session_gc(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await sessions.collect(memo.runtime, body)
+    await memo.operator.applications.collect(body)

@@ -1,7 +1,8 @@
-"""Prometheus metrics of the operator: ``vqkd_operator_*`` beside the control core's ``vqkd_control_*``.
+"""Prometheus metrics of the operator: ``vqkd_operator_*`` beside the control plane's ``vqkd_control_*``.
 
-Both sets share one registry and one ``/metrics`` endpoint, served on the operator's event
-loop because the control core's collector reads the core, which lives on that loop.
+Both sets share one registry (the control-plane host registers its metrics in it) and one
+``/metrics`` endpoint, served on the operator's event loop because the control core's
+collector reads the core, which lives on that loop.
 """
 
 from __future__ import annotations
@@ -13,16 +14,12 @@ import kopf
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from vqkd.operator.control.core import ControlCore
-from vqkd.operator.adapters.metrics import ControlMetrics
-
 REPLACEMENT_BUCKETS = (0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 
 
 class OperatorMetrics:
-    def __init__(self, core: ControlCore, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
-        self.control = ControlMetrics(core, self.registry)
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
         self.reconciles = Counter(
             "vqkd_operator_reconciles", "Reconciliations of vqkd resources by outcome "
             "(success; retry: waits for something; invalid: refused input; error: unexpected failure)",

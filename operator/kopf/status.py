@@ -1,10 +1,15 @@
 """The one writer of the status of every vqkd resource and of the Events about them.
 
-Status changes come from handlers, from the control core (sessions rerouted, held, closed
-by a KM, expired) and from monitoring. If each wrote its own patch, an older view could
-land after a newer one. Instead every source only marks a resource dirty; one task renders
-its status from the current state at write time and patches what changed, so the last
-write is always the newest view. Events are posted by the same task, after the status.
+Status changes come from the controllers, from the control core (sessions rerouted, held,
+closed by a KM, expired) and from monitoring. If each wrote its own patch, an older view
+could land after a newer one. Instead every source only marks a resource dirty; one task
+renders its status from the current state at write time and patches what changed, so the
+last write is always the newest view. Events are posted by the same task, after the status.
+
+A status is rendered in parts, one per concern (``in_parts``): each controller writes the
+fields and conditions it owns, in a fixed order, and a later part reads what an earlier
+one wrote (a node is Ready only when its workload is Configured), so the controllers
+coordinate through the status itself rather than through each other's state.
 
 Events are posted through the API rather than with ``kopf.event()``: kopf can post only
 from within its own per-object handler context, and most transitions happen elsewhere
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import BaseModel
+
 from vqkd.operator.kopf.kube import EVENTS, VQKD, Kube, KubeError
 from vqkd.operator.resources.models import API_VERSION
 
@@ -33,8 +40,12 @@ RETRY_S = 1.0
 MAX_MESSAGE = 1024
 
 Key = tuple[str, str]  # (kind, name)
-# (name, the status as last written) -> the status now, or None when there is nothing to show yet
-Render = Callable[[str, dict[str, Any]], dict[str, Any] | None]
+# (name, the status as last written, the resource's generation) -> the status now, or None
+# when there is nothing to show yet
+Render = Callable[[str, dict[str, Any], int | None], dict[str, Any] | None]
+# One concern's part of a status: writes its fields and conditions into the status model as
+# the parts before it left it; True when the status is complete and later parts add nothing.
+StatusPart = Callable[[str, Any, int | None], bool]
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,23 @@ class _Event:
     at: datetime
 
 
+def dump(status: BaseModel) -> dict[str, Any]:
+    """A status model in its wire form."""
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def in_parts(model: type[BaseModel], *parts: StatusPart) -> Render:
+    """A status rendered by several concerns in turn, each owning its fields and conditions."""
+    def render(name: str, previous: dict[str, Any], generation: int | None) -> dict[str, Any]:
+        status = model.model_validate(previous)
+        for part in parts:
+            if part(name, status, generation):
+                break
+        status.observed_generation = generation
+        return dump(status)
+    return render
+
+
 def merge_patch(old: Any, new: Any) -> Any:
     """The JSON merge patch (RFC 7386) turning ``old`` into ``new``; {} when they are equal."""
     if not isinstance(old, dict) or not isinstance(new, dict):
@@ -71,12 +99,11 @@ def merge_patch(old: Any, new: Any) -> Any:
 
 
 class StatusWriter:
-    def __init__(self, kube: Kube, refs: Callable[[Key], ObjectRef | None],
-                 on_error: Callable[[str], None] = lambda kind: None):
+    def __init__(self, kube: Kube, on_error: Callable[[str], None] = lambda kind: None):
         self.kube = kube
-        self.refs = refs
         self.on_error = on_error
-        self.renderers: dict[str, Render] = {}
+        self._renderers: dict[str, Render] = {}
+        self._refs: dict[Key, ObjectRef] = {}
         self._known: dict[Key, dict[str, Any]] = {}
         self._dirty: dict[Key, None] = {}  # insertion-ordered set
         self._events: deque[_Event] = deque(maxlen=1000)
@@ -85,11 +112,31 @@ class StatusWriter:
         self._idle.set()
         self._instance = socket.gethostname()
 
-    def seed(self, key: Key, status: dict[str, Any] | None) -> None:
-        """What the resource's status is on the server, when the writer has not written it yet."""
-        self._known.setdefault(key, copy.deepcopy(dict(status or {})))
+    def show(self, kind: str, render: Render) -> None:
+        """Render the status of every resource of ``kind`` with ``render``."""
+        self._renderers[kind] = render
 
-    def forget(self, key: Key) -> None:
+    def remember(self, kind: str, body: Any) -> None:
+        """A controller saw this object: keep its address and, unless the writer wrote it
+        since, what its status on the server says."""
+        meta = body["metadata"]
+        key = (kind, meta["name"])
+        self._refs[key] = ObjectRef(meta.get("namespace") or self.kube.namespace, meta.get("uid", ""),
+                                    meta.get("generation"))
+        self._known.setdefault(key, copy.deepcopy(dict(body.get("status") or {})))
+
+    def ref(self, kind: str, name: str) -> ObjectRef | None:
+        """The address of a resource seen and not deleted since; None otherwise."""
+        return self._refs.get((kind, name))
+
+    def generation(self, kind: str, name: str) -> int | None:
+        ref = self._refs.get((kind, name))
+        return ref.generation if ref else None
+
+    def forget(self, kind: str, name: str) -> None:
+        """The resource is gone: nothing more is written to it."""
+        key = (kind, name)
+        self._refs.pop(key, None)
         self._known.pop(key, None)
         self._dirty.pop(key, None)
 
@@ -128,11 +175,12 @@ class StatusWriter:
 
     async def _write(self, key: Key) -> None:
         kind, name = key
-        if self.refs(key) is None:
+        ref = self._refs.get(key)
+        if ref is None:
             return  # not seen (yet) or deleted: nothing to write to
         previous = self._known.get(key, {})
         try:
-            status = self.renderers[kind](name, copy.deepcopy(previous))
+            status = self._renderers[kind](name, copy.deepcopy(previous), ref.generation)
         except Exception:
             log.exception("rendering the status of %s %s failed", kind, name)
             self.on_error(kind)
@@ -146,7 +194,7 @@ class StatusWriter:
             await asyncio.to_thread(self.kube.patch, VQKD[kind], name, {"status": patch}, "status")
         except KubeError as e:
             if e.not_found:
-                self.forget(key)
+                self.forget(kind, name)
                 return
             log.warning("status of %s %s not written, retrying: %s", kind, name, e)
             self.on_error(kind)
@@ -160,7 +208,7 @@ class StatusWriter:
         self._known[key] = status
 
     async def _post(self, event: _Event) -> None:
-        ref = self.refs((event.kind, event.name))
+        ref = self._refs.get((event.kind, event.name))
         if ref is None:
             return
         stamp = event.at.strftime("%Y-%m-%dT%H:%M:%SZ")

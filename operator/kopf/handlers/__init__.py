@@ -1,1 +1,1 @@
-"""The operator's handlers, one module per concern; ``vqkd.operator.kopf.main`` registers them."""
+"""The operator's controllers, one module per concern; ``vqkd.operator.kopf.main`` registers them."""

@@ -1,4 +1,11 @@
-"""The operator's start and stop: kopf settings, the runtime, and rebuilding state from resources.
+"""The operator's start and stop: kopf settings, assembling the controllers, and rebuilding state.
+
+The operator is the control-plane host (``vqkd.operator.host``) with the controllers of
+``handlers/`` plugged in, one per concern: a resource handler per kind (QKDNode, QKDLink,
+UserProfile, KeySession into the control core), the workloads, KM health and replacement,
+and the records of sessions applications open; ``presentation`` shows what the core and
+monitoring find. They share only the services of ``Runtime`` and coordinate through the
+control core and resource status.
 
 At start the control core is empty. Every QKDNode, QKDLink and UserProfile is loaded into
 it, the KMs are polled once, then every KeySession is applied, which pushes each Active
@@ -13,21 +20,37 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import kopf
 import kubernetes
+from prometheus_client import CollectorRegistry
 
 from vqkd.km import identity
 from vqkd.km.pki import LOOPBACK_NAMES, DevCA
 from vqkd.km.tls import TLSFiles
+from vqkd.operator.adapters.kms import GrpcKMs
+from vqkd.operator.host import Cadence, ControlPlaneHost, KMClient
 from vqkd.operator.kopf.endpoints import ClusterEndpoints, EndpointResolver, LocalEndpoints
-from vqkd.operator.kopf.handlers import controlplane, links, monitoring, nodes, sessions, users
+from vqkd.operator.kopf.handlers.application_sessions import ApplicationSessions
+from vqkd.operator.kopf.handlers.km_health import KMHealth
+from vqkd.operator.kopf.handlers.links import LinkHandler
+from vqkd.operator.kopf.handlers.nodes import NodeHandler
+from vqkd.operator.kopf.handlers.presentation import Measurements, Transitions
+from vqkd.operator.kopf.handlers.sessions import SessionHandler
+from vqkd.operator.kopf.handlers.users import Tokens, UserHandler
+from vqkd.operator.kopf.handlers.workloads import Workloads
 from vqkd.operator.kopf.kube import SECRETS, VQKD, Kube, KubeError
-from vqkd.operator.kopf.runtime import OperatorOptions, Runtime
 from vqkd.operator.kopf.manifests import CONTROL_PLANE_SERVICE, service_hosts
-from vqkd.operator.adapters.sampling import LinkMonitor
+from vqkd.operator.kopf.metrics import OperatorMetrics
+from vqkd.operator.kopf.runtime import Background, OperatorOptions, Runtime
+from vqkd.operator.kopf.status import StatusWriter, in_parts
+from vqkd.operator.resources.network import Network
+from vqkd.operator.resources.models import QKDLinkStatus, QKDNodeStatus, UserProfileStatus
 
 FINALIZER = "vqkd.io/finalizer"
 ANNOTATIONS_PREFIX = "vqkd.io"
@@ -54,6 +77,73 @@ def configure(settings: kopf.OperatorSettings, options: OperatorOptions) -> None
     settings.peering.standalone = True
 
 
+@dataclass(frozen=True)
+class Operator:
+    """The running operator: its services and a controller per concern."""
+
+    runtime: Runtime
+    nodes: NodeHandler
+    links: LinkHandler
+    users: UserHandler
+    sessions: SessionHandler
+    applications: ApplicationSessions
+    workloads: Workloads
+    km_health: KMHealth
+
+    @contextmanager
+    def reconciling(self, kind: str) -> Iterator[None]:
+        """One reconciliation of a resource of ``kind``, counted by how it ended."""
+        with self.runtime.metrics.reconcile(kind):
+            yield
+
+    async def stop(self) -> None:
+        runtime = self.runtime
+        await runtime.host.stop()
+        await runtime.background.stop()
+        await asyncio.to_thread(runtime.kube.close)
+
+
+def assemble(options: OperatorOptions, kube: Kube, endpoints: EndpointResolver, ca: DevCA,
+             controller_tls: TLSFiles, kms: KMClient) -> Operator:
+    """The host and the controllers, plugged together; ``kms`` is how the host reaches the KMs."""
+    registry = CollectorRegistry()
+    metrics = OperatorMetrics(registry)
+    resources = Network(namespace=options.namespace)
+    tokens = Tokens()
+
+    def module_metrics(link: str) -> str | None:
+        declared = resources.links.get(link)
+        return endpoints.module_metrics(link) if declared is not None and declared.spec.emulated else None
+
+    host = ControlPlaneHost(
+        kms, controller_tls, options.control_plane_listen,
+        module_metrics=module_metrics,
+        cadence=Cadence(poll_interval_s=options.poll_interval_s, replace_after_s=options.replace_after_s),
+        admission=options.admission, monitoring=options.monitoring, namespace=options.namespace,
+        token_lookup=tokens.lookup, registry=registry,
+    )
+    status = StatusWriter(kube, on_error=lambda kind: metrics.errors(kind).inc())
+    runtime = Runtime(options, kube, endpoints, ca, host, metrics, status, resources,
+                      Background(on_error=lambda: metrics.errors("Operator").inc()))
+    # Subscribed to the core's events first, so a session's record is named before its Events are posted.
+    applications = ApplicationSessions(runtime)
+    Transitions(runtime, applications)
+    operator = Operator(
+        runtime=runtime, nodes=NodeHandler(runtime), links=LinkHandler(runtime), users=UserHandler(runtime, tokens),
+        sessions=SessionHandler(runtime, applications), applications=applications, workloads=Workloads(runtime),
+        km_health=KMHealth(runtime),
+    )
+    host.plug(replacer=operator.km_health, listeners=[operator.km_health, Measurements(runtime, applications)])
+    # Each status in the parts of the concerns owning them; a later part reads what an earlier one wrote.
+    status.show("QKDNode", in_parts(QKDNodeStatus, operator.nodes.show, operator.workloads.show_node,
+                                    operator.km_health.show))
+    status.show("QKDLink", in_parts(QKDLinkStatus, operator.links.show_state, operator.workloads.show_link,
+                                    operator.links.show_ready))
+    status.show("UserProfile", in_parts(UserProfileStatus, operator.users.show))
+    status.show("KeySession", operator.sessions.render)
+    return operator
+
+
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger) -> None:
     options: OperatorOptions = memo.get("options") or OperatorOptions.from_env()
     configure(settings, options)
@@ -62,7 +152,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         endpoints = endpoints_for(options)
     except (kubernetes.config.ConfigException, OSError, ValueError) as e:
         raise kopf.PermanentError(f"vqkd operator cannot start: {e}") from None
-    runtime: Runtime | None = None
+    operator: Operator | None = None
     try:
         try:
             ca = await asyncio.to_thread(load_ca, kube, Path(options.state_dir) / "pki")
@@ -70,52 +160,45 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
             raise kopf.TemporaryError(f"reading the CA from Secret {CA_SECRET} failed: {e}", delay=5) from None
         hosts = service_hosts(CONTROL_PLANE_SERVICE, options.namespace) + LOOPBACK_NAMES
         controller = await asyncio.to_thread(ca.issue, identity.controller(), "controller", hosts)
-        runtime = Runtime(options, kube, endpoints, ca, TLSFiles(ca.cert_path, controller.cert, controller.key))
-        runtime.status.renderers = {
-            "QKDNode": lambda name, previous: nodes.status_of(runtime, name, previous),
-            "QKDLink": lambda name, previous: links.status_of(runtime, name, previous),
-            "UserProfile": lambda name, previous: users.status_of(runtime, name, previous),
-            "KeySession": lambda name, previous: sessions.status_of(runtime, name, previous),
-        }
-        runtime.on_application_session = lambda session: sessions.record_application_session(runtime, session)
-        monitor = monitoring.build_monitor(runtime)
-        await restore(runtime, monitor)
-        runtime.spawn(runtime.status.run(), name="status writer")
-        runtime.spawn(monitoring.poll_forever(runtime, monitor), name="monitoring")
+        tls = TLSFiles(ca.cert_path, controller.cert, controller.key)
+        operator = assemble(options, kube, endpoints, ca, tls, GrpcKMs(endpoints.km_grpc, tls))
+        runtime = operator.runtime
+        await restore(operator)
+        runtime.background.spawn(runtime.status.run(), name="status writer")
+        runtime.host.start()
         try:
-            memo.control_plane = await controlplane.start(runtime)
-            memo.metrics_server = await runtime.metrics.serve(options.metrics_listen) if options.metrics_listen else None
+            await runtime.host.serve()
+            if options.metrics_listen:
+                memo.metrics_server = await runtime.metrics.serve(options.metrics_listen)
         except OSError as e:
             raise kopf.PermanentError(f"vqkd operator cannot serve: {e}") from None
     except BaseException:
         await cleanup(memo)
-        if runtime is not None:
-            await runtime.stop()
+        if operator is not None:
+            await operator.stop()
         else:
             await asyncio.to_thread(kube.close)
         raise
-    memo.runtime = runtime
-    logger.info(f"vqkd operator serving namespace {options.namespace}: {len(runtime.core.topology.nodes)} nodes, "
-                f"{len(runtime.core.topology.links)} links, {len(runtime.core.sessions())} sessions restored; "
+    memo.operator = operator
+    core = operator.runtime.core
+    logger.info(f"vqkd operator serving namespace {options.namespace}: {len(core.nodes())} nodes, "
+                f"{len(core.links())} links, {len(core.sessions())} sessions restored; "
                 f"ControlPlane on {options.control_plane_listen}")
 
 
 async def cleanup(memo: kopf.Memo) -> None:
-    """Stop serving, then stop the runtime's tasks and close its clients."""
-    server = memo.pop("control_plane", None)
-    if server is not None:
-        await controlplane.stop(server)
+    """Stop serving metrics, then the host (its server and cadence), the controllers' work and the clients."""
     metrics = memo.pop("metrics_server", None)
     if metrics is not None:
         await metrics.cleanup()
-    runtime: Runtime | None = memo.pop("runtime", None)
-    if runtime is not None:
-        await runtime.stop()
+    operator: Operator | None = memo.pop("operator", None)
+    if operator is not None:
+        await operator.stop()
 
 
 def login(memo: kopf.Memo) -> kopf.ConnectionInfo:
     """kopf connects with the credentials of the operator's own client."""
-    return memo.runtime.kube.connection_info()
+    return memo.operator.runtime.kube.connection_info()
 
 
 def endpoints_for(options: OperatorOptions) -> EndpointResolver:
@@ -175,28 +258,29 @@ def _decoded(data: dict[str, str]) -> dict[str, bytes]:
     return {name: base64.b64decode(value) for name, value in data.items()}
 
 
-async def restore(runtime: Runtime, monitor: LinkMonitor) -> None:
+async def restore(operator: Operator) -> None:
     """Load every resource into the control core, in the order references need."""
+    runtime = operator.runtime
     bodies = {}
     for kind in ("QKDNode", "QKDLink", "UserProfile", "KeySession"):
         try:
             bodies[kind] = await asyncio.to_thread(runtime.kube.list, VQKD[kind])
         except (KubeError, OSError) as e:
             raise kopf.TemporaryError(f"listing {kind} resources failed: {e}", delay=5) from None
-    apply = {"QKDNode": lambda body: nodes.reconcile(runtime, body, workloads=False),
-             "QKDLink": lambda body: links.reconcile(runtime, body, workloads=False),
-             "UserProfile": lambda body: users.reconcile(runtime, body)}
-    for kind, reconcile in apply.items():
+    handlers = {"QKDNode": operator.nodes.reconcile, "QKDLink": operator.links.reconcile,
+                "UserProfile": operator.users.reconcile}
+    for kind, reconcile in handlers.items():
         for body in bodies[kind]:
-            await _restore_one(kind, body, reconcile)
-    await monitoring.poll_once(runtime, monitor)
+            await _restore_one(operator, kind, body, reconcile)
+    await runtime.host.poll()
     for body in bodies["KeySession"]:
-        await _restore_one("KeySession", body, lambda body: sessions.reconcile(runtime, body))
+        await _restore_one(operator, "KeySession", body, operator.sessions.reconcile)
 
 
-async def _restore_one(kind: str, body: dict[str, Any], reconcile) -> None:
+async def _restore_one(operator: Operator, kind: str, body: dict[str, Any], reconcile) -> None:
     try:
-        await reconcile(body)
+        with operator.reconciling(kind):
+            await reconcile(body)
     except (kopf.PermanentError, kopf.TemporaryError) as e:
         # Recorded as the resource's condition; its resume handler tries again.
         log.info("%s %s not restored yet: %s", kind, body["metadata"]["name"], e)
