@@ -25,7 +25,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from vqkd.operator.local.runtime import LocalControlPlane
     from vqkd.operator.local.processes import LocalNetwork
 
-    network = LocalNetwork(_load(args.files), Path(args.state_dir), log_level=args.log_level, control_plane="auto")
+    network = LocalNetwork(_load(args.files), Path(args.state_dir), log_level=args.log_level, control_plane="auto",
+                           secrets=Path(args.secrets) if args.secrets else None)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -33,8 +34,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         control = LocalControlPlane(network)
-        print(f"starting {len(network.manifest.nodes)} KMs and {len(network.manifest.links)} emulated QKD links "
-              "with the control plane ...", flush=True)
+        links = network.manifest.links.values()
+        devices = sum(link.spec.etsi014 is not None for link in links)
+        print(f"starting {len(network.manifest.nodes)} KMs, {len(links) - devices} emulated QKD links and "
+              f"{devices} links to QKD devices with the control plane ...", flush=True)
         await control.start()
         print(f"network up; endpoints in {network.state_dir / 'endpoints.json'}; "
               f"status: vqkd get sessions --state-dir {args.state_dir}; Ctrl-C stops it", flush=True)
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="run a network on this machine (local runtime)")
     up.add_argument("files", nargs="+", help="YAML files with QKDNode, QKDLink, UserProfile, KeySession resources")
     up.add_argument("--state-dir", default="state", help="certificates, configs, logs and endpoints.json go here")
+    up.add_argument("--secrets", metavar="DIR",
+                    help="credentials for links to real QKD devices (spec.etsi014): DIR/<secretRef name>/ holds "
+                         "ca.crt, tls.crt and tls.key, the keys of the Secret a cluster would mount")
     up.set_defaults(func=cmd_up)
 
     get = sub.add_parser("get", help="show the state of a network started with `vqkd up`")

@@ -25,6 +25,12 @@ End = Literal["a", "b"]
 ENDS: tuple[End, End] = ("a", "b")  # end "a" of a module pair serves spec.nodes[0]
 
 PULLS_PER_SECOND = 20  # how often a KM should be able to draw a full block on a slow link
+# The largest key a KM draws from a QKD module. The KMs draw the largest size both module ends
+# accept up to this bound (km/domain/devices.fit_block_bits), so on a link to real devices the
+# devices' own max_key_size decides unless it is larger. The bound is what one draw costs the KMs,
+# not a guess about any device: up to 512 keys (MAX_BLOCKS_PER_DRAW) arrive in one JSON answer,
+# 0.7 MB at 8192 bits, parsed while the KM's requests wait.
+MAX_BLOCK_BITS = 8192
 
 
 class PlanError(ValueError):
@@ -119,7 +125,7 @@ def block_bits_for(secret_rate_bps: float) -> int:
     """Blocks a KM draws from its module: large on fast links, small enough on slow ones
     that key becomes usable within a fraction of a second."""
     bits = int(secret_rate_bps / PULLS_PER_SECOND) // 256 * 256
-    return max(256, min(8192, bits))
+    return max(256, min(MAX_BLOCK_BITS, bits))
 
 
 def sae_directory(network: DeclaredNetwork) -> dict[str, str]:
@@ -164,7 +170,7 @@ def module_config(link: QKDLink, addressing: Addressing) -> EmulatedLinkConfig:
     }
     return EmulatedLinkConfig(
         link=link.name, key_rate_bps=emulated.key_rate_bps, qber=emulated.qber, buffer_bits=emulated.buffer_bits,
-        admin_listen=address.admin_listen, ends=ends,
+        device=emulated.device_profile(), admin_listen=address.admin_listen, ends=ends,
     )
 
 
@@ -203,7 +209,9 @@ def _link_end(name: str, link: QKDLink, node: str, peer: QKDNode, addressing: Ad
             block_bits=block_bits_for(link.spec.emulated.key_rate_bps),
         )
     device = link.spec.etsi014.endpoints[node]
+    # Nothing in the spec says what a device hands out: the KMs read it from both devices and
+    # fit their blocks below this bound.
     return LinkEndConfig(
         **common, module_url=device.url, module_sae_id=device.sae_id, peer_module_sae_id=device.peer_sae_id,
-        module_tls=addressing.device_tls(name, node),
+        module_tls=addressing.device_tls(name, node), block_bits=MAX_BLOCK_BITS,
     )

@@ -27,7 +27,7 @@ def test_get_without_a_running_network_says_how_to_start_one(tmp_path):
     assert out.returncode != 0 and "start one with vqkd up" in out.stderr
 
 
-def test_up_refuses_a_link_to_real_devices_before_starting_anything(tmp_path):
+def test_up_refuses_a_link_to_real_devices_without_its_credentials_before_starting_anything(tmp_path):
     devices = tmp_path / "devices.yaml"
     devices.write_text((ROOT / "examples" / "two-nodes.yaml").read_text().replace(
         """  emulated:
@@ -40,5 +40,15 @@ def test_up_refuses_a_link_to_real_devices_before_starting_anything(tmp_path):
 """))
     out = vqkd("up", str(devices), "--state-dir", str(tmp_path / "state"))
     assert out.returncode != 0
-    assert "QKDLink alice-bob: spec.etsi014: the local runtime runs emulated QKD modules only" in out.stderr, out.stderr
+    assert "QKDLink alice-bob: spec.etsi014: node alice's KM needs the credentials for its QKD device" in out.stderr
+    assert "pass vqkd up --secrets DIR, with DIR/<secretRef name>/ holding ca.crt" in out.stderr, out.stderr
+    secrets = tmp_path / "secrets"
+    (secrets / "qkd-b").mkdir(parents=True)
+    (secrets / "qkd-b" / "ca.crt").write_text("")
+    out = vqkd("up", str(devices), "--state-dir", str(tmp_path / "state"), "--secrets", str(secrets))
+    assert out.returncode != 0
+    assert (f"QKDLink alice-bob, node alice: spec.etsi014.endpoints.alice.secretRef names qkd-a, but there is no "
+            f"directory {secrets / 'qkd-a'}; create it with ca.crt") in out.stderr, out.stderr
+    assert f"QKDLink alice-bob, node bob: spec.etsi014.endpoints.bob.secretRef names qkd-b, but {secrets / 'qkd-b'} " \
+           "lacks tls.crt, tls.key" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and not list((tmp_path / "state" / "logs").iterdir())

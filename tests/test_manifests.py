@@ -76,6 +76,17 @@ def test_paper_example_is_the_star_of_section_4():
         assert network.owner_of_sae(s.spec.source.sae_id) == s.spec.user
 
 
+def test_devices_example_mixes_two_device_links_and_an_emulated_one():
+    network = load_files([EXAMPLES / "devices.yaml"])
+    assert sorted(network.nodes) == ["lab-a", "lab-b", "lab-c"]
+    devices = {name: link.spec.etsi014 for name, link in network.links.items() if link.spec.etsi014 is not None}
+    assert sorted(devices) == ["a-b", "b-c"]
+    assert {node: end.secret_ref.name for node, end in devices["a-b"].endpoints.items()} == {
+        "lab-a": "qkd-a-b-lab-a", "lab-b": "qkd-a-b-lab-b"}
+    emulated = network.links["a-c"].spec.emulated
+    assert emulated.device.max_key_size == 1024 and emulated.device.tls12_only
+
+
 def test_resources_come_out_in_dependency_order_with_their_origin():
     network = load_files([EXAMPLES / "paper.yaml"])
     kinds = [r.kind for r in network.resources()]

@@ -4,16 +4,18 @@ names, fixed ports, mounted Secrets) gives the same processes, differing only in
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from vqkd.km import identity
-from vqkd.km.config import KeyLimits, TLSPaths
+from vqkd.km.config import DeviceProfile, KeyLimits, TLSPaths
+from vqkd.km.domain.devices import EndLimits, fit_block_bits
 from vqkd.operator.kopf.manifests import ClusterAddressing
 from vqkd.operator.local.processes import KMPorts, LocalAddressing, ModulePorts
 from vqkd.operator.plan import (
-    KMEndpoints, ModuleEndpoints, PlanError, block_bits_for, km_config, module_config, plan_network,
+    MAX_BLOCK_BITS, KMEndpoints, ModuleEndpoints, PlanError, block_bits_for, km_config, module_config, plan_network,
 )
 from vqkd.operator.resources.loader import load_text
 
@@ -186,12 +188,64 @@ def test_a_device_link_in_the_cluster_uses_the_device_and_the_credentials_mounte
         module_config(network(NETWORK + DEVICE_LINK).links["alice-carol"], cluster_addressing())
 
 
-def test_the_local_runtime_refuses_a_device_link_naming_it_and_the_way_out():
+def test_the_local_runtime_without_device_credentials_refuses_a_device_link_naming_it_and_the_way_out():
     with pytest.raises(PlanError) as refused:
         plan_network(network(NETWORK + DEVICE_LINK), local_addressing())
-    assert str(refused.value) == ("QKDLink alice-carol: spec.etsi014: the local runtime runs emulated QKD modules "
-                                  "only; give the link spec.emulated instead, or run it on the cluster runtime")
+    assert str(refused.value) == (
+        "QKDLink alice-carol: spec.etsi014: node alice's KM needs the credentials for its QKD device that the "
+        "cluster takes from the Secret its endpoint names (secretRef); pass vqkd up --secrets DIR, with "
+        "DIR/<secretRef name>/ holding ca.crt (the device's CA), tls.crt and tls.key (the certificate and key the "
+        "device knows the node's KM by)")
+
+
+def test_a_device_link_on_the_local_runtime_uses_the_credentials_it_was_given():
+    secrets = {"alice": Path("/secrets/qkd-a-creds"), "carol": Path("/secrets/qkd-c-creds")}
+    given = {("alice-carol", node): TLSPaths(ca=d / "ca.crt", cert=d / "tls.crt", key=d / "tls.key")
+             for node, d in secrets.items()}
+    addressing = dataclasses.replace(local_addressing(), device_credentials=given)
+    plan = plan_network(network(NETWORK + DEVICE_LINK), addressing)
+    for node in secrets:
+        device = next(link for link in plan.kms[node].links if link.name == "alice-carol")
+        assert device.module_tls == given[("alice-carol", node)]
+    assert "alice-carol" not in plan.modules and "alice-carol" not in plan.module_endpoints
+
+
+@pytest.mark.parametrize("addressing", [local_addressing(), cluster_addressing()], ids=["local", "cluster"])
+def test_an_emulated_links_device_profile_reaches_its_module_pair(addressing):
+    profiled = network(NETWORK.replace(
+        "emulated: {keyRateBps: 1000, qber: 0.03}",
+        "emulated: {keyRateBps: 1000, qber: 0.03, device: {maxKeySize: 1024, maxKeysPerRequest: 128, "
+        "slaveLatencyMsPerKey: 40, syncLagMs: 300, errorRate: 0.01, tls12Only: true}}"))
+    plan = plan_network(profiled, addressing)
+    assert plan.modules["bob-carol"].device == DeviceProfile(
+        key_size=256, max_key_size=1024, max_keys_per_request=128, slave_latency_ms_per_key=40, sync_lag_ms=300,
+        error_rate=0.01, tls12_only=True)
+    assert plan.modules["alice-bob"].device == DeviceProfile()  # no profile: vqkd's own twin
+    small = network(NETWORK.replace("emulated: {keyRateBps: 1000, qber: 0.03}",
+                                    "emulated: {keyRateBps: 1000, device: {maxKeySize: 128}}"))
+    assert plan_network(small, addressing).modules["bob-carol"].device.key_size == 128  # within the device's limit
+
+
+@pytest.mark.parametrize("addressing", [
+    dataclasses.replace(local_addressing(), device_credentials={
+        ("alice-carol", node): TLSPaths(ca=PKI / "ca.crt", cert=PKI / "d.crt", key=PKI / "d.key")
+        for node in ("alice", "carol")}),
+    cluster_addressing(),
+], ids=["local", "cluster"])
+def test_a_device_link_bounds_its_blocks_by_what_a_draw_costs_the_kms_and_leaves_the_size_to_the_devices(addressing):
+    plan = plan_network(network(NETWORK + DEVICE_LINK), addressing)
+    for node in ("alice", "carol"):
+        device = next(link for link in plan.kms[node].links if link.name == "alice-carol")
+        assert device.block_bits == MAX_BLOCK_BITS == 8192
+    # The KMs draw the largest size both devices accept below the bound, never above either device's limit.
+    lab, generous = (EndLimits(key_size=256, min_key_size=64, max_key_size=size, max_key_per_request=128)
+                     for size in (1024, 1 << 20))
+    assert fit_block_bits(device.block_bits, {"alice's end": lab, "carol's end": generous}) == 1024
+    assert fit_block_bits(device.block_bits, {"alice's end": generous, "carol's end": generous}) == MAX_BLOCK_BITS
+    emulated = [link.block_bits for km in plan.kms.values() for link in km.links if link.name != "alice-carol"]
+    assert emulated and max(emulated) <= MAX_BLOCK_BITS
 
 
 def test_block_size_follows_the_link_rate_within_bounds():
     assert [block_bits_for(rate) for rate in (10, 1000, 100_000, 1e6, 1e9)] == [256, 256, 4864, 8192, 8192]
+    assert block_bits_for(1e12) == MAX_BLOCK_BITS

@@ -2,9 +2,11 @@
 
 ``LocalNetwork`` allocates loopback ports and issues every certificate from a development
 CA, hands both to the network plan as a ``LocalAddressing``, and runs what the plan says:
-one emulated QKD module pair per link and one KM process per node, with real mutual TLS
-and real gRPC between them. It writes ``endpoints.json`` once every endpoint answers and
-stops every process it started.
+one emulated QKD module pair per emulated link and one KM process per node, with real
+mutual TLS and real gRPC between them. A link to real QKD devices (``spec.etsi014``) needs
+no process: its KMs reach the devices with the credentials found in a secrets directory,
+laid out as the cluster mounts the Secrets each endpoint names. It writes
+``endpoints.json`` once every endpoint answers and stops every process it started.
 """
 
 from __future__ import annotations
@@ -25,12 +27,18 @@ from typing import NamedTuple
 from vqkd.km import identity
 from vqkd.km.config import TLSPaths
 from vqkd.km.pki import DevCA
-from vqkd.operator.plan import ENDS, End, KMAddress, ModuleAddress, NetworkPlan, PlanError, plan_network
+from vqkd.operator.plan import (
+    ENDS, DeclaredNetwork, End, KMAddress, ModuleAddress, NetworkPlan, PlanError, plan_network,
+)
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 30.0
+# A QKD device's credentials as files of DIR/<secretRef name>/: the keys of the cluster Secret.
+DEVICE_CREDENTIAL_FILES = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
+DEVICE_CREDENTIALS_HELP = ("ca.crt (the device's CA), tls.crt and tls.key (the certificate and key the device "
+                           "knows the node's KM by)")
 
 
 class KMPorts(NamedTuple):
@@ -54,6 +62,8 @@ class LocalAddressing:
     module_ports: Mapping[str, ModulePorts]
     certificates: Mapping[identity.Identity, TLSPaths]
     control_plane: str | None = None
+    # (link, node) -> what that node's KM presents at its QKD device, from ``device_credentials``
+    device_credentials: Mapping[tuple[str, str], TLSPaths] = field(default_factory=dict)
 
     def km(self, node: str) -> KMAddress:
         ports = self.km_ports[node]
@@ -80,10 +90,39 @@ class LocalAddressing:
         return self.certificates[identity.module(link, end)]
 
     def device_tls(self, link: str, node: str) -> TLSPaths:
-        # The one place the local runtime turns real devices away: it has nowhere to take
-        # their credentials from (the cluster mounts them from the Secrets named in the link).
-        raise PlanError(f"QKDLink {link}: spec.etsi014: the local runtime runs emulated QKD modules only; "
-                        "give the link spec.emulated instead, or run it on the cluster runtime")
+        try:
+            return self.device_credentials[(link, node)]
+        except KeyError:
+            raise PlanError(
+                f"QKDLink {link}: spec.etsi014: node {node}'s KM needs the credentials for its QKD device that the "
+                "cluster takes from the Secret its endpoint names (secretRef); pass vqkd up --secrets DIR, with "
+                f"DIR/<secretRef name>/ holding {DEVICE_CREDENTIALS_HELP}") from None
+
+
+def device_credentials(network: DeclaredNetwork, secrets: Path) -> dict[tuple[str, str], TLSPaths]:
+    """What each node's KM presents at its QKD device on each ``etsi014`` link, by (link, node):
+    the files of ``secrets/<secretRef name>/``. Every end whose files are missing is named at once."""
+    found: dict[tuple[str, str], TLSPaths] = {}
+    problems = []
+    for name, link in sorted(network.links.items()):
+        if link.spec.etsi014 is None:
+            continue
+        for node, endpoint in sorted(link.spec.etsi014.endpoints.items()):
+            where = (f"QKDLink {name}, node {node}: spec.etsi014.endpoints.{node}.secretRef names "
+                     f"{endpoint.secret_ref.name}")
+            directory = secrets / endpoint.secret_ref.name
+            files = {part: directory / file for part, file in DEVICE_CREDENTIAL_FILES.items()}
+            if not directory.is_dir():
+                problems.append(f"{where}, but there is no directory {directory}; create it with "
+                                f"{DEVICE_CREDENTIALS_HELP}")
+            elif missing := [path.name for path in files.values() if not path.is_file()]:
+                problems.append(f"{where}, but {directory} lacks {', '.join(missing)}; it needs "
+                                f"{DEVICE_CREDENTIALS_HELP}")
+            else:
+                found[(name, node)] = TLSPaths(**files)
+    if problems:
+        raise PlanError("\n".join(problems))
+    return found
 
 
 @dataclass
@@ -104,6 +143,8 @@ class LocalNetwork:
     manifest: object
     state_dir: Path
     log_level: str = "INFO"
+    # DIR/<secretRef name>/{ca.crt,tls.crt,tls.key} for links to real QKD devices
+    secrets: Path | None = None
     # ControlPlane gRPC address every KM reports to; "auto" picks a free port on loopback
     control_plane: str | None = None
     status_port: int = 0
@@ -112,6 +153,8 @@ class LocalNetwork:
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
+        if self.secrets is not None:
+            self.secrets = Path(self.secrets).resolve()
         for sub in ("config", "logs", "pki"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
         self.ca = DevCA.load_or_create(self.state_dir / "pki")
@@ -126,6 +169,15 @@ class LocalNetwork:
     def plan(self) -> None:
         if self.processes:
             return
+        try:
+            planned, addressing = self._plan()
+        except PlanError as e:
+            raise SystemExit(str(e)) from None
+        self._write(planned, addressing)
+
+    def _plan(self) -> tuple[NetworkPlan, LocalAddressing]:
+        # Device credentials first: a missing file stops the network before anything is issued.
+        credentials = device_credentials(self.manifest, self.secrets) if self.secrets is not None else {}
         nodes = list(self.manifest.nodes)
         emulated = [name for name, link in self.manifest.links.items() if link.spec.emulated is not None]
         ports = _free_ports(3 * len(nodes) + 3 * len(emulated) + 2)
@@ -138,13 +190,9 @@ class LocalNetwork:
             km_ports={node: KMPorts(ports.pop(), ports.pop(), ports.pop()) for node in nodes},
             module_ports={link: ModulePorts(ports.pop(), ports.pop(), ports.pop()) for link in emulated},
             certificates={ident: self._tls(ident) for ident in identities},
-            control_plane=self.control_plane,
+            control_plane=self.control_plane, device_credentials=credentials,
         )
-        try:
-            planned = plan_network(self.manifest, addressing)
-        except PlanError as e:
-            raise SystemExit(str(e)) from None
-        self._write(planned, addressing)
+        return plan_network(self.manifest, addressing), addressing
 
     def _write(self, planned: NetworkPlan, addressing: LocalAddressing) -> None:
         """Each planned process's configuration file, and the endpoints to publish."""
