@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine with python3 and pip:
 #   make demo   — create .venv, install vqkd, run the paper's network (§4) on the local runtime
-#   make test   — create .venv, install vqkd with its test extras, run the whole suite
+#   make test   — create .venv, install vqkd with its operator and test extras, run the whole suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -16,7 +16,7 @@ export PYTHONSAFEPATH := 1
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,plot]'
+	$(PY) -m pip install --quiet -e '.[operator,test,plot]'
 	touch $@
 
 demo: $(STAMP)

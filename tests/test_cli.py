@@ -25,3 +25,13 @@ def test_bad_yaml_names_file_document_and_field(tmp_path):
 def test_get_without_a_running_network_says_how_to_start_one(tmp_path):
     out = vqkd("get", "sessions", "--state-dir", str(tmp_path))
     assert out.returncode != 0 and "start one with vqkd up" in out.stderr
+
+
+def test_control_plane_commands_without_the_operator_extra_say_what_to_install():
+    # As in the KM image, which installs vqkd without its `operator` extra.
+    hide = "import sys; sys.modules['kopf'] = sys.modules['yaml'] = None; from vqkd.operator.cli import main; sys.exit(main())"
+    for args in (["operator"], ["up", str(ROOT / "examples" / "two-nodes.yaml")]):
+        out = subprocess.run([sys.executable, "-P", "-c", hide, *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        assert f"vqkd {args[0]}: the control plane's dependencies are not installed" in out.stderr, out.stderr
+        assert "pip install 'vqkd[operator]'" in out.stderr and "Traceback" not in out.stderr
