@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 # mode keeps the current directory off sys.path. The package itself is vqkd.operator.
 export PYTHONSAFEPATH := 1
 
-.PHONY: demo test tools proto crds bench clean
+.PHONY: demo test tools images image-tools proto crds bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,21 @@ tools: $(STAMP)
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	else \
 		echo "make tools: no prometheus here; its tests are skipped (sudo apt-get install prometheus)"; \
+	fi
+
+# The KM and operator images (km/Dockerfile, operator/Dockerfile), tagged as the chart names
+# them: with Docker where a Docker engine runs, else with buildah. Debian's buildah and
+# debootstrap (for a stand-in base where the official Python image cannot be pulled) are
+# installed where this runs as root with apt-get, as CI does. See tools/images.py.
+images: image-tools
+	$(PYTHON) -P tools/images.py build
+
+image-tools:
+	@if docker info >/dev/null 2>&1; then :; \
+	elif command -v buildah >/dev/null && command -v debootstrap >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's buildah and debootstrap packages"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah debootstrap >/dev/null; \
 	fi
 
 proto: $(STAMP)
