@@ -44,7 +44,7 @@ tools: $(STAMP)
 # debootstrap (for a stand-in base where the official Python image cannot be pulled) are
 # installed where this runs as root with apt-get, as CI does. See tools/images.py.
 images: image-tools
-	$(PYTHON) -P tools/images.py build
+	$(PYTHON) -P tools/images.py
 
 image-tools:
 	@if docker info >/dev/null 2>&1; then :; \

@@ -1,7 +1,6 @@
 """Build the KM and operator images with the container engine this machine has.
 
-    python3 -P tools/images.py build   # what `make images` runs: both images, then their sizes
-    python3 -P tools/images.py sizes   # size of each image and of its virtual environment
+    python3 -P tools/images.py   # what `make images` runs: both images, then their sizes
 
 The engine is Docker where a Docker engine answers, else buildah (with `--isolation chroot`
 and vfs storage, which need no daemon, no runtime and no overlay support, so they also work
@@ -14,10 +13,11 @@ debootstrap (python3, python3-venv) and kept in the engine's storage for later b
 
 With buildah, pip in the build uses this machine's package index and trust: the effective pip
 settings (``pip config list``: configuration files and PIP_* variables) are written to one
-file mounted as the build's /etc/pip.conf, and every file and folder they name (the CA bundle,
-find-links, file:// indexes with the folder beside them, constraints) is mounted read-only at
-its own path. Build-time
-volumes are not part of the image. Docker builds use the base image's own pip settings.
+file, passed as the build argument PIP_CONFIG_FILE, and every file and folder they name (the
+CA bundle, find-links, file:// indexes with the folder beside them, constraints) is mounted
+read-only for the build, under the Dockerfiles' scratch file system /build, so that neither
+they nor their mount points end up in an image. Docker builds use the base image's own pip
+settings.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import argparse
 import ast
 import configparser
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -42,6 +43,7 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 DOCKERFILES = {"km": ROOT / "km" / "Dockerfile", "operator": ROOT / "operator" / "Dockerfile"}
 IMAGES = {name: f"ghcr.io/vqkd/{name}:{VERSION}" for name in DOCKERFILES}
 VENV = "/opt/vqkd"  # where both Dockerfiles install vqkd
+BUILD_PIP = "/build/pip"  # where a build sees this machine's pip settings
 
 # vfs copies whole layers, so it is slower than overlay, but works on any filesystem and kernel.
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
@@ -94,8 +96,8 @@ def base_image(kind: str) -> str:
     pulled = subprocess.run([*command(kind), "pull", base], capture_output=True, text=True)
     if pulled.returncode == 0:
         return base
-    print(f"images: cannot pull {base} ({pulled.stderr.strip().splitlines()[-1] if pulled.stderr.strip() else 'failed'}); "
-          f"using a stand-in from Debian's packages, {STAND_IN}", flush=True)
+    why = (pulled.stderr.strip().splitlines() or ["no reason given"])[-1]
+    print(f"images: cannot pull {base} ({why}); using a stand-in from Debian's packages, {STAND_IN}", flush=True)
     if not image_id(kind, STAND_IN):
         build_stand_in(kind)
     return STAND_IN
@@ -136,8 +138,9 @@ def build_stand_in(kind: str) -> None:
     print(f"images: {STAND_IN} built in {time.monotonic() - started:.0f}s", flush=True)
 
 
-def pip_settings() -> tuple[str, list[Path]]:
-    """This machine's effective pip settings as one configuration file, and the paths they name."""
+def pip_settings(inside: str) -> tuple[str, dict[Path, str]]:
+    """This machine's effective pip settings as one configuration file for a build, with every
+    path in it moved under ``inside``; and the mounts that put those paths there."""
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True)
     settings: dict[tuple[str, str], str] = {}
     from_env: dict[str, str] = {}
@@ -153,22 +156,25 @@ def pip_settings() -> tuple[str, list[Path]]:
     settings = {(section, name): from_env.get(name, value) for (section, name), value in settings.items()}
     settings.update({("global", name): value for name, value in from_env.items()})
     config = configparser.ConfigParser(interpolation=None)
-    paths: set[Path] = set()
+    mounts: dict[Path, str] = {}
     for (section, name), value in settings.items():
+        words = []
+        for word in value.split():
+            is_url = word.startswith("file:")
+            path = Path(unquote(urlparse(word).path)) if is_url else Path(word)
+            if path.is_absolute() and path.exists():
+                # A file index (…/simple) links to its files beside it, e.g. ../../files/NAME.whl.
+                mounted = path.parent if is_url and path.name == "simple" and path.parent != Path("/") else path
+                mounts[mounted] = inside + str(mounted)
+                word = ("file://" if is_url else "") + inside + str(path)
+            words.append(word)
         if not config.has_section(section):
             config.add_section(section)
-        config.set(section, name, value)
-        for word in value.split():
-            path = Path(unquote(urlparse(word).path)) if word.startswith("file:") else Path(word)
-            # A file index (…/simple) links to its files beside it, e.g. ../../files/NAME.whl.
-            if word.startswith("file:") and path.name == "simple" and path.parent != Path("/"):
-                path = path.parent
-            if path.is_absolute() and path.exists():
-                paths.add(path)
+        config.set(section, name, " ".join(words))
     with tempfile.TemporaryFile("w+") as text:
         config.write(text)
         text.seek(0)
-        return text.read(), sorted(paths)
+        return text.read(), mounts
 
 
 def build(kind: str) -> None:
@@ -176,10 +182,12 @@ def build(kind: str) -> None:
     base = base_image(kind)
     with tempfile.TemporaryDirectory(prefix="vqkd-images-") as tmp:
         if kind == "buildah":
-            conf, paths = pip_settings()
+            # Under /build, the Dockerfiles' memory file system: the mount points vanish with it.
+            conf, mounts = pip_settings(inside=BUILD_PIP)
             Path(tmp, "pip.conf").write_text(conf)
-            volumes = [f"{tmp}/pip.conf:/etc/pip.conf:ro", *(f"{p}:{p}:ro" for p in paths)]
+            volumes = [f"{tmp}/pip.conf:{BUILD_PIP}/pip.conf:ro", *(f"{host}:{ctr}:ro" for host, ctr in mounts.items())]
             engine_args = [*BUILDAH, "build", "--isolation", "chroot", "--pull=never",
+                           "--build-arg", f"PIP_CONFIG_FILE={BUILD_PIP}/pip.conf",
                            *(arg for v in volumes for arg in ("--volume", v))]
         else:
             engine_args = ["docker", "build", "--pull=false"]
@@ -196,44 +204,35 @@ def build(kind: str) -> None:
             if previous and previous != image_id(kind, image):
                 subprocess.run([*command(kind), "rmi", previous], capture_output=True)  # the untagged old build
     print(f"images: built in {time.monotonic() - started:.0f}s", flush=True)
-    sizes(kind)
+    sizes(kind, base)
 
 
-def sizes(kind: str) -> None:
-    for name, image in IMAGES.items():
-        if not image_id(kind, image):
-            print(f"{image}: not built (make images)")
-            continue
-        listing = [*BUILDAH, "images", "--format", "{{.Size}}", image] if kind == "buildah" \
-            else ["docker", "image", "ls", "--format", "{{.Size}}", image]
-        size = subprocess.run(listing, capture_output=True, text=True, check=True).stdout.split("\n")[0]
-        venv = run(kind, image, ["du", "-sm", VENV]).split()[0]
-        print(f"{image}: {size}, of which the virtual environment {VENV} {venv} MB")
+def size_mb(kind: str, image: str) -> float:
+    """Uncompressed size, as the engine counts it, in MB."""
+    if kind == "buildah":
+        manifest = subprocess.run([*BUILDAH, "inspect", "--type", "image", "--format", "{{.Manifest}}", image],
+                                  capture_output=True, text=True, check=True).stdout
+        return sum(layer["size"] for layer in json.loads(manifest)["layers"]) / 1e6
+    size = subprocess.run(["docker", "image", "inspect", "--format", "{{.Size}}", image],
+                          capture_output=True, text=True, check=True).stdout
+    return int(size) / 1e6
 
 
-def run(kind: str, image: str, argv: list[str]) -> str:
-    """Output of one command in a throwaway container of ``image``."""
-    if kind == "docker":
-        return subprocess.run(["docker", "run", "--rm", image, *argv], capture_output=True, text=True,
-                              check=True).stdout
-    container = subprocess.run([*BUILDAH, "from", "--pull=never", image], capture_output=True, text=True,
-                               check=True).stdout.strip()
-    try:
-        return subprocess.run([*BUILDAH, "run", "--isolation", "chroot", container, "--", *argv],
-                              capture_output=True, text=True, check=True).stdout
-    finally:
-        subprocess.run([*BUILDAH, "rm", container], capture_output=True)
+def sizes(kind: str, base: str) -> None:
+    base_mb = size_mb(kind, base)
+    print(f"base {base}: {base_mb:.0f} MB")
+    for image in IMAGES.values():
+        mb = size_mb(kind, image)
+        print(f"{image}: {mb:.0f} MB, of it {mb - base_mb:.0f} MB over the base (vqkd's virtual environment {VENV})")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["build", "sizes"])
-    args = parser.parse_args()
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     kind = engine()
     if kind is None:
         raise SystemExit("images: no container engine here: needs a running Docker engine or buildah "
                          "(sudo apt-get install buildah debootstrap)")
-    build(kind) if args.action == "build" else sizes(kind)
+    build(kind)
     return 0
 
 
