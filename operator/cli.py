@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# Import names of the `operator` extra: the KM image installs vqkd without it.
+CONTROL_PLANE_MODULES = {"kopf", "kubernetes", "networkx", "yaml"}
 
 
 def _load(files: list[str]):
@@ -136,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] not in CONTROL_PLANE_MODULES:
+            raise
+        raise SystemExit(f"vqkd {args.command}: the control plane's dependencies are not installed (no module "
+                         f"{e.name!r}); install them with: pip install 'vqkd[operator]'") from None
 
 
 if __name__ == "__main__":

@@ -52,3 +52,13 @@ def test_up_refuses_a_link_to_real_devices_without_its_credentials_before_starti
     assert f"QKDLink alice-bob, node bob: spec.etsi014.endpoints.bob.secretRef names qkd-b, but {secrets / 'qkd-b'} " \
            "lacks tls.crt, tls.key" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and not list((tmp_path / "state" / "logs").iterdir())
+
+
+def test_control_plane_commands_without_the_operator_extra_say_what_to_install():
+    # As in the KM image, which installs vqkd without its `operator` extra.
+    hide = "import sys; sys.modules['kopf'] = sys.modules['yaml'] = None; from vqkd.operator.cli import main; sys.exit(main())"
+    for args in (["operator"], ["up", str(ROOT / "examples" / "two-nodes.yaml")]):
+        out = subprocess.run([sys.executable, "-P", "-c", hide, *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        assert f"vqkd {args[0]}: the control plane's dependencies are not installed" in out.stderr, out.stderr
+        assert "pip install 'vqkd[operator]'" in out.stderr and "Traceback" not in out.stderr

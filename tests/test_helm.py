@@ -660,15 +660,15 @@ def test_notes_say_what_to_apply_next(values, says):
 
 
 @pytest.mark.parametrize("dockerfile", ["km/Dockerfile", "operator/Dockerfile"])
-def test_dockerfiles_are_multi_stage_pinned_and_non_root(dockerfile):
+def test_dockerfiles_are_pinned_and_non_root(dockerfile):
+    """tests/test_images.py runs the images, often on a stand-in base: this checks the pinned base."""
     text = (ROOT / dockerfile).read_text()
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
     assert base, "the base image is one pinned ARG"
     assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", base.group(1)), base.group(1)
     stages = re.findall(r"^FROM (\S+)(?: AS (\w+))?$", text, re.M)
-    assert len(stages) >= 2 and all(image == "${PYTHON_IMAGE}" for image, _ in stages)
+    assert stages and all(image == "${PYTHON_IMAGE}" for image, _ in stages)
     assert re.search(rf"^USER {specs.RUN_AS_USER}:{specs.RUN_AS_USER}$", text, re.M)
-    assert "COPY --from=build /opt/vqkd /opt/vqkd" in text
     other = (ROOT / ("operator/Dockerfile" if dockerfile.startswith("km") else "km/Dockerfile")).read_text()
     assert base.group(0) in other, "both images build on the same base"
 
