@@ -8,9 +8,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from vqkd.km.domain import errors
+from vqkd.km.domain.devices import BURN_REASONS
 from vqkd.km.domain.tokenbucket import TokenBucketRefusal
 from vqkd.km.domain.vocabulary import LinkState
-from vqkd.km.module_feed import BURN_REASONS
 
 if TYPE_CHECKING:
     from vqkd.km.domain.keymanager import KeyManager

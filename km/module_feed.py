@@ -57,8 +57,6 @@ MAX_ABANDONED = 4096  # given-up key IDs kept for the next AgreeKeys while the p
 # Keys the peer may ask one KM to collect at once (its draws in flight, with room to spare).
 MAX_COLLECTING_KEYS = 8 * DRAWS_IN_FLIGHT * MAX_BLOCKS_PER_DRAW
 
-BURN_REASONS = ("not_synchronised", "device_error", "peer_unavailable")
-
 
 def device_reason(e: ETSI014Error) -> str:
     """The link-state reason for a module end's failed answer."""

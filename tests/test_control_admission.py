@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from vqkd.km.domain.vocabulary import Endpoint, Role
+from vqkd.km.domain.vocabulary import Endpoint, LinkState, Role
 from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.control.core import ControlCore
@@ -23,7 +23,7 @@ from vqkd.operator.control.monitoring import AlarmKind, LinkSample
 from vqkd.operator.control.network_session import InvalidTransition, NetworkSession
 from vqkd.operator.control.session_config import KMSessionConfig
 from vqkd.operator.resources.admission_cycle import ALLOWED, ENTRY, AdmissionState
-from vqkd.operator.resources.models import LinkState, QoS, SessionPhase
+from vqkd.operator.resources.models import QoS, SessionPhase
 
 from builders import Clock, link, node, user
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vqkd.km.domain.vocabulary import Endpoint, Role
+from vqkd.km.domain.vocabulary import Endpoint, LinkState, Role
 from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.control.core import ControlCore
@@ -22,7 +22,7 @@ from vqkd.operator.control.monitoring import LinkSample
 from vqkd.operator.control.network_session import Side
 from vqkd.operator.resources.admission_cycle import AdmissionState
 from vqkd.operator.resources.loader import load_files
-from vqkd.operator.resources.models import KeySession, LinkState, QKDLink, QoS, UserProfile
+from vqkd.operator.resources.models import KeySession, QKDLink, QoS, UserProfile
 
 from builders import Clock
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.operator.control.events import EventLog
 from vqkd.operator.control.monitoring import (
     AlarmKind, LinkReading, LinkSample, LinkSampler, ModuleReading, Monitoring, MonitoringSettings,
 )
 from vqkd.operator.control.topology import Topology
-from vqkd.operator.resources.models import LinkState, QKDLink
+from vqkd.operator.resources.models import QKDLink
 
 from builders import node
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.operator.control.events import EventLog
 from vqkd.operator.control.routing import LinkLoad, NoRoute, Route, Routing, link_weight
 from vqkd.operator.control.topology import LinkRecord, Topology
-from vqkd.operator.resources.models import LinkState, LinkType, QKDLink
+from vqkd.operator.resources.models import LinkType, QKDLink
 
 from builders import node
 

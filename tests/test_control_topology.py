@@ -6,12 +6,13 @@ import json
 
 import pytest
 
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
 from vqkd.operator.control.etsi015 import ETSI015_ROOT, Application, qkd_nodes
 from vqkd.operator.control.events import EventLog, Subject
 from vqkd.operator.control.routing import LinkLoad
 from vqkd.operator.control.topology import Topology
-from vqkd.operator.resources.models import LinkState, QKDLink, QKDNode
+from vqkd.operator.resources.models import QKDLink, QKDNode
 
 from builders import link, node
 

@@ -117,7 +117,7 @@ def tls_for(pki, ident: identity.Identity, shared: Path) -> dict[str, str]:
     """The identity's certificate and key where uid 10001 in the container can read them."""
     paths = {}
     for part, source in pki.paths(ident).items():
-        target = shared / f"{ident.role.value}-{ident.name.replace('/', '-')}.{part}"
+        target = shared / f"{ident.kind.value}-{ident.name.replace('/', '-')}.{part}"
         shutil.copyfile(source, target)
         target.chmod(0o644)  # a throwaway test key; the chart mounts keys 0440 for group 10001
         paths[part] = str(CONFIG_DIR / target.name)

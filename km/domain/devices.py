@@ -23,6 +23,9 @@ MIN_BLOCK_BITS = 64
 DOWN_AFTER_FAILURES = 3
 # How long a device error or burned key keeps the link Degraded.
 TROUBLE_WINDOW_S = 10.0
+# Why drawn key was given up (``vqkd_km_burned_bits_total{reason}``): the slave end never
+# handed it over, the device failed, or the peer KM was gone too long.
+BURN_REASONS = ("not_synchronised", "device_error", "peer_unavailable")
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,10 @@ from collections import Counter as Tally
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.events import Event, Subject
-from vqkd.operator.resources.models import LinkState, SessionPhase
+from vqkd.operator.resources.models import SessionPhase
 
 LINK_STATES = [str(s) for s in LinkState]
 SESSION_PHASES = [str(p) for p in SessionPhase]

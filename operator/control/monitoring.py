@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.operator.control.topology import LinkChange, LinkRecord, Topology
-from vqkd.operator.resources.models import LinkState
 
 
 BUFFER_FULL_SHARE = 0.99  # a module buffer this full has paused production

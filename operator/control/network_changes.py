@@ -9,6 +9,7 @@ a KM back resumes Held sessions, a user disabled or deleted ends its sessions.
 
 from __future__ import annotations
 
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.operator.control.access import AccessControl
 from vqkd.operator.control.admission import Admission
 from vqkd.operator.control.errors import ControlError
@@ -16,7 +17,7 @@ from vqkd.operator.control.events import EventLog, Subject
 from vqkd.operator.control.monitoring import LinkSample, Monitoring
 from vqkd.operator.control.routing import Routing
 from vqkd.operator.control.topology import LinkChange, Topology
-from vqkd.operator.resources.models import LinkState, QKDLink, QKDNode, UserProfile
+from vqkd.operator.resources.models import QKDLink, QKDNode, UserProfile
 
 
 class NetworkChanges:

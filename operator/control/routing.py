@@ -34,8 +34,8 @@ from itertools import pairwise
 
 import networkx as nx
 
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.operator.control.topology import LinkRecord, NodeRecord, Topology
-from vqkd.operator.resources.models import LinkState
 
 HOP_COST = 1.0
 LOAD_WEIGHT = 2.0

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
 from vqkd.operator.control.events import EventLog, Subject
-from vqkd.operator.resources.models import LinkState, LinkType, QKDLink, QKDNode
+from vqkd.operator.resources.models import LinkType, QKDLink, QKDNode
 
 NODE_UP = "OPERATING"  # ETSI 015 qkdn_status values vqkd uses
 NODE_DOWN = "DOWN"

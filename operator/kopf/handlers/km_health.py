@@ -14,11 +14,12 @@ import asyncio
 import logging
 from datetime import datetime, timezone
 
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.operator.host import HostListener, KMLiveness
 from vqkd.operator.kopf.kube import PODS, STATEFULSETS, Kube, KubeError
 from vqkd.operator.kopf.manifests import ANNOTATION_RESTARTED_AT, km_name, km_pod
 from vqkd.operator.kopf.runtime import Runtime
-from vqkd.operator.resources.models import ConditionType, LinkState, NodePhase, QKDNodeStatus
+from vqkd.operator.resources.models import ConditionType, NodePhase, QKDNodeStatus
 
 KIND = "QKDNode"
 log = logging.getLogger(__name__)

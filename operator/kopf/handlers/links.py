@@ -15,6 +15,7 @@ from typing import Any
 
 import kopf
 
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.operator.control.errors import ControlError, UnresolvedReference
 from vqkd.operator.kopf.handlers import nodes
 from vqkd.operator.kopf.handlers.common import Problems, validated
@@ -25,7 +26,7 @@ from vqkd.operator.kopf.manifests import (
     with_spec_hash,
 )
 from vqkd.operator.plan import module_config
-from vqkd.operator.resources.models import ConditionType, LinkState, QKDLink, QKDLinkStatus
+from vqkd.operator.resources.models import ConditionType, QKDLink, QKDLinkStatus
 
 KIND = "QKDLink"
 DEVICE_SECRET_KEYS = ("ca.crt", "tls.crt", "tls.key")
