@@ -200,7 +200,7 @@ class Bench:
             conn.close()
 
     def _wait_pool_full(self, timeout: float = 120.0) -> None:
-        target = self._config("km-alice")["links"][0]["pool_target_bits"]
+        target = self._config("km-alice")["topology"]["links"][0]["pool_target_bits"]
         deadline = time.monotonic() + timeout
         while True:
             _, status = self._master_call("GET", "status")

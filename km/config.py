@@ -3,6 +3,10 @@
 Whoever starts these processes (the local runner, the operator's pod spec, a test) writes
 one of these as JSON and passes its path; the process validates it at start and refuses to
 run with a message naming the field.
+
+A KM's file holds its identity and process settings (``KMConfig``). What changes with the
+network — its SAE directory, its links, its key limits (``KMTopology``) — the control plane
+pushes to the running KM; a file may carry an initial topology for a KM that runs on its own.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vqkd.km.tls import TLSFiles
 
@@ -58,13 +62,13 @@ class KeyLimits(_Strict):
 class LinkEndConfig(_Strict):
     """This KM's side of one QKD link."""
 
-    name: str
-    peer_node: str
-    peer_kme_id: str
+    name: str = Field(min_length=1)
+    peer_node: str = Field(min_length=1)
+    peer_kme_id: str = Field(min_length=1)
     peer_grpc: HostPort
-    module_url: str = Field(description="https URL of this node's end of the QKD module (ETSI 014)")
-    module_sae_id: str = Field(description="the SAE ID this KM has at its module end")
-    peer_module_sae_id: str = Field(description="the SAE ID the peer KM has at its module end")
+    module_url: str = Field(min_length=1, description="https URL of this node's end of the QKD module (ETSI 014)")
+    module_sae_id: str = Field(min_length=1, description="the SAE ID this KM has at its module end")
+    peer_module_sae_id: str = Field(min_length=1, description="the SAE ID the peer KM has at its module end")
     module_tls: TLSPaths | None = Field(
         None, description="credentials for the module's ETSI 014 interface (a real device's CA and this KM's "
                           "certificate there); default: the KM's own")
@@ -78,26 +82,69 @@ class LinkEndConfig(_Strict):
                     "end may synchronise late) before it is given up and counted as burned")
 
 
+class InvalidTopology(ValueError):
+    """A topology a KM cannot hold; the message names the field."""
+
+
+class KMTopology(_Strict):
+    """Everything of a KM that changes with the network; the KM applies a new one live."""
+
+    version: int = Field(0, ge=0, description="monotonic per KM; pushes carry versions >= 1")
+    saes: dict[str, str] = Field(default_factory=dict, description="SAE ID -> node it is attached to")
+    links: list[LinkEndConfig] = Field(default_factory=list)
+    limits: KeyLimits = KeyLimits()
+
+    @field_validator("links")
+    @classmethod
+    def _one_link_per_name_and_peer(cls, links: list[LinkEndConfig]) -> list[LinkEndConfig]:
+        for what in ("name", "peer_node"):
+            values = [getattr(link, what) for link in links]
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"more than one link with {what} {', '.join(twice)}")
+        return links
+
+    def check_at(self, node: str) -> None:
+        """Raise ``InvalidTopology`` unless this topology can be that of ``node``'s KM."""
+        for i, link in enumerate(self.links):
+            if link.peer_node == node:
+                raise InvalidTopology(f"links.{i}.peer_node: link {link.name} joins node {node} to itself")
+
+
+def parse_topology(data: dict, node: str) -> KMTopology:
+    """``data`` as the topology of ``node``'s KM; ``InvalidTopology`` naming every bad field."""
+    try:
+        topology = KMTopology.model_validate(data)
+    except ValidationError as e:
+        raise InvalidTopology(_problems(e)) from None
+    topology.check_at(node)
+    return topology
+
+
 class KMConfig(_Strict):
+    """A KM's identity and process settings: what needs a new process to change."""
+
     node: str
     kme_id: str
     etsi014_listen: HostPort
     grpc_listen: HostPort
     metrics_listen: HostPort
     tls: TLSPaths
-    saes: dict[str, str] = Field(default_factory=dict, description="SAE ID -> node it is attached to")
-    links: list[LinkEndConfig] = Field(default_factory=list)
-    limits: KeyLimits = KeyLimits()
     control_plane: HostPort | None = Field(
         None, description="ControlPlane gRPC address; without one the KM serves adjacent SAE pairs on its own")
+    topology: KMTopology | None = Field(
+        None, description="the topology to start with, for a KM running on its own; with a control plane, "
+                          "leave it out: the control plane pushes it")
     delivered_key_ttl_s: float = Field(3600.0, gt=0, description="how long a key waits for its slave SAE")
     delivered_store_max_bits: int = Field(2 * 1024**3, gt=0, description="bound on keys waiting for slave SAEs")
 
     @model_validator(mode="after")
-    def _unique_links(self) -> KMConfig:
-        peers = [link.peer_node for link in self.links]
-        if len(set(peers)) != len(peers):
-            raise ValueError(f"node {self.node}: more than one link to the same peer node: {sorted(peers)}")
+    def _topology_of_this_node(self) -> KMConfig:
+        if self.topology is not None:
+            try:
+                self.topology.check_at(self.node)
+            except InvalidTopology as e:
+                raise ValueError(f"topology.{e}") from None
         return self
 
 
@@ -162,7 +209,11 @@ def load(model: type[_Strict], path: Path) -> _Strict:
     except json.JSONDecodeError as e:
         raise SystemExit(f"{path}: not JSON: {e}") from None
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
-        )
-        raise SystemExit(f"{path}: invalid {model.__name__}: {problems}") from None
+        raise SystemExit(f"{path}: invalid {model.__name__}: {_problems(e)}") from None
+
+
+def _problems(error: ValidationError) -> str:
+    """Every problem of a validation error, each with the path of its field."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in error.errors()
+    )

@@ -51,9 +51,10 @@ class KMMetrics:
         self.request_seconds = Histogram(
             "vqkd_km_request_duration_seconds", "Application API request latency", ["node", "call"],
             buckets=LATENCY_BUCKETS, registry=r).labels
-        self.link_drawn_bits = Counter(
+        self._link_drawn_bits = Counter(
             "vqkd_km_link_drawn_bits", "Key bits drawn from the QKD module into the outgoing pool",
-            ["node", "link"], registry=r).labels
+            ["node", "link"], registry=r)
+        self.link_drawn_bits = self._link_drawn_bits.labels
         self.relayed_bits = Counter(
             "vqkd_km_relayed_bits", "End-to-end key bits relayed, by this KM's role on the path",
             ["node", "role"], registry=r).labels
@@ -81,6 +82,10 @@ class KMMetrics:
         self.node = node
         r.register(_PoolCollector(km))
 
+    def forget_link(self, link: str) -> None:
+        """The link end is gone: its series go with it (the collector's follow ``km.links``)."""
+        self._link_drawn_bits.remove(self.node, link)
+
 
 class _PoolCollector:
     """Pool levels read at scrape time, so they are never stale."""
@@ -96,8 +101,10 @@ class _PoolCollector:
                                  labels=["node", "link", "direction"])
         peer = CounterMetricFamily("vqkd_km_peer_restarts", "Restarts of the peer KM seen per link",
                                  labels=["node", "link"])
-        flushed = CounterMetricFamily("vqkd_km_flushed_bits", "Key material dropped because a peer KM restarted",
-                                    labels=["node", "link"])
+        # By reason, not by link: what a removed link had is counted after its series are gone.
+        flushed = CounterMetricFamily(
+            "vqkd_km_flushed_bits", "Link key material dropped: the peer KM's end of the link was new "
+            "(peer_restarted), or the link was removed or reconfigured by a topology change", labels=["node", "reason"])
         taken = CounterMetricFamily(
             "vqkd_km_module_drawn_bits", "Key bits taken from this KM's QKD module end as master, agreed or not",
             labels=["node", "link"])
@@ -119,7 +126,6 @@ class _PoolCollector:
             pool.add_metric([node, link.name, "outgoing"], link.outgoing.available_bits)
             pool.add_metric([node, link.name, "incoming"], link.incoming.available_bits)
             peer.add_metric([node, link.name], link.peer_restarts)
-            flushed.add_metric([node, link.name], link.flushed_bits)
             taken.add_metric([node, link.name], link.module_drawn_bits)
             for reason in BURN_REASONS:
                 burned.add_metric([node, link.name, reason], link.burned_bits.get(reason, 0))
@@ -129,6 +135,8 @@ class _PoolCollector:
             block.add_metric([node, link.name], link.devices.block_bits or 0)
             latency.add_metric([node, link.name], link.devices.seconds_per_key or 0.0)
             awaiting.add_metric([node, link.name], link.devices.awaiting_peer_bits)
+        for reason, bits in self.km.flushed_bits().items():
+            flushed.add_metric([node, reason], bits)
         store = GaugeMetricFamily("vqkd_km_stored_key_bits", "Key bits waiting for slave SAEs", labels=["node"])
         store.add_metric([node], self.km.store.bits)
         yield from (pool, peer, flushed, taken, burned, state, block, latency, awaiting, store)

@@ -159,7 +159,9 @@ class LinkFeed:
         now = self.clock()
         if now - self._peer_end_read_at >= PEER_END_MAX_AGE_S:
             end = await link.peer.device_status()
-            self._peer_end_read_at = now
+            # A peer that has not read its own end yet (its link end is new) is asked again
+            # at the next round, not a whole refresh period later: a new link draws at once.
+            self._peer_end_read_at = now if end.known else -math.inf
             devices.health.succeeded("peer")
             devices.peer = EndLimits(end.key_size, end.min_key_size, end.max_key_size,
                                      end.max_key_per_request) if end.known else None

@@ -1,10 +1,15 @@
 """Assembles one KM process from its configuration and runs it until told to stop.
 
 ``KMProcess`` builds the domain (key manager, sessions, relay, key exchange), plugs in its
-transports (a gRPC ``PeerClient`` per link, the module feeds, the control-plane client) and
-serves. Listeners: the application API (ETSI 014 and ETSI 004 over HTTPS, mutual TLS),
-gRPC (KM <-> KM, KeyManagerControl for the control plane and the standard health service,
-mutual TLS), and plain HTTP for /metrics, the /healthz probe and the /events log.
+transports (the control-plane client; per link a module client, a gRPC ``PeerClient`` and
+the module feed) and serves. Listeners: the application API (ETSI 014 and ETSI 004 over
+HTTPS, mutual TLS), gRPC (KM <-> KM, KeyManagerControl for the control plane and the
+standard health service, mutual TLS), and plain HTTP for /metrics, the /healthz probe and
+the /events log.
+
+A topology pushed by the control plane is applied live (``apply_topology``): the links it
+adds get their transports at once, the links it removes lose theirs, and every other link
+goes on as it was.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import gc
 import logging
 import signal
+from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
@@ -20,9 +26,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vqkd.km import tls
-from vqkd.km.config import KMConfig, split_host_port
+from vqkd.km.config import KMConfig, KMTopology, split_host_port
 from vqkd.km.domain.exchange import KeyExchange
 from vqkd.km.domain.keymanager import KeyManager
+from vqkd.km.domain.links import Link
 from vqkd.km.domain.relay import RelayService
 from vqkd.km.domain.sessions import SessionTable
 from vqkd.km.etsi004.routes import ETSI004Routes
@@ -54,6 +61,17 @@ SESSION_SWEEP_S = 0.25
 DRAW_TARGET_S = RPC_TIMEOUT_S / 2
 
 
+@dataclass(frozen=True)
+class LinkTransport:
+    """What carries one link end: the client of its module end, the channel to the peer KM,
+    the collector of the keys the peer drew and the feed keeping its outgoing pool filled."""
+
+    module: ETSI014Client
+    channel: grpc.aio.Channel
+    collector: PeerKeyCollector
+    feed: asyncio.Task
+
+
 class KMProcess:
     def __init__(self, config: KMConfig):
         self.config = config
@@ -69,24 +87,16 @@ class KMProcess:
                 self.km.node, "yes" if direct else "no").observe(seconds),
         )
         self.tls_files = config.tls.files()
+        self._channel_credentials = grpc_channel_credentials(self.tls_files)
         self.control_plane: GrpcControlPlane | None = None
         if config.control_plane:
-            channel = grpc.aio.secure_channel(config.control_plane, grpc_channel_credentials(self.tls_files),
-                                              options=CHANNEL_OPTIONS)
+            channel = grpc.aio.secure_channel(config.control_plane, self._channel_credentials, options=CHANNEL_OPTIONS)
             self.control_plane = GrpcControlPlane(config.node, channel)
         self.exchange = KeyExchange(self.km, self.sessions, self.relays, self.control_plane)
-        self.modules = {
-            link.name: ETSI014Client(
-                link.config.module_url,
-                link.config.module_tls.files() if link.config.module_tls else self.tls_files,
-            )
-            for link in self.km.links.values()
-        }
-        self.collectors = {
-            link.name: PeerKeyCollector(self.km.node, link, self.modules[link.name], draw_target_s=DRAW_TARGET_S)
-            for link in self.km.links.values()
-        }
-        self._channels: list[grpc.aio.Channel] = []
+        self.modules: dict[str, ETSI014Client] = {}  # link -> its module end
+        # link -> what collects, as slave, the keys the peer KM drew from the module as master
+        self.collectors: dict[str, PeerKeyCollector] = {}
+        self._links: dict[str, LinkTransport] = {}
         self._tasks: list[asyncio.Task] = []
         self._runners: list[web.AppRunner] = []
         self._grpc: grpc.aio.Server | None = None
@@ -108,27 +118,71 @@ class KMProcess:
                     await self.control_plane.session_closed(session.session_id, "inactivity timer expired")
 
     async def start(self) -> None:
+        # Transports first: a peer's call may arrive as soon as the gRPC server listens.
+        for link in self.km.links.values():
+            self._attach(link)
         await self._start_grpc()
         self._tasks.append(asyncio.create_task(self._expire_sessions(), name="session-timers"))
-        credentials = grpc_channel_credentials(self.tls_files)
-        for link in self.km.links.values():
-            channel = grpc.aio.secure_channel(link.config.peer_grpc, credentials, options=CHANNEL_OPTIONS)
-            self._channels.append(channel)
-            link.peer = PeerClient(self.km, link, channel)
-            feed = LinkFeed(self.km.node, link, self.modules[link.name], draw_target_s=DRAW_TARGET_S,
-                            on_drawn=self._drawn)
-            self._tasks.append(asyncio.create_task(feed.run(), name=f"feed-{link.name}"))
         await self._start_http()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("KM %s (KME %s) serving: ETSI 014 https://%s, gRPC %s, metrics http://%s/metrics",
+        log.info("KM %s (KME %s) serving: ETSI 014 https://%s, gRPC %s, metrics http://%s/metrics; %s",
                  self.km.node, self.km.kme_id, self.config.etsi014_listen, self.config.grpc_listen,
-                 self.config.metrics_listen)
+                 self.config.metrics_listen,
+                 "awaiting its topology from the control plane" if self.km.topology is None
+                 else f"{len(self.km.links)} links, {len(self.km.saes)} SAEs known")
+
+    async def apply_topology(self, topology: KMTopology) -> int:
+        """Apply a topology live; returns the version held afterwards.
+
+        The key manager's change and the transports of the links it adds happen without an
+        await in between, so no request sees one without the other; removed links' feeds,
+        channels and module clients are closed afterwards.
+        """
+        change = self.km.apply_topology(topology)
+        gone = [self._detach(link) for link in change.removed]
+        for link in change.added:
+            self._attach(link)
+        if change.applied:
+            log.info("KM %s: topology version %d applied: links added %s, removed %s, retuned %s; %d kept as they were",
+                     self.km.node, change.version, _names(change.added), _names(change.removed),
+                     _names(change.retuned), len(self.km.links) - len(change.added) - len(change.retuned))
+        await self._close(gone)
+        return change.version
+
+    def _attach(self, link: Link) -> None:
+        cfg = link.config
+        module = ETSI014Client(cfg.module_url, cfg.module_tls.files() if cfg.module_tls else self.tls_files)
+        channel = grpc.aio.secure_channel(cfg.peer_grpc, self._channel_credentials, options=CHANNEL_OPTIONS)
+        link.peer = PeerClient(link, channel)
+        self.modules[link.name] = module
+        collector = PeerKeyCollector(self.km.node, link, module, draw_target_s=DRAW_TARGET_S)
+        self.collectors[link.name] = collector
+        feed = asyncio.create_task(
+            LinkFeed(self.km.node, link, module, draw_target_s=DRAW_TARGET_S, on_drawn=self._drawn).run(),
+            name=f"feed-{link.name}")
+        self._links[link.name] = LinkTransport(module, channel, collector, feed)
+
+    def _detach(self, link: Link) -> LinkTransport:
+        transport = self._links.pop(link.name)
+        del self.modules[link.name]
+        del self.collectors[link.name]
+        transport.feed.cancel()
+        self.metrics.forget_link(link.name)
+        return transport
+
+    async def _close(self, transports: list[LinkTransport]) -> None:
+        await asyncio.gather(*(t.feed for t in transports), return_exceptions=True)
+        for transport in transports:
+            await transport.collector.close()
+            await transport.channel.close()
+            await transport.module.close()
 
     async def _start_grpc(self) -> None:
         server = grpc.aio.server()
         km_pb2_grpc.add_LinkPeerServicer_to_server(
             LinkPeerService(self.km, self.exchange, self.collectors, self.relays), server)
-        km_pb2_grpc.add_KeyManagerControlServicer_to_server(KeyManagerControlService(self.km, self.sessions), server)
+        km_pb2_grpc.add_KeyManagerControlServicer_to_server(
+            KeyManagerControlService(self.km, self.sessions, self.apply_topology), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_secure_port(self.config.grpc_listen, grpc_server_credentials(self.tls_files))
         await server.start()
@@ -159,7 +213,10 @@ class KMProcess:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"node": self.km.node, "incarnation": self.km.incarnation, "status": "ok"})
+        # Live as soon as it serves, with or without a topology: a KM awaiting its topology
+        # from the control plane must not be restarted for it.
+        return web.json_response({"node": self.km.node, "incarnation": self.km.incarnation, "status": "ok",
+                                  "topologyVersion": self.km.topology_version})
 
     async def _events(self, request: web.Request) -> web.Response:
         """Session cycle transitions, oldest first (no key material): for people and dashboards."""
@@ -170,19 +227,19 @@ class KMProcess:
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
-        for task in self._tasks:
+        transports, self._links = list(self._links.values()), {}
+        for task in [*self._tasks, *(t.feed for t in transports)]:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for collector in self.collectors.values():
-            await collector.close()
         for runner in self._runners:
             await runner.cleanup()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
-        for channel in self._channels:
-            await channel.close()
-        for module in self.modules.values():
-            await module.close()
+        await self._close(transports)
+
+
+def _names(links: tuple[Link, ...]) -> str:
+    return ", ".join(link.name for link in links) or "none"
 
 
 async def serve(config: KMConfig) -> None:

@@ -1,7 +1,9 @@
 """The network plan: every process's configuration, derived once from the declared resources.
 
-A network of QKDNodes and QKDLinks becomes one KM per node (``KMConfig``) and one emulated
-QKD module pair per emulated link (``EmulatedLinkConfig``), plus the endpoints a runtime
+A network of QKDNodes and QKDLinks becomes one KM per node — its identity (``KMConfig``,
+what its process starts with) and its topology (``KMTopology``: SAE directory, links, key
+limits, what changes with the network and a running KM takes live) — and one emulated QKD
+module pair per emulated link (``EmulatedLinkConfig``), plus the endpoints a runtime
 publishes for them. Both runtimes derive these from the same functions here; what differs
 between them is only the *addressing*: where each process listens, where the others reach
 it and where it finds its TLS files. The local runtime passes the loopback ports it
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from vqkd.km import identity
-from vqkd.km.config import EmulatedLinkConfig, KMConfig, LinkEndConfig, ModuleEndConfig, TLSPaths
+from vqkd.km.config import EmulatedLinkConfig, KMConfig, KMTopology, LinkEndConfig, ModuleEndConfig, TLSPaths
 from vqkd.operator.resources.models import QKDLink, QKDNode
 
 End = Literal["a", "b"]
@@ -114,7 +116,8 @@ class ModuleEndpoints:
 class NetworkPlan:
     """Every process a runtime starts for a network, and what it publishes about them."""
 
-    kms: dict[str, KMConfig]  # node -> its KM's configuration
+    kms: dict[str, KMConfig]  # node -> its KM's identity and process settings
+    topologies: dict[str, KMTopology]  # node -> its KM's topology (version 0: the control plane versions pushes)
     modules: dict[str, EmulatedLinkConfig]  # emulated link -> its module pair's configuration
     km_endpoints: dict[str, KMEndpoints]
     module_endpoints: dict[str, ModuleEndpoints]
@@ -134,25 +137,32 @@ def sae_directory(network: DeclaredNetwork) -> dict[str, str]:
 
 
 def km_config(network: DeclaredNetwork, node: str, addressing: Addressing) -> KMConfig:
-    """The configuration of one node's KM.
+    """The identity and process settings of one node's KM: what its process starts with.
 
-    Only links whose other node is declared are included: a KM refuses a configuration that
-    names a peer it cannot reach, and the link is configured once both nodes exist.
+    Nothing in it depends on other nodes or links, so changing the network leaves it as it is.
     """
-    declared = network.nodes[node]
     address = addressing.km(node)
+    return KMConfig(
+        node=node, kme_id=network.nodes[node].kme_id,
+        etsi014_listen=address.etsi014_listen, grpc_listen=address.grpc_listen,
+        metrics_listen=address.metrics_listen, tls=addressing.km_tls(node),
+        control_plane=addressing.control_plane,
+    )
+
+
+def km_topology(network: DeclaredNetwork, node: str, addressing: Addressing, version: int = 0) -> KMTopology:
+    """The topology of one node's KM: every SAE of the network, the node's links, its key limits.
+
+    Only links whose other node is declared are included: a KM cannot reach a peer that does
+    not exist, and the link is configured once both nodes do.
+    """
     links = [
         _link_end(name, link, node, network.nodes[peer], addressing)
         for name, link in sorted(network.links.items())
         if node in link.spec.nodes and (peer := _other(link, node)) in network.nodes
     ]
-    return KMConfig(
-        node=node, kme_id=declared.kme_id,
-        etsi014_listen=address.etsi014_listen, grpc_listen=address.grpc_listen,
-        metrics_listen=address.metrics_listen, tls=addressing.km_tls(node),
-        saes=sae_directory(network), links=links, limits=declared.spec.km.key_limits(),
-        control_plane=addressing.control_plane,
-    )
+    return KMTopology(version=version, saes=sae_directory(network), links=links,
+                      limits=network.nodes[node].spec.km.key_limits())
 
 
 def module_config(link: QKDLink, addressing: Addressing) -> EmulatedLinkConfig:
@@ -178,6 +188,7 @@ def plan_network(network: DeclaredNetwork, addressing: Addressing) -> NetworkPla
     """Every process of the network: a KM per node, a module pair per emulated link, and their endpoints."""
     emulated = {name: link for name, link in sorted(network.links.items()) if link.spec.emulated is not None}
     kms = {name: km_config(network, name, addressing) for name in sorted(network.nodes)}
+    topologies = {name: km_topology(network, name, addressing) for name in sorted(network.nodes)}
     km_endpoints = {}
     for name, config in kms.items():
         address = addressing.km(name)
@@ -188,7 +199,8 @@ def plan_network(network: DeclaredNetwork, addressing: Addressing) -> NetworkPla
         a, b = link.spec.nodes
         module_endpoints[name] = ModuleEndpoints((a, b), address.control_url, address.metrics_url)
     return NetworkPlan(
-        kms=kms, modules={name: module_config(link, addressing) for name, link in emulated.items()},
+        kms=kms, topologies=topologies,
+        modules={name: module_config(link, addressing) for name, link in emulated.items()},
         km_endpoints=km_endpoints, module_endpoints=module_endpoints, saes=sae_directory(network),
     )
 

@@ -28,12 +28,13 @@ async def test_kms_use_the_links_device_credentials(tmp_path, pki, processes):
         processes.start("vqkd.km", {
             "node": me, "kme_id": me, "etsi014_listen": f"127.0.0.1:{ports['api-' + p]}",
             "grpc_listen": f"127.0.0.1:{ports['grpc-' + p]}", "metrics_listen": f"127.0.0.1:{ports['met-' + p]}",
-            "tls": pki.paths(identity.km(me)), "saes": {"sae-A": "A", "sae-B": "B"},
-            "links": [{"name": "ab", "peer_node": peer, "peer_kme_id": peer,
-                       "peer_grpc": f"127.0.0.1:{ports['grpc-' + peer.lower()]}",
-                       "module_url": f"https://127.0.0.1:{ports[end]}", "module_sae_id": me,
-                       "peer_module_sae_id": peer, "block_bits": 1024,
-                       "module_tls": vendor.paths(identity.km(me))}],
+            "tls": pki.paths(identity.km(me)), "topology": {
+                "saes": {"sae-A": "A", "sae-B": "B"},
+                "links": [{"name": "ab", "peer_node": peer, "peer_kme_id": peer,
+                           "peer_grpc": f"127.0.0.1:{ports['grpc-' + peer.lower()]}",
+                           "module_url": f"https://127.0.0.1:{ports[end]}", "module_sae_id": me,
+                           "peer_module_sae_id": peer, "block_bits": 1024,
+                           "module_tls": vendor.paths(identity.km(me))}]},
         }, f"km-{me}")
     for port in ports.values():
         wait_for_port(port)

@@ -244,9 +244,9 @@ def test_resources_become_km_workloads_and_an_active_session(cluster):
         config = KMConfig.model_validate_json(configmap["data"]["km.json"])
         template = statefulset["spec"]["template"]
         assert template["spec"]["containers"][0]["image"] == "ghcr.io/vqkd/km:0.1.0"
-        assert config.saes == {"sae-n0": "n0", "sae-n1": "n1", "sae-n2": "n2"}
+        assert config.topology.saes == {"sae-n0": "n0", "sae-n1": "n1", "sae-n2": "n2"}
         assert config.control_plane == c.options.control_plane_address
-        assert {link.peer_grpc for link in config.links} == {
+        assert {link.peer_grpc for link in config.topology.links} == {
             f"vqkd-km-{peer}.{NAMESPACE}.svc:9443" for peer in NODES if abs(NODES.index(peer) - NODES.index(node)) == 1}
         service = c.kube.get(SERVICES, f"vqkd-km-{node}")
         assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"etsi014": 8443, "grpc": 9443,
@@ -520,4 +520,4 @@ def test_invalid_resources_get_a_condition_saying_why_and_no_children(cluster):
         assert c.kube.get(kind, name) is None, f"{kind.kind} {name} was created for an invalid resource"
     # The valid network is untouched: no KM learnt of the refused nodes.
     config = KMConfig.model_validate_json(c.kube.get(CONFIGMAPS, "vqkd-km-n1")["data"]["km.json"])
-    assert set(config.saes) == {"sae-n0", "sae-n1", "sae-n2"}
+    assert set(config.topology.saes) == {"sae-n0", "sae-n1", "sae-n2"}

@@ -67,7 +67,10 @@ def network():
 
 
 def km_config(network, node: str) -> KMConfig:
-    return plan.km_config(network, node, specs.ClusterAddressing(NS, CONTROL_PLANE))
+    """What the node's KM ConfigMap holds: its identity and, until the control plane pushes it, its topology."""
+    addressing = specs.ClusterAddressing(NS, CONTROL_PLANE)
+    return plan.km_config(network, node, addressing).model_copy(
+        update={"topology": plan.km_topology(network, node, addressing)})
 
 
 def test_children_are_named_after_their_resource_and_too_long_names_are_refused():
@@ -85,10 +88,10 @@ def test_km_config_reaches_peers_and_modules_by_service_name(network):
     assert (config.node, config.kme_id, config.control_plane) == ("bob", "KME-BOB", CONTROL_PLANE)
     assert (config.etsi014_listen, config.grpc_listen, config.metrics_listen) == (
         "0.0.0.0:8443", "0.0.0.0:9443", "0.0.0.0:9090")
-    assert config.saes == {"sae-a": "alice", "sae-b1": "bob", "sae-b2": "bob", "sae-c": "carol"}
+    assert config.topology.saes == {"sae-a": "alice", "sae-b1": "bob", "sae-b2": "bob", "sae-c": "carol"}
     assert [str(p) for p in (config.tls.ca, config.tls.cert, config.tls.key)] == [
         "/etc/vqkd/tls/ca.crt", "/etc/vqkd/tls/tls.crt", "/etc/vqkd/tls/tls.key"]
-    emulated, device = config.links
+    emulated, device = config.topology.links
     # bob is the second node of alice-bob: end b of the module pair.
     assert (emulated.name, emulated.peer_node, emulated.peer_kme_id, emulated.peer_grpc) == (
         "alice-bob", "alice", "alice", "vqkd-km-alice.qkd.svc:9443")
@@ -101,8 +104,8 @@ def test_km_config_reaches_peers_and_modules_by_service_name(network):
         "/etc/vqkd/modules/bob-carol/ca.crt", "/etc/vqkd/modules/bob-carol/tls.crt",
         "/etc/vqkd/modules/bob-carol/tls.key"]
     assert emulated.module_tls is None  # the emulated module trusts the KM's own certificate
-    assert km_config(network, "alice").links[0].module_url == "https://vqkd-link-alice-bob.qkd.svc:8443"
-    assert km_config(network, "alice").limits.key_size == 512
+    assert km_config(network, "alice").topology.links[0].module_url == "https://vqkd-link-alice-bob.qkd.svc:8443"
+    assert km_config(network, "alice").topology.limits.key_size == 512
     # The config is what `python -m vqkd.km --config` reads.
     assert KMConfig.model_validate_json(specs.config_json(config)) == config
 
@@ -110,7 +113,8 @@ def test_km_config_reaches_peers_and_modules_by_service_name(network):
 def test_a_link_whose_other_node_is_unknown_is_left_out(network):
     partial = load_text(NETWORK, "specs-test")
     del partial.nodes["carol"]
-    assert [link.name for link in plan.km_config(partial, "bob", specs.ClusterAddressing(NS)).links] == ["alice-bob"]
+    assert [link.name for link in plan.km_topology(partial, "bob", specs.ClusterAddressing(NS)).links] == [
+        "alice-bob"]
 
 
 def test_emulator_config_serves_each_node_at_its_own_end(network):

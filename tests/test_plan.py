@@ -15,7 +15,8 @@ from vqkd.km.domain.devices import EndLimits, fit_block_bits
 from vqkd.operator.kopf.manifests import ClusterAddressing
 from vqkd.operator.local.processes import KMPorts, LocalAddressing, ModulePorts
 from vqkd.operator.plan import (
-    MAX_BLOCK_BITS, KMEndpoints, ModuleEndpoints, PlanError, block_bits_for, km_config, module_config, plan_network,
+    MAX_BLOCK_BITS, KMEndpoints, ModuleEndpoints, PlanError, block_bits_for, km_config, km_topology, module_config,
+    plan_network,
 )
 from vqkd.operator.resources.loader import load_text
 
@@ -92,7 +93,8 @@ def test_local_addressing_puts_every_process_on_its_loopback_ports():
     assert (bob.etsi014_listen, bob.grpc_listen, bob.metrics_listen) == ("127.0.0.1:8010", "127.0.0.1:8011",
                                                                          "127.0.0.1:8012")
     assert (str(bob.tls.cert), bob.control_plane) == ("/state/pki/bob.crt", "127.0.0.1:7000")
-    to_alice, to_carol = bob.links
+    assert bob.topology is None  # the identity only: the topology is planned apart
+    to_alice, to_carol = plan.topologies["bob"].links
     assert (to_alice.peer_grpc, to_alice.module_url) == ("127.0.0.1:8001", "https://127.0.0.1:9001")
     assert (to_carol.peer_grpc, to_carol.module_url) == ("127.0.0.1:8021", "https://127.0.0.1:9010")
     module = plan.modules["alice-bob"]
@@ -112,7 +114,7 @@ def test_cluster_addressing_reaches_every_process_by_its_service_name():
     assert (bob.etsi014_listen, bob.grpc_listen, bob.metrics_listen) == ("0.0.0.0:8443", "0.0.0.0:9443",
                                                                          "0.0.0.0:9090")
     assert (str(bob.tls.cert), bob.control_plane) == ("/etc/vqkd/tls/tls.crt", "vqkd-control-plane.qkd.svc:9443")
-    assert [(link.peer_grpc, link.module_url) for link in bob.links] == [
+    assert [(link.peer_grpc, link.module_url) for link in plan.topologies["bob"].links] == [
         ("vqkd-km-alice.qkd.svc:9443", "https://vqkd-link-alice-bob.qkd.svc:8444"),
         ("vqkd-km-carol.qkd.svc:9443", "https://vqkd-link-bob-carol.qkd.svc:8443"),
     ]
@@ -140,9 +142,11 @@ def test_both_runtimes_plan_the_same_processes_and_differ_only_in_where_they_are
     local, cluster = plan_network(network(), local_addressing()), plan_network(network(), cluster_addressing())
     assert list(local.kms) == list(cluster.kms) == ["alice", "bob", "carol"]
     assert {n: _placeless(c) for n, c in local.kms.items()} == {n: _placeless(c) for n, c in cluster.kms.items()}
+    assert {n: _placeless(t) for n, t in local.topologies.items()} == {
+        n: _placeless(t) for n, t in cluster.topologies.items()}
     assert {n: _placeless(c) for n, c in local.modules.items()} == {
         n: _placeless(c) for n, c in cluster.modules.items()}
-    bob = _placeless(local.kms["bob"])
+    bob = _placeless(local.topologies["bob"])
     assert bob["saes"] == local.saes == {"sae-a": "alice", "sae-b1": "bob", "sae-b2": "bob", "sae-c": "carol"}
     assert [(link["name"], link["peer_node"], link["peer_kme_id"], link["module_sae_id"], link["peer_module_sae_id"],
              link["block_bits"], link["pool_target_bits"]) for link in bob["links"]] == [
@@ -158,9 +162,9 @@ def test_both_runtimes_plan_the_same_processes_and_differ_only_in_where_they_are
 @pytest.mark.parametrize("addressing", [local_addressing(), cluster_addressing()], ids=["local", "cluster"])
 def test_each_km_gets_the_key_limits_of_its_node(addressing):
     plan = plan_network(network(), addressing)
-    assert plan.kms["carol"].limits == KeyLimits(key_size=512, min_key_size=128, max_key_size=1024,
-                                                 max_key_per_request=4)
-    assert plan.kms["alice"].limits == KeyLimits()
+    assert plan.topologies["carol"].limits == KeyLimits(key_size=512, min_key_size=128, max_key_size=1024,
+                                                        max_key_per_request=4)
+    assert plan.topologies["alice"].limits == KeyLimits()
 
 
 @pytest.mark.parametrize("addressing", [local_addressing(), cluster_addressing()], ids=["local", "cluster"])
@@ -168,15 +172,27 @@ def test_a_link_to_a_node_not_yet_declared_waits_for_it_but_its_modules_are_plan
     partial = network()
     del partial.nodes["carol"]
     plan = plan_network(partial, addressing)
-    assert [link.name for link in plan.kms["bob"].links] == ["alice-bob"]
-    assert "carol" not in plan.kms and "sae-c" not in plan.kms["bob"].saes
+    assert [link.name for link in plan.topologies["bob"].links] == ["alice-bob"]
+    assert "carol" not in plan.kms and "sae-c" not in plan.topologies["bob"].saes
     # The module pair needs neither KM to run: it is there when the node is declared.
     assert plan.modules["bob-carol"].ends["b"].client == "vqkd://km/carol"
     assert km_config(partial, "bob", addressing) == plan.kms["bob"]
+    assert km_topology(partial, "bob", addressing) == plan.topologies["bob"]
+
+
+def test_a_change_of_the_network_changes_the_topologies_it_concerns_and_no_km_identity():
+    before, grown = plan_network(network(), cluster_addressing()), plan_network(network(NETWORK + DEVICE_LINK),
+                                                                                  cluster_addressing())
+    assert grown.kms == before.kms
+    assert [n for n in before.topologies if grown.topologies[n] != before.topologies[n]] == ["alice", "carol"]
+    assert [link.name for link in grown.topologies["carol"].links] == ["alice-carol", "bob-carol"]
+    more_saes = plan_network(network(NETWORK.replace("[sae-a]", "[sae-a, sae-a2]")), cluster_addressing())
+    assert more_saes.kms == before.kms
+    assert all(more_saes.topologies[n].saes["sae-a2"] == "alice" for n in more_saes.topologies)
 
 
 def test_a_device_link_in_the_cluster_uses_the_device_and_the_credentials_mounted_from_its_secret():
-    alice = plan_network(network(NETWORK + DEVICE_LINK), cluster_addressing()).kms["alice"]
+    alice = plan_network(network(NETWORK + DEVICE_LINK), cluster_addressing()).topologies["alice"]
     device = next(link for link in alice.links if link.name == "alice-carol")
     assert (device.module_url, device.module_sae_id, device.peer_module_sae_id, device.peer_grpc) == (
         "https://qkd-a.lab:443/", "KM_A", "KM_C", "vqkd-km-carol.qkd.svc:9443")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vqkd.km.domain import errors
-from vqkd.km.config import KMConfig, LinkEndConfig, TLSPaths
+from vqkd.km.config import KMConfig, KMTopology, LinkEndConfig, TLSPaths
 from vqkd.km.domain.exchange import KeyExchange
 from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.rpc.peers import fields_from_pb, fields_to_pb
@@ -65,7 +65,7 @@ class Node:
                                module_url="https://127.0.0.1:1", module_sae_id=name, peer_module_sae_id=n)
                  for n in neighbours]
         cfg = KMConfig(node=name, kme_id=name, etsi014_listen="127.0.0.1:1", grpc_listen="127.0.0.1:1",
-                       metrics_listen="127.0.0.1:1", tls=TLS, saes=saes, links=links)
+                       metrics_listen="127.0.0.1:1", tls=TLS, topology=KMTopology(saes=saes, links=links))
         self.km = KeyManager(cfg, clock=clock)
         self.sessions = SessionTable(name, clock=clock)
         self.rejected: list[str] = []
@@ -92,7 +92,7 @@ def chain(n, bits_per_link=1 << 20):
             blocks = [(os.urandom(16).hex(), os.urandom(1024)) for _ in range(bits_per_link // 8192)]
             owner.outgoing.add(blocks)
             other.incoming.add(blocks)
-        la.peer_incarnation, lb.peer_incarnation = nodes[b].km.incarnation, nodes[a].km.incarnation
+        la.peer_incarnation, lb.peer_incarnation = lb.incarnation, la.incarnation
         la.peer, lb.peer = WirePeer(nodes[a], nodes[b], la.name), WirePeer(nodes[b], nodes[a], lb.name)
     return nodes, names, clock
 

@@ -1,8 +1,9 @@
 """The KM's view of one QKD link: its two pools and what it knows of the peer KM.
 
-Keeping the pools consistent with the peer hinges on the peer's *incarnation*, a random ID
-each KM process draws at start. A KM that restarted has lost its pools, so the first time
-this side sees a new incarnation it drops everything it shared with the old one.
+Keeping the pools consistent with the peer hinges on *incarnations*: each end of a link
+presents a random ID, drawn when the KM process starts (and a new one when a topology
+change recreates the link end). An end with a new incarnation has lost its pools, so the
+first time this side sees a new incarnation it drops everything it shared with the old one.
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ log = logging.getLogger(__name__)
 
 
 class Link:
-    def __init__(self, config: LinkEndConfig):
+    def __init__(self, config: LinkEndConfig, incarnation: str):
         self.config = config
         self.name = config.name
         self.peer_node = config.peer_node
+        self.incarnation = incarnation  # what this end presents to the peer KM
         self.outgoing = OutgoingPool()
         self.incoming = IncomingPool()
         # Requests waiting for outgoing key: by priority, then first come first served.
         self.queue = KeyQueue()
         self.peer_incarnation: str | None = None
         self.peer: Peer | None = None  # plugged in by the process once its transport is up
-        self.flushed_bits = 0
+        self.flushed_bits = 0  # dropped because the peer's end was new
         self.peer_restarts = 0
         self.drawn_bits = 0
         self.relayed_bits = 0
@@ -43,14 +45,18 @@ class Link:
             return False
         if self.peer_incarnation is not None:
             self.peer_restarts += 1
-            log.warning("link %s: KM of %s restarted; dropping key material shared with its "
-                        "previous instance", self.name, self.peer_node)
+            log.warning("link %s: the KM of %s restarted or recreated its end of the link; dropping key "
+                        "material shared with its previous incarnation", self.name, self.peer_node)
         self.flush()
         self.peer_incarnation = incarnation
         return True
 
     def flush(self) -> None:
-        self.flushed_bits += self.outgoing.clear() + self.incoming.clear()
+        self.flushed_bits += self.wipe()
+
+    def wipe(self) -> int:
+        """Empty both pools; returns the bits dropped."""
+        return self.outgoing.clear() + self.incoming.clear()
 
     def forget_peer(self) -> None:
         """The peer no longer knows us as we knew it: start over with a new handshake."""

@@ -135,7 +135,7 @@ class RelayService:
         keys_material = pad if direct else secrets.token_bytes(nbytes)
         ids = new_key_ids(number)
         fields = relay_crypto.RelayFields(
-            link=link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=link.peer_incarnation or "",
+            link=link.name, sender_incarnation=link.incarnation, receiver_incarnation=link.peer_incarnation or "",
             session_id=session.session_id, relay_id=uuid.uuid4().hex, index=index,
             master_sae_id=master, slave_sae_ids=tuple(slaves), key_ids=tuple(ids), key_size_bits=size_bits,
             direct=direct, ciphertext=b"" if direct else relay_crypto.xor(keys_material, pad),
@@ -181,10 +181,10 @@ class RelayService:
     async def receive(self, link_in: Link, fields: relay_crypto.RelayFields, tag: bytes) -> None:
         """Handle one relay message from the KM at the other end of ``link_in``."""
         self._expire()
-        if (fields.link, fields.receiver_incarnation) != (link_in.name, self.km.incarnation):
+        if (fields.link, fields.receiver_incarnation) != (link_in.name, link_in.incarnation):
             raise self._reject("malformed", f"relay {fields.relay_id} names link {fields.link!r} and receiver "
                                             f"incarnation {fields.receiver_incarnation!r}; it arrived on link "
-                                            f"{link_in.name} at incarnation {self.km.incarnation}")
+                                            f"{link_in.name} at incarnation {link_in.incarnation}")
         if fields.relay_id in self.guard:  # known genuine: refuse before touching any material
             raise self._reject("replayed", f"relay {fields.relay_id} was seen before")
         try:
@@ -220,7 +220,7 @@ class RelayService:
             return
         mac_key, mac_spans, pad_out, pad_spans = await self._take(link_out, session, len(plain))
         onward = relay_crypto.RelayFields(
-            link=link_out.name, sender_incarnation=self.km.incarnation,
+            link=link_out.name, sender_incarnation=link_out.incarnation,
             receiver_incarnation=link_out.peer_incarnation or "", session_id=session.session_id,
             relay_id=fields.relay_id, index=fields.index, master_sae_id=fields.master_sae_id,
             slave_sae_ids=fields.slave_sae_ids, key_ids=fields.key_ids, key_size_bits=fields.key_size_bits,

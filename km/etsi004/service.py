@@ -87,6 +87,7 @@ class ETSI004Service:
 
     async def open_connect(self, caller: str, source: str, destination: str, qos: QoS,
                            key_stream_id: str = "") -> OpenConnectResult:
+        self.km.check_configured()
         if caller not in (source, destination) or not self.km.is_local(caller):
             raise errors.NotAuthorized(f"SAE {caller} may open sessions only as itself, at the KM of its node")
         src, dst = self._endpoint(source, "source"), self._endpoint(destination, "destination")
@@ -116,6 +117,7 @@ class ETSI004Service:
         return OpenConnectResult(Status.SUCCESS, result.session_id, result.qos)
 
     def _session_of(self, caller: str, key_stream_id: str) -> Session:
+        self.km.check_configured()
         if not self.km.is_local(caller):
             raise errors.NotAuthorized(f"SAE {caller} is not attached to node {self.km.node}; "
                                        f"call the KM of its own node")

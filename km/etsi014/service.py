@@ -2,7 +2,8 @@
 
 The caller is the SAE named by its client certificate; it may only act as itself and only
 at the KM of the node it is attached to. Requests are checked against the limits the KM
-announces in its status before anything is taken.
+announces in its status before anything is taken. A KM that holds no topology yet knows no
+SAE and answers every call 503, saying it awaits its configuration.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class ETSI014Service:
         self.exchange = exchange
 
     def _caller_here(self, caller: str) -> None:
+        self.km.check_configured()
         if not self.km.is_local(caller):
             raise errors.NotAuthorized(f"SAE {caller} is not attached to node {self.km.node}")
 

@@ -61,10 +61,11 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
         return link
 
     async def _check_incarnations(self, link: Link, request, context) -> None:
-        if request.receiver_incarnation != self.km.incarnation:
+        if request.receiver_incarnation != link.incarnation:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"stale receiver incarnation {request.receiver_incarnation!r}: KM {self.km.node} restarted; say Hello again",
+                f"stale receiver incarnation {request.receiver_incarnation!r}: KM {self.km.node} restarted or "
+                f"recreated its end of link {link.name}; say Hello again",
             )
         if link.observe_peer(request.sender_incarnation):
             await context.abort(
@@ -76,7 +77,7 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
     async def Hello(self, request, context):
         link = await self._link(request, context)
         link.observe_peer(request.incarnation)
-        return km_pb2.HelloReply(incarnation=self.km.incarnation)
+        return km_pb2.HelloReply(incarnation=link.incarnation)
 
     async def AgreeKeys(self, request, context):
         link = await self._link(request, context)
@@ -280,8 +281,7 @@ class PeerClient:
     """The domain's ``Peer`` over gRPC: calls the peer KM of one link, every call with a deadline,
     and maps failures to KM errors."""
 
-    def __init__(self, km: KeyManager, link: Link, channel: grpc.aio.Channel):
-        self.km = km
+    def __init__(self, link: Link, channel: grpc.aio.Channel):
         self.link = link
         self.stub = km_pb2_grpc.LinkPeerStub(channel)
         self._deliveries = self._batches(
@@ -308,7 +308,7 @@ class PeerClient:
     async def hello(self) -> None:
         try:
             reply = await self.stub.Hello(
-                km_pb2.HelloRequest(link=self.link.name, incarnation=self.km.incarnation), timeout=RPC_TIMEOUT_S
+                km_pb2.HelloRequest(link=self.link.name, incarnation=self.link.incarnation), timeout=RPC_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as e:
             raise errors.PeerUnavailable(f"{self.peer}: {e.code().name}: {e.details()}") from None
@@ -324,6 +324,8 @@ class PeerClient:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 self.link.forget_peer()
             raise errors.PeerUnavailable(f"{self.peer}: {e.code().name}: {e.details()}") from None
+        except grpc.aio.UsageError:  # the channel was closed: a topology change removed the link
+            raise errors.PeerUnavailable(f"{self.peer}: the link was removed") from None
 
     async def _send_batch(self, method, request_type, field: str, items: list,
                           describe: Callable[[str], str] = lambda reason: reason) -> list[Exception | None]:
@@ -331,7 +333,7 @@ class PeerClient:
         item, None or the error of the peer's refusal (``describe`` words its reason)."""
         try:
             reply, _ = await self._call(method, lambda inc: request_type(
-                link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
+                link=self.link.name, sender_incarnation=self.link.incarnation, receiver_incarnation=inc,
                 **{field: items},
             ))
         except errors.KMError as e:
@@ -346,7 +348,7 @@ class PeerClient:
         """Tell the peer which module keys we drew and which we gave up; returns its answer
         (which it holds) and the peer incarnation that answered."""
         return await self._call(self.stub.AgreeKeys, lambda inc: km_pb2.AgreeKeysRequest(
-            link=self.link.name, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
+            link=self.link.name, sender_incarnation=self.link.incarnation, receiver_incarnation=inc,
             key_ids=key_ids, abandoned_key_ids=abandoned,
         ))
 
@@ -380,7 +382,7 @@ class PeerClient:
 
     async def hybrid(self, m: HybridMessage) -> bytes:
         reply, _ = await self._call(self.stub.Hybrid, lambda inc: km_pb2.HybridRequest(
-            link=m.link, sender_incarnation=self.km.incarnation, receiver_incarnation=inc,
+            link=m.link, sender_incarnation=self.link.incarnation, receiver_incarnation=inc,
             session_id=m.session_id, relay_id=m.relay_id, index=m.index, master_sae_id=m.master_sae_id,
             slave_sae_ids=m.slave_sae_ids, key_ids=m.key_ids, key_size_bits=m.size_bits,
             stream=m.stream, offer=m.offer,

@@ -254,6 +254,81 @@ class Endpoint(_message.Message):
     sae_id: str
     def __init__(self, node: _Optional[str] = ..., sae_id: _Optional[str] = ...) -> None: ...
 
+class TopologyConfig(_message.Message):
+    __slots__ = ("version", "node", "saes", "links", "limits")
+    class SaesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SAES_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    node: str
+    saes: _containers.ScalarMap[str, str]
+    links: _containers.RepeatedCompositeFieldContainer[LinkEnd]
+    limits: KeyLimits
+    def __init__(self, version: _Optional[int] = ..., node: _Optional[str] = ..., saes: _Optional[_Mapping[str, str]] = ..., links: _Optional[_Iterable[_Union[LinkEnd, _Mapping]]] = ..., limits: _Optional[_Union[KeyLimits, _Mapping]] = ...) -> None: ...
+
+class LinkEnd(_message.Message):
+    __slots__ = ("name", "peer_node", "peer_kme_id", "peer_grpc", "module_url", "module_sae_id", "peer_module_sae_id", "module_tls", "block_bits", "pool_target_bits")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PEER_NODE_FIELD_NUMBER: _ClassVar[int]
+    PEER_KME_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_GRPC_FIELD_NUMBER: _ClassVar[int]
+    MODULE_URL_FIELD_NUMBER: _ClassVar[int]
+    MODULE_SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_MODULE_SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODULE_TLS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BITS_FIELD_NUMBER: _ClassVar[int]
+    POOL_TARGET_BITS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    peer_node: str
+    peer_kme_id: str
+    peer_grpc: str
+    module_url: str
+    module_sae_id: str
+    peer_module_sae_id: str
+    module_tls: TLSPaths
+    block_bits: int
+    pool_target_bits: int
+    def __init__(self, name: _Optional[str] = ..., peer_node: _Optional[str] = ..., peer_kme_id: _Optional[str] = ..., peer_grpc: _Optional[str] = ..., module_url: _Optional[str] = ..., module_sae_id: _Optional[str] = ..., peer_module_sae_id: _Optional[str] = ..., module_tls: _Optional[_Union[TLSPaths, _Mapping]] = ..., block_bits: _Optional[int] = ..., pool_target_bits: _Optional[int] = ...) -> None: ...
+
+class TLSPaths(_message.Message):
+    __slots__ = ("ca", "cert", "key")
+    CA_FIELD_NUMBER: _ClassVar[int]
+    CERT_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ca: str
+    cert: str
+    key: str
+    def __init__(self, ca: _Optional[str] = ..., cert: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
+class KeyLimits(_message.Message):
+    __slots__ = ("key_size", "min_key_size", "max_key_size", "max_key_per_request")
+    KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MIN_KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_KEY_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    key_size: int
+    min_key_size: int
+    max_key_size: int
+    max_key_per_request: int
+    def __init__(self, key_size: _Optional[int] = ..., min_key_size: _Optional[int] = ..., max_key_size: _Optional[int] = ..., max_key_per_request: _Optional[int] = ...) -> None: ...
+
+class ConfigureTopologyReply(_message.Message):
+    __slots__ = ("version", "incarnation")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    incarnation: str
+    def __init__(self, version: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
+
 class SessionConfig(_message.Message):
     __slots__ = ("session_id", "version", "role", "user", "source", "destination", "prev_hop", "next_hop", "priority", "rate_bps", "bucket_bits", "inactivity_timeout_ms", "request_timeout_ms", "key_chunk_size", "ttl_s", "fallback")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -345,7 +420,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LinkStats(_message.Message):
-    __slots__ = ("link", "peer_node", "outgoing_bits", "incoming_bits", "drawn_bits_total", "relayed_bits_total", "state", "reason", "message", "module_drawn_bits_total", "burned_bits_total", "block_bits")
+    __slots__ = ("link", "peer_node", "outgoing_bits", "incoming_bits", "drawn_bits_total", "relayed_bits_total", "state", "reason", "message", "module_drawn_bits_total", "burned_bits_total", "block_bits", "incarnation")
     class BurnedBitsTotalEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -365,6 +440,7 @@ class LinkStats(_message.Message):
     MODULE_DRAWN_BITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BURNED_BITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BITS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     link: str
     peer_node: str
     outgoing_bits: int
@@ -377,7 +453,8 @@ class LinkStats(_message.Message):
     module_drawn_bits_total: int
     burned_bits_total: _containers.ScalarMap[str, int]
     block_bits: int
-    def __init__(self, link: _Optional[str] = ..., peer_node: _Optional[str] = ..., outgoing_bits: _Optional[int] = ..., incoming_bits: _Optional[int] = ..., drawn_bits_total: _Optional[int] = ..., relayed_bits_total: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., module_drawn_bits_total: _Optional[int] = ..., burned_bits_total: _Optional[_Mapping[str, int]] = ..., block_bits: _Optional[int] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, link: _Optional[str] = ..., peer_node: _Optional[str] = ..., outgoing_bits: _Optional[int] = ..., incoming_bits: _Optional[int] = ..., drawn_bits_total: _Optional[int] = ..., relayed_bits_total: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., module_drawn_bits_total: _Optional[int] = ..., burned_bits_total: _Optional[_Mapping[str, int]] = ..., block_bits: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class SessionDelivered(_message.Message):
     __slots__ = ("session_id", "keys", "bits")
@@ -390,20 +467,22 @@ class SessionDelivered(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[int] = ..., bits: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("node", "incarnation", "links", "sessions", "keys_delivered_total", "delivered")
+    __slots__ = ("node", "incarnation", "links", "sessions", "keys_delivered_total", "delivered", "topology_version")
     NODE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KEYS_DELIVERED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    TOPOLOGY_VERSION_FIELD_NUMBER: _ClassVar[int]
     node: str
     incarnation: str
     links: _containers.RepeatedCompositeFieldContainer[LinkStats]
     sessions: int
     keys_delivered_total: int
     delivered: _containers.RepeatedCompositeFieldContainer[SessionDelivered]
-    def __init__(self, node: _Optional[str] = ..., incarnation: _Optional[str] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., keys_delivered_total: _Optional[int] = ..., delivered: _Optional[_Iterable[_Union[SessionDelivered, _Mapping]]] = ...) -> None: ...
+    topology_version: int
+    def __init__(self, node: _Optional[str] = ..., incarnation: _Optional[str] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., keys_delivered_total: _Optional[int] = ..., delivered: _Optional[_Iterable[_Union[SessionDelivered, _Mapping]]] = ..., topology_version: _Optional[int] = ...) -> None: ...
 
 class QoS(_message.Message):
     __slots__ = ("key_chunk_size", "max_bps", "min_bps", "jitter", "priority", "timeout_ms", "ttl_s", "fallback")

@@ -34,10 +34,12 @@ class LinkPeerStub:
     its own end of the module as slave SAE. Only the owner of a direction ever chooses
     material from it, so the two ends can never pick the same key at the same moment.
 
-    Every message names the sender's incarnation (a random ID drawn when the KM process
-    starts) and the incarnation it believes the receiver has. A KM that restarted lost its
-    pools; the peer notices the new incarnation and discards everything it shared with the
-    old one, so no key material is ever used on one side only or twice.
+    Every message names the incarnation of the sender's end of the link (a random ID drawn
+    when the KM process starts; a link end the KM recreates after a topology change presents
+    a new one) and the incarnation it believes the receiver's end has. A KM that restarted, or
+    recreated its end, lost that end's pools; the peer notices the new incarnation and
+    discards everything it shared with the old one, so no key material is ever used on one
+    side only or twice.
     ---------------------------------------------------------------------------------------
     """
 
@@ -93,10 +95,12 @@ class LinkPeerServicer:
     its own end of the module as slave SAE. Only the owner of a direction ever chooses
     material from it, so the two ends can never pick the same key at the same moment.
 
-    Every message names the sender's incarnation (a random ID drawn when the KM process
-    starts) and the incarnation it believes the receiver has. A KM that restarted lost its
-    pools; the peer notices the new incarnation and discards everything it shared with the
-    old one, so no key material is ever used on one side only or twice.
+    Every message names the incarnation of the sender's end of the link (a random ID drawn
+    when the KM process starts; a link end the KM recreates after a topology change presents
+    a new one) and the incarnation it believes the receiver's end has. A KM that restarted, or
+    recreated its end, lost that end's pools; the peer notices the new incarnation and
+    discards everything it shared with the old one, so no key material is ever used on one
+    side only or twice.
     ---------------------------------------------------------------------------------------
     """
 
@@ -212,10 +216,12 @@ class LinkPeer:
     its own end of the module as slave SAE. Only the owner of a direction ever chooses
     material from it, so the two ends can never pick the same key at the same moment.
 
-    Every message names the sender's incarnation (a random ID drawn when the KM process
-    starts) and the incarnation it believes the receiver has. A KM that restarted lost its
-    pools; the peer notices the new incarnation and discards everything it shared with the
-    old one, so no key material is ever used on one side only or twice.
+    Every message names the incarnation of the sender's end of the link (a random ID drawn
+    when the KM process starts; a link end the KM recreates after a topology change presents
+    a new one) and the incarnation it believes the receiver's end has. A KM that restarted, or
+    recreated its end, lost that end's pools; the peer notices the new incarnation and
+    discards everything it shared with the old one, so no key material is ever used on one
+    side only or twice.
     ---------------------------------------------------------------------------------------
     """
 
@@ -422,6 +428,11 @@ class KeyManagerControlStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.ConfigureTopology = channel.unary_unary(
+                '/vqkd.km.v1.KeyManagerControl/ConfigureTopology',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.TopologyConfig.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.ConfigureTopologyReply.FromString,
+                _registered_method=True)
         self.ConfigureSession = channel.unary_unary(
                 '/vqkd.km.v1.KeyManagerControl/ConfigureSession',
                 request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.SessionConfig.SerializeToString,
@@ -451,6 +462,15 @@ class KeyManagerControlServicer:
     ---------------------------------------------------------------------------------------
     """
 
+    def ConfigureTopology(self, request, context):
+        """The KM's topology: its SAE directory, its links and its key limits, applied live. Links
+        the push leaves as they were keep their pools and go on drawing; a removed link's pools
+        are wiped. Push it before the sessions that need its links.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ConfigureSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -479,6 +499,11 @@ class KeyManagerControlServicer:
 
 def add_KeyManagerControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'ConfigureTopology': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigureTopology,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.TopologyConfig.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.ConfigureTopologyReply.SerializeToString,
+            ),
             'ConfigureSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ConfigureSession,
                     request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.SessionConfig.FromString,
@@ -513,6 +538,33 @@ class KeyManagerControl:
     configuration carries a version and a KM ignores one older than what it holds.
     ---------------------------------------------------------------------------------------
     """
+
+    @staticmethod
+    def ConfigureTopology(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.KeyManagerControl/ConfigureTopology',
+            vqkd_dot_km_dot_v1_dot_km__pb2.TopologyConfig.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.ConfigureTopologyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def ConfigureSession(request,

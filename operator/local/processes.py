@@ -199,6 +199,8 @@ class LocalNetwork:
         for name, config in planned.modules.items():
             self._add(f"link-{name}", "vqkd.km.emulator", config, addressing.module(name).control_url)
         for name, config in planned.kms.items():
+            # The control plane does not push topologies yet: each KM starts with the plan's.
+            config = config.model_copy(update={"topology": planned.topologies[name]})
             self._add(f"km-{name}", "vqkd.km", config, f"http://{config.metrics_listen}/healthz")
         self.endpoints["nodes"] = {name: asdict(ends) for name, ends in planned.km_endpoints.items()}
         self.endpoints["links"] = {name: asdict(ends) for name, ends in planned.module_endpoints.items()}

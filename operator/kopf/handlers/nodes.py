@@ -21,7 +21,7 @@ from vqkd.operator.kopf.runtime import Runtime
 from vqkd.operator.kopf.manifests import (
     ClusterAddressing, build_km_configmap, build_km_service, build_km_statefulset, content_hash, with_spec_hash,
 )
-from vqkd.operator.plan import km_config
+from vqkd.operator.plan import km_config, km_topology
 from vqkd.operator.resources.models import API_VERSION, ConditionType, NodePhase, QKDNode, QKDNodeStatus
 
 KIND = "QKDNode"
@@ -81,7 +81,9 @@ def owner_of(runtime: Runtime, kind: str, name: str) -> dict[str, Any] | None:
 def desired_children(runtime: Runtime, node: QKDNode) -> tuple[dict[str, Any], ...]:
     """ConfigMap, Service and StatefulSet of the node's KM, owned by the node."""
     addressing = ClusterAddressing(runtime.namespace, runtime.options.km_control_plane)
-    config = km_config(runtime.resources, node.name, addressing)
+    # The control plane does not push topologies yet: each KM starts with the plan's.
+    config = km_config(runtime.resources, node.name, addressing).model_copy(
+        update={"topology": km_topology(runtime.resources, node.name, addressing)})
     configmap = build_km_configmap(node.name, config)
     device_secrets = {
         name: link.spec.etsi014.endpoints[node.name].secret_ref.name
