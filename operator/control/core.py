@@ -79,7 +79,7 @@ class ControlCore:
         """
         now = self.clock()
         if isinstance(resource, QKDNode):
-            self._changes.apply_node(resource, now)
+            await self._changes.apply_node(resource, now)
         elif isinstance(resource, QKDLink):
             await self._changes.apply_link(resource, now)
         elif isinstance(resource, UserProfile):

@@ -4,7 +4,8 @@ Paths change make-before-break: the new path's KMs get the configuration with a 
 version first (a KM on both paths simply replaces its forwarding entry), and only once all
 of them confirmed are the KMs no longer on the path told to delete theirs. A deletion a
 KM did not confirm is kept and sent again when that node's KM is back; a replaced KM,
-which lost its state, gets every session it is on pushed again.
+which lost its state, gets every session it is on pushed again. A node deleted from the
+network has every entry its KM may still hold taken back, and is owed nothing afterwards.
 
 The callers hold the session's lock around ``install`` and ``uninstall``.
 """
@@ -125,6 +126,34 @@ class PathInstaller:
             session.version = next_version(session.version, now)
             config = session.terms.for_path(session.route.nodes, session.version)[node]
             return (await configure_all(self.pusher, {node: config})).complete
+
+    async def withdraw(self, node: str, reason: str) -> int:
+        """The node is being deleted: its KM drops every session entry it may hold (a Held
+        session that used to cross it keeps one), the deletions it still owes included.
+
+        Nothing is kept for the node afterwards, whatever its KM answered: it is going away.
+        Takes each session's lock. Returns how many deletions its KM did not confirm.
+        """
+        sessions = [s for s in self.registry.sessions.values() if node in s.configured_nodes]
+        owed = self._pending_deletes.pop(node, {})
+        unconfirmed = await asyncio.gather(
+            *(self._withdraw_one(session, node, reason) for session in sessions),
+            *(self._delete_owed(node, session_id, owed_reason) for session_id, owed_reason in sorted(owed.items())
+              if session_id not in {session.id for session in sessions}),
+        )
+        self._pending_deletes.pop(node, None)
+        return sum(unconfirmed)
+
+    async def _withdraw_one(self, session: NetworkSession, node: str, reason: str) -> bool:
+        async with session.lock:
+            if node not in session.configured_nodes:
+                return False
+            session.configured_nodes.discard(node)
+            return await self._delete_owed(node, session.id, reason)
+
+    async def _delete_owed(self, node: str, session_id: str, reason: str) -> bool:
+        """True when the KM did not confirm."""
+        return not (await delete_all(self.pusher, [node], session_id, reason)).complete
 
     async def flush_deletes(self, node: str) -> int:
         """Send again the deletions the KM of ``node`` did not confirm; returns how many still fail."""

@@ -3,8 +3,17 @@
 Nodes, links and users come, change and go (their resources); links' health changes
 (monitoring samples, silence) and KMs are lost or back (liveness). Each change is recorded
 in the topology, routing and access control, and then ends, reroutes or resumes the
-sessions it concerns: a link Down reroutes the sessions over it, a link back from Down or
-a KM back resumes Held sessions, a user disabled or deleted ends its sessions.
+sessions it concerns: a link Down reroutes the sessions over it, a link back from Down, a
+new link or a KM back resumes Held sessions, a user disabled or deleted ends its sessions.
+
+Deletion is safe for the sessions and leaves nothing behind on the KMs:
+
+- a QKDLink deleted: the sessions over it get a new path make-before-break, or are Held
+  with a message naming the link;
+- a QKDNode deleted (only once no link joins it): the sessions ending there end, and its
+  KM drops every entry it may still hold (a Held session that used to cross it) before the
+  node is forgotten; an SAE taken off a node ends the sessions it is an end of there;
+- a UserProfile deleted: its sessions end, every KM on their paths confirming.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from vqkd.operator.control.admission import Admission
 from vqkd.operator.control.errors import ControlError
 from vqkd.operator.control.events import EventLog, Subject
 from vqkd.operator.control.monitoring import LinkSample, Monitoring
+from vqkd.operator.control.network_session import NetworkSession
 from vqkd.operator.control.routing import Routing
 from vqkd.operator.control.topology import LinkChange, Topology
 from vqkd.operator.resources.models import QKDLink, QKDNode, UserProfile
@@ -35,11 +45,19 @@ class NetworkChanges:
 
     # --- resources -----------------------------------------------------------------------
 
-    def apply_node(self, node: QKDNode, now: float) -> None:
-        if node.name not in self.topology.nodes:
+    async def apply_node(self, node: QKDNode, now: float) -> None:
+        record = self.topology.nodes.get(node.name)
+        if record is None:
             self.routing.add_node(self.topology.apply_node(node, now))
-        else:
-            self.topology.apply_node(node, now)
+            return
+        detached = record.sae_ids - set(node.spec.sae_ids)
+        self.topology.apply_node(node, now)
+        for session in self._live_sessions_at(node.name):
+            ends = [end for end in (session.source, session.destination) if end.node == node.name]
+            if gone := sorted(end.sae_id for end in ends if end.sae_id in detached):
+                await self.lifecycle.terminate(
+                    session, "SAEDetached", f"SAE {', '.join(gone)} is no longer attached to QKDNode {node.name}", now,
+                )
 
     async def delete_node(self, name: str, now: float) -> None:
         if name not in self.topology.nodes:
@@ -48,11 +66,16 @@ class NetworkChanges:
         if attached:
             raise ControlError(f"QKDNode {name} is still joined by QKDLinks "
                                f"{', '.join(link.name for link in attached)}; delete those links first")
-        for session in list(self.registry.sessions.values()):
-            if session.live and name in (session.source.node, session.destination.node):
-                await self.lifecycle.terminate(session, "NodeDeleted", f"endpoint node {name} was deleted", now)
+        for session in self._live_sessions_at(name):
+            await self.lifecycle.terminate(session, "NodeDeleted", f"endpoint node {name} was deleted", now)
+        await self.paths.withdraw(name, "node deleted")
         self.topology.remove_node(name)
         self.routing.remove_node(name)
+
+    def _live_sessions_at(self, node: str) -> list[NetworkSession]:
+        """The live sessions one of whose ends is at ``node``."""
+        return [session for session in self.registry.sessions.values()
+                if session.live and node in (session.source.node, session.destination.node)]
 
     async def apply_link(self, link: QKDLink, now: float) -> None:
         record, created = self.topology.apply_link(link, now)
@@ -63,6 +86,8 @@ class NetworkChanges:
             change = self.monitoring.reassess(record, self.routing.loads[record.name].reserved_bps, now)
             self.routing.refresh(record.name)
         await self.after_link_change(change, now)
+        if created:  # a new way through the network: Held sessions need not wait for their retry
+            await self.rerouting.resume_held(now, due_only=False)
 
     async def delete_link(self, name: str, now: float) -> None:
         record = self.topology.links.get(name)
