@@ -42,7 +42,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"{devices} links to QKD devices with the control plane ...", flush=True)
         await control.start()
         print(f"network up; endpoints in {network.state_dir / 'endpoints.json'}; "
-              f"status: vqkd get sessions --state-dir {args.state_dir}; Ctrl-C stops it", flush=True)
+              f"status: vqkd get sessions --state-dir {args.state_dir}; change it: vqkd apply|delete FILE... "
+              f"--state-dir {args.state_dir}; Ctrl-C stops it", flush=True)
         try:
             await stop.wait()
         finally:
@@ -51,6 +52,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def cmd_change(args: argparse.Namespace) -> int:
+    from vqkd.operator.local import changes
+
+    return changes.submit(args.command, args.files, Path(args.state_dir))
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -102,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="credentials for links to real QKD devices (spec.etsi014): DIR/<secretRef name>/ holds "
                          "ca.crt, tls.crt and tls.key, the keys of the Secret a cluster would mount")
     up.set_defaults(func=cmd_up)
+
+    for command, does in (("apply", "create or update the resources in the files (as kubectl apply)"),
+                          ("delete", "delete the resources the files name (as kubectl delete)")):
+        change = sub.add_parser(command, help=f"{does}, in a network started with `vqkd up`")
+        change.add_argument("files", nargs="+", help="YAML files (or directories of them) with QKDNode, QKDLink, "
+                                                     "UserProfile, KeySession resources")
+        change.add_argument("--state-dir", default="state", help="the state directory the network runs in")
+        change.set_defaults(func=cmd_change)
 
     get = sub.add_parser("get", help="show the state of a network started with `vqkd up`")
     get.add_argument("what", choices=["sessions", "links", "nodes", "users", "alarms", "events", "etsi015"])

@@ -7,6 +7,12 @@ mutual TLS and real gRPC between them. A link to real QKD devices (``spec.etsi01
 no process: its KMs reach the devices with the credentials found in a secrets directory,
 laid out as the cluster mounts the Secrets each endpoint names. It writes
 ``endpoints.json`` once every endpoint answers and stops every process it started.
+
+A running network changes by planning it again (``replan``): the new nodes and emulated
+links get ports, certificates and configuration files, and the result says which
+processes to start, which to start again (their configuration changed: an identity, a
+module's emulated physics) and which to stop; ``endpoints.json`` is then rewritten at once
+(``write_endpoints``), so a reader sees either the old file or the new one.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -56,14 +61,15 @@ class ModulePorts(NamedTuple):
 @dataclass(frozen=True)
 class LocalAddressing:
     """The network plan's addressing on one machine: the loopback ports the runtime allocated
-    and the certificates it issued, by the identity each one names."""
+    and the certificates it issued, by the identity each one names. A running network
+    changes in place: its mappings gain the new nodes and links and lose the deleted ones."""
 
-    km_ports: Mapping[str, KMPorts]
-    module_ports: Mapping[str, ModulePorts]
-    certificates: Mapping[identity.Identity, TLSPaths]
+    km_ports: dict[str, KMPorts]
+    module_ports: dict[str, ModulePorts]
+    certificates: dict[identity.Identity, TLSPaths]
     control_plane: str | None = None
     # (link, node) -> what that node's KM presents at its QKD device, from ``device_credentials``
-    device_credentials: Mapping[tuple[str, str], TLSPaths] = field(default_factory=dict)
+    device_credentials: dict[tuple[str, str], TLSPaths] = field(default_factory=dict)
 
     def km(self, node: str) -> KMAddress:
         ports = self.km_ports[node]
@@ -136,6 +142,18 @@ class Process:
     restarts: int = 0
 
 
+@dataclass(frozen=True)
+class ProcessChanges:
+    """What a new plan of a running network asks of its processes, by process name."""
+
+    start: list[str] = field(default_factory=list)  # new: module pairs first, then KMs
+    restart: list[str] = field(default_factory=list)  # running with a configuration that changed
+    stop: list[str] = field(default_factory=list)  # of nodes and links no longer declared
+
+    def __bool__(self) -> bool:
+        return bool(self.start or self.restart or self.stop)
+
+
 @dataclass
 class LocalNetwork:
     """Plans, starts and stops the processes of one network described by a manifest."""
@@ -150,6 +168,7 @@ class LocalNetwork:
     status_port: int = 0
     processes: dict[str, Process] = field(default_factory=dict)
     endpoints: dict = field(default_factory=dict)
+    addressing: LocalAddressing | None = field(default=None, init=False)  # once planned
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -173,6 +192,7 @@ class LocalNetwork:
             planned, addressing = self._plan()
         except PlanError as e:
             raise SystemExit(str(e)) from None
+        self.addressing = addressing
         self._write(planned, addressing)
 
     def _plan(self) -> tuple[NetworkPlan, LocalAddressing]:
@@ -238,8 +258,14 @@ class LocalNetwork:
         except BaseException:
             self.stop()
             raise
+        self.write_endpoints()
+
+    def write_endpoints(self) -> None:
+        """``endpoints.json`` as the endpoints are now, replaced in one step: written beside it, then renamed."""
         path = self.state_dir / "endpoints.json"
-        path.write_text(json.dumps(self.endpoints, indent=2))
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        draft.write_text(json.dumps(self.endpoints, indent=2))
+        os.replace(draft, path)
 
     def wait_ready(self, names: list[str] | None = None, timeout: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
@@ -270,16 +296,101 @@ class LocalNetwork:
         self._spawn(proc)
         self.wait_ready([name])
 
+    # -- changing the running network ----------------------------------------------
+
+    def replan(self, network: DeclaredNetwork) -> ProcessChanges:
+        """Plan ``network`` in place of the running one, and say what that asks of the processes.
+
+        New nodes and emulated links get loopback ports and certificates, every process to
+        start or start again gets its configuration file, and the endpoints to publish
+        become the new network's (new SAEs get their certificates). Nothing is started or
+        stopped here: the caller runs the changes (``launch``, ``restart``, ``retire``).
+        Raises PlanError, with nothing changed, when the network cannot run here.
+        """
+        planned, addressing = self._replan(network)
+        for table in ("km_ports", "module_ports", "certificates", "device_credentials"):
+            getattr(self.addressing, table).update(getattr(addressing, table))
+        wanted = [(f"link-{name}", "vqkd.km.emulator", config, addressing.module(name).control_url)
+                  for name, config in planned.modules.items()]
+        wanted += [(f"km-{name}", "vqkd.km", config, f"http://{config.metrics_listen}/healthz")
+                   for name, config in planned.kms.items()]
+        changes = ProcessChanges(stop=sorted(set(self.processes) - {name for name, *_ in wanted}))
+        for name, module, config, ready_url in wanted:
+            proc = self.processes.get(name)
+            if proc is None:
+                changes.start.append(name)
+                self._add(name, module, config, ready_url)
+            elif not _same_process(proc.config, config):
+                changes.restart.append(name)
+                proc.config.write_text(config.model_dump_json(indent=2))
+        self.endpoints["nodes"] = {name: asdict(ends) for name, ends in planned.km_endpoints.items()}
+        self.endpoints["links"] = {name: asdict(ends) for name, ends in planned.module_endpoints.items()}
+        self.endpoints["saes"] = {}
+        for sae, node in planned.saes.items():
+            tls = self._tls(identity.sae(sae))
+            self.endpoints["saes"][sae] = {"node": node, "cert": str(tls.cert), "key": str(tls.key)}
+        return changes
+
+    def _replan(self, network: DeclaredNetwork) -> tuple[NetworkPlan, LocalAddressing]:
+        """The plan of ``network`` with the running processes' ports and ports for the new ones."""
+        credentials = device_credentials(network, self.secrets) if self.secrets is not None else {}
+        running = self.addressing
+        nodes = [name for name in network.nodes if name not in running.km_ports]
+        emulated = [name for name, link in network.links.items()
+                    if link.spec.emulated is not None and name not in running.module_ports]
+        ports = _free_ports(3 * len(nodes) + 3 * len(emulated))
+        identities = [identity.km(node) for node in nodes]
+        identities += [identity.module(link, end) for link in emulated for end in ENDS]
+        addressing = LocalAddressing(
+            km_ports={**running.km_ports, **{node: KMPorts(ports.pop(), ports.pop(), ports.pop()) for node in nodes}},
+            module_ports={**running.module_ports,
+                          **{link: ModulePorts(ports.pop(), ports.pop(), ports.pop()) for link in emulated}},
+            certificates={**running.certificates, **{ident: self._tls(ident) for ident in identities}},
+            control_plane=running.control_plane, device_credentials=credentials,
+        )
+        return plan_network(network, addressing), addressing
+
+    def launch(self, names: list[str]) -> None:
+        """Start the named processes (planned by ``replan``) and wait until each answers."""
+        for name in names:
+            self._spawn(self.processes[name])
+        self.wait_ready(names)
+
+    def retire(self, names: list[str]) -> None:
+        """Stop the named processes for good: their nodes and links are gone, and so are their ports."""
+        procs = [self.processes.pop(name) for name in names]
+        for name in names:
+            if name.startswith("km-"):
+                self.addressing.km_ports.pop(name.removeprefix("km-"), None)
+            else:
+                self.addressing.module_ports.pop(name.removeprefix("link-"), None)
+        _terminate([p.popen for p in procs if p.popen and p.popen.poll() is None])
+
     def stop(self) -> None:
-        running = [p.popen for p in self.processes.values() if p.popen and p.popen.poll() is None]
-        for popen in running:
-            popen.terminate()
-        for popen in running:
-            try:
-                popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait()
+        _terminate([p.popen for p in self.processes.values() if p.popen and p.popen.poll() is None])
+
+
+def _terminate(running: list[subprocess.Popen]) -> None:
+    for popen in running:
+        popen.terminate()
+    for popen in running:
+        try:
+            popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+
+
+def _same_process(path: Path, config) -> bool:
+    """Whether the process started from the file at ``path`` is the one ``config`` describes.
+
+    A KM's topology is taken live, so the one its file may start it with is no reason for
+    a new process; everything else in the file is.
+    """
+    held, wanted = json.loads(path.read_text()), json.loads(config.model_dump_json())
+    held.pop("topology", None)
+    wanted.pop("topology", None)
+    return held == wanted
 
 
 def _free_ports(n: int) -> list[int]:

@@ -10,7 +10,8 @@ It runs in the ``vqkd up`` process, beside the KM and module processes it superv
   in pushed again;
 - a status API on loopback (plain HTTP): ``/sessions``, ``/links``, ``/nodes``,
   ``/alarms``, ``/events``, ``/metrics`` and the ETSI GS QKD 015 view at
-  ``/restconf/data/etsi-qkd-sdn-node:qkd_node?node=NAME``.
+  ``/restconf/data/etsi-qkd-sdn-node:qkd_node?node=NAME``; and the changes of
+  ``vqkd apply`` and ``vqkd delete`` (``POST /apply``, ``POST /delete``: see ``changes``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from vqkd.operator.adapters.kms import GrpcKMs
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.control.monitoring import MonitoringSettings
 from vqkd.operator.host import Cadence, ControlPlaneHost
+from vqkd.operator.local.changes import LiveChanges
 from vqkd.operator.local.processes import HOST, LocalNetwork
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ class LocalControlPlane:
         self.core = self.host.core
         self.supervise = supervise
         self.paused: set[str] = set()  # KMs deliberately left down (node loss drills)
+        self.changing: set[str] = set()  # processes a change is starting or stopping
+        self.changes = LiveChanges(network, self.host, self.changing)
         self._runner: web.AppRunner | None = None
         self._supervisor: asyncio.Task | None = None
 
@@ -77,8 +81,9 @@ class LocalControlPlane:
             await asyncio.sleep(SUPERVISE_S)
 
     async def _supervise(self) -> None:
-        for name, proc in self.network.processes.items():
-            if proc.popen is None or proc.popen.poll() is None or name.removeprefix("km-") in self.paused:
+        for name, proc in list(self.network.processes.items()):
+            if proc.popen is None or proc.popen.poll() is None or name.removeprefix("km-") in self.paused \
+                    or name in self.changing:
                 continue
             log.warning("%s exited with code %s; starting it again", name, proc.popen.returncode)
             node = name.removeprefix("km-") if name.startswith("km-") else None
@@ -103,6 +108,7 @@ class LocalControlPlane:
         app.router.add_get("/events", json_view(lambda: [e.to_dict() for e in self.core.events]))
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/restconf/data/etsi-qkd-sdn-node:qkd_node", self._etsi015)
+        self.changes.add_routes(app)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         port = self.network.status_port

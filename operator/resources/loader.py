@@ -4,12 +4,20 @@ The same documents can be applied to a cluster with ``kubectl apply -f``. Loadin
 each document against the resource models and then the references between documents that
 no single document can check (an API server checks neither): every problem found is
 reported at once, each naming file, document, resource and field.
+
+A running network changes the way a cluster does (``vqkd apply`` / ``vqkd delete``):
+``apply_manifests`` creates or updates the resources of some manifests on top of the
+network's, ``delete_manifests`` takes them away. Both check what the network would become
+with the same checks, so it stays one ``vqkd up`` would accept, and refuse what an API
+server refuses: a change to an immutable field.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -25,6 +33,8 @@ from vqkd.operator.resources.models import (
 from vqkd.operator.resources.network import Network, Origin
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
+# The CEL rule that makes a field immutable (``models._IMMUTABLE``); its message says what to do.
+IMMUTABLE_RULE = "self == oldSelf"
 
 
 class ManifestError(Exception):
@@ -44,15 +54,33 @@ def load_files(paths: Iterable[str | os.PathLike]) -> Network:
     Raises ManifestError listing every problem found in all files.
     """
     loader = _Loader()
-    for path in _expand(paths, loader.problems):
+    for source, text in _texts(paths, loader.problems):
+        loader.read(text, source)
+    return loader.network()
+
+
+def read_manifests(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
+    """The text of each manifest file as (file name, text), a directory standing for its
+    *.yaml and *.yml files, sorted: what ``vqkd apply`` and ``vqkd delete`` send.
+
+    Raises ManifestError naming every file that cannot be read.
+    """
+    problems: list[str] = []
+    manifests = list(_texts(paths, problems))
+    if problems:
+        raise ManifestError(problems)
+    return manifests
+
+
+def _texts(paths: Iterable[str | os.PathLike], problems: list[str]) -> Iterator[tuple[str, str]]:
+    for path in _expand(paths, problems):
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-            loader.problems.append(f"{path}: cannot read: {reason}")
+            problems.append(f"{path}: cannot read: {reason}")
             continue
-        loader.read(text, str(path))
-    return loader.network()
+        yield str(path), text
 
 
 def load_text(text: str, source: str = "<text>") -> Network:
@@ -60,6 +88,108 @@ def load_text(text: str, source: str = "<text>") -> Network:
     loader = _Loader()
     loader.read(text, source)
     return loader.network()
+
+
+@dataclass(frozen=True)
+class Change:
+    """What ``apply_manifests`` or ``delete_manifests`` found: the resources concerned, in the
+    order to act on them, and the network they leave."""
+
+    resources: list[Resource]
+    network: Network
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (kind, name) named but not in the network
+
+
+def apply_manifests(running: Network, manifests: Iterable[tuple[str, str]]) -> Change:
+    """``kubectl apply``: the resources of the manifests (source, text) created in or updated over
+    ``running``; those referred to come first. ``running`` itself is left as it is.
+
+    Raises ManifestError listing every problem, as ``load_files`` reports them, of the
+    documents and of the network with them applied, and every immutable field they change.
+    """
+    loader = _read(manifests)
+    declared = loader.collect(running.namespace, "the running network")
+    result = _copy(running)
+    for resource in declared.resources():
+        result.of_kind(resource.kind)[resource.name] = resource
+        result.origins[resource.kind, resource.name] = declared.origin(resource)
+    problems = loader.problems
+    if not loader.loaded and not problems:
+        problems.append(_NOTHING_FOUND)
+    for resource in declared.resources():
+        held = running.of_kind(resource.kind).get(resource.name)
+        if held is not None:
+            problems.extend(_immutable_changes(held, resource, declared.origin(resource)))
+    problems.extend(_Checker(result, loader.broken).problems())
+    if problems:
+        raise ManifestError(problems)
+    return Change(list(declared.resources()), result)
+
+
+def delete_manifests(running: Network, manifests: Iterable[tuple[str, str]]) -> Change:
+    """``kubectl delete``: the resources the manifests (source, text) name, taken out of
+    ``running``; those referring to others come first. Names ``running`` does not hold are
+    reported in ``missing``. ``running`` itself is left as it is.
+
+    Raises ManifestError listing every problem of the documents, or, when they are valid,
+    every reference the resources left would make to a deleted one.
+    """
+    loader = _read(manifests)
+    declared = loader.collect(running.namespace, "the running network")
+    if not loader.loaded and not loader.problems:
+        loader.problems.append(_NOTHING_FOUND)
+    if loader.problems:
+        raise ManifestError(loader.problems)
+    result = _copy(running)
+    deleted, missing = [], []
+    for resource in reversed(list(declared.resources())):
+        held = result.of_kind(resource.kind).pop(resource.name, None)
+        if held is None:
+            missing.append((resource.kind, resource.name))
+            continue
+        del result.origins[resource.kind, resource.name]
+        deleted.append(held)
+    problems = _Checker(result, set()).problems()
+    if problems:
+        raise ManifestError([
+            f"deleting {', '.join(f'{r.kind} {r.name}' for r in reversed(deleted))} would leave resources that refer "
+            "to them; delete those in the same command, or change them first:", *problems,
+        ])
+    return Change(deleted, result, missing)
+
+
+_NOTHING_FOUND = "no resources found: expected QKDNode, QKDLink, UserProfile and KeySession documents"
+
+
+def _read(manifests: Iterable[tuple[str, str]]) -> _Loader:
+    loader = _Loader()
+    for source, text in manifests:
+        loader.read(text, source)
+    return loader
+
+
+def _copy(network: Network) -> Network:
+    return replace(network, nodes=dict(network.nodes), links=dict(network.links), users=dict(network.users),
+                   sessions=dict(network.sessions), origins=dict(network.origins))
+
+
+def _immutable_changes(held: Resource, applied: Resource, origin: Origin) -> list[str]:
+    """What an API server refuses of an update: a change to a field its CRD marks immutable."""
+    problems = []
+    for name, info in type(applied.spec).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        rule = next((r for r in extra.get("x-kubernetes-validations", ()) if r["rule"] == IMMUTABLE_RULE), None)
+        before, after = getattr(held.spec, name), getattr(applied.spec, name)
+        if rule is not None and before != after:
+            problems.append(f"{origin} ({applied.kind} {applied.name}): spec.{info.alias or name}: {rule['message']} "
+                            f"(running: {_wire(before)}, applied: {_wire(after)})")
+    return problems
+
+
+def _wire(value: object) -> str:
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return json.dumps(value)
 
 
 def _expand(paths: Iterable[str | os.PathLike], problems: list[str]) -> list[Path]:
@@ -123,29 +253,37 @@ class _Loader:
             return
         self.loaded.append((resource, origin))
 
-    def network(self) -> Network:
+    def collect(self, namespace: str | None = None, namespace_of: str | None = None) -> Network:
+        """The resources loaded, each name once per kind, all in one namespace: ``namespace``
+        (that of ``namespace_of``) when given, else the first resource's."""
         network = Network()
-        problems = self.problems
-        if self.loaded:
+        if namespace is not None:
+            network.namespace = namespace
+        elif self.loaded:
             network.namespace = self.loaded[0][0].namespace
+            namespace_of = str(self.loaded[0][1])
         for resource, origin in self.loaded:
             where = f"{origin} ({resource.kind} {resource.name})"
             key = (resource.kind, resource.name)
             if key in network.origins:
-                problems.append(f"{where}: duplicate {resource.kind} name; first defined in {network.origins[key]}")
+                self.problems.append(f"{where}: duplicate {resource.kind} name; first defined in {network.origins[key]}")
                 continue
             if resource.namespace != network.namespace:
-                first = self.loaded[0][1]
-                problems.append(
+                self.problems.append(
                     f"{where}: metadata.namespace: {resource.namespace!r} differs from {network.namespace!r} "
-                    f"of {first}; one network lives in one namespace"
+                    f"of {namespace_of}; one network lives in one namespace"
                 )
                 self.broken.add(key)
                 continue
             network.origins[key] = origin
             network.of_kind(resource.kind)[resource.name] = resource
+        return network
+
+    def network(self) -> Network:
+        network = self.collect()
+        problems = self.problems
         if not self.loaded and not problems:
-            problems.append("no resources found: expected QKDNode, QKDLink, UserProfile and KeySession documents")
+            problems.append(_NOTHING_FOUND)
         problems.extend(_Checker(network, self.broken).problems())
         if problems:
             raise ManifestError(problems)
