@@ -15,10 +15,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,6 +26,7 @@ from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.local import paper
 from vqkd.operator.local.clients import sae_client
+from vqkd.operator.local.paper import RoundTrips
 from vqkd.operator.local.processes import LocalNetwork
 from vqkd.operator.local.runtime import LocalControlPlane
 from vqkd.operator.resources.loader import load_files
@@ -100,45 +99,6 @@ def manifest(cp: LocalControlPlane, name: str, text: str) -> str:
     path = cp.network.state_dir / name
     path.write_text(text)
     return str(path)
-
-
-@dataclass
-class RoundTrips:
-    """ETSI 014 round trips of one pair: enc_keys at the master, dec_keys at the slave, compared."""
-
-    master: str
-    slave: str
-    ok: int = 0
-    mismatched: int = 0
-    failures: list[str] = field(default_factory=list)
-    first_key_at: float | None = None
-
-    async def run(self, endpoints: dict, stop: asyncio.Event, pause_s: float = 0.1, rounds: int = 2000) -> None:
-        async with sae_client(endpoints, self.master) as master, sae_client(endpoints, self.slave) as slave:
-            for _ in range(rounds):
-                if stop.is_set():
-                    return
-                try:
-                    sent = await master.enc_keys(self.slave, 1, 256)
-                    got = dict(await slave.dec_keys(self.master, [key_id for key_id, _ in sent]))
-                except (ETSI014Error, aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    self.failures.append(f"{time.monotonic():.3f} {type(e).__name__}: {e}")
-                else:
-                    matched = sum(got.get(key_id) == key for key_id, key in sent)
-                    self.ok += matched
-                    self.mismatched += len(sent) - matched
-                    if matched and self.first_key_at is None:
-                        self.first_key_at = time.monotonic()
-                await asyncio.sleep(pause_s)
-
-    async def until_first_key(self, endpoints: dict, timeout_s: float) -> float:
-        """Retry until one key made the round trip; returns when it did (time.monotonic)."""
-        stop = asyncio.Event()
-        deadline = time.monotonic() + timeout_s
-        while self.first_key_at is None and time.monotonic() < deadline:
-            await self.run(endpoints, stop, pause_s=0.02, rounds=1)
-        assert self.first_key_at is not None, self.failures[-3:]
-        return self.first_key_at
 
 
 def healthz(endpoints: dict, node: str) -> dict:
@@ -215,7 +175,7 @@ async def test_the_network_changes_under_load_without_disturbing_what_it_does_no
              for name, master, slave in (("0-1", "sae-0", "sae-1"), ("2-3", "sae-2", "sae-3"),
                                          ("4-5", "sae-4", "sae-5"))}
     for pair in pairs.values():  # key in every pool before counting
-        await pair.until_first_key(endpoints, timeout_s=30)
+        assert await pair.until_first_key(endpoints, timeout_s=30), pair.failures[-3:]
         pair.ok, pair.failures = 0, []
     stop = asyncio.Event()
     load = [asyncio.create_task(pair.run(endpoints, stop)) for pair in pairs.values()]
@@ -233,6 +193,7 @@ async def test_the_network_changes_under_load_without_disturbing_what_it_does_no
         assert Path(on_disk["saes"]["sae-6"]["cert"]).is_file() and on_disk["saes"]["sae-6"]["node"] == "node-6"
         new_pair = RoundTrips("sae-6", "sae-0")
         first_key = await new_pair.until_first_key(on_disk, timeout_s=10)
+        assert first_key is not None, new_pair.failures[-3:]
         assert first_key - applied_at < NEW_KEYS_WITHIN_S, f"first key {first_key - applied_at:.2f} s after apply"
         assert session(cp, "session-6-0")["path"] == ["node-6", "node-0"]
         new_pair_stop = asyncio.Event()

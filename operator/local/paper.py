@@ -13,7 +13,10 @@ import asyncio
 import json
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import aiohttp
 
 from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.operator.local.clients import sae_client
@@ -67,6 +70,48 @@ async def exchange(endpoints: dict, master: str, slave: str) -> tuple[int, int]:
         await m.close()
         await s.close()
     return matched, mismatched
+
+
+@dataclass
+class RoundTrips:
+    """Continuous ETSI 014 round trips of one SAE pair: ``enc_keys`` at the master, ``dec_keys``
+    at the slave, the keys compared; what failed is kept with the time it failed."""
+
+    master: str
+    slave: str
+    ok: int = 0
+    mismatched: int = 0
+    failures: list[tuple[float, str]] = field(default_factory=list)  # (time.monotonic(), what)
+    first_key_at: float | None = None
+
+    async def run(self, endpoints: dict, stop: asyncio.Event, pause_s: float = 0.1, rounds: int = 2000) -> None:
+        """Up to ``rounds`` round trips of one key, ``pause_s`` apart, until ``stop`` is set."""
+        async with sae_client(endpoints, self.master) as master, sae_client(endpoints, self.slave) as slave:
+            for _ in range(rounds):
+                if stop.is_set():
+                    return
+                try:
+                    sent = await master.enc_keys(self.slave, 1, KEY_BITS)
+                    got = dict(await slave.dec_keys(self.master, [key_id for key_id, _ in sent]))
+                except (ETSI014Error, aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    self.failures.append((time.monotonic(), f"{type(e).__name__}: {e}"))
+                else:
+                    matched = sum(got.get(key_id) == key for key_id, key in sent)
+                    self.ok += matched
+                    self.mismatched += len(sent) - matched
+                    if matched and self.first_key_at is None:
+                        self.first_key_at = time.monotonic()
+                await asyncio.sleep(pause_s)
+
+    async def until_first_key(self, endpoints: dict, timeout_s: float) -> float | None:
+        """Round trips back to back until one key made it; when it did (``time.monotonic``), None if not in time."""
+        deadline = time.monotonic() + timeout_s
+        while self.first_key_at is None and time.monotonic() < deadline:
+            await self.run(endpoints, asyncio.Event(), pause_s=0.02, rounds=1)
+        return self.first_key_at
+
+    def failed_between(self, start: float, end: float) -> int:
+        return sum(start <= at <= end for at, _ in self.failures)
 
 
 def km_events(endpoints: dict) -> dict[str, list[dict]]:
