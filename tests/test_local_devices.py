@@ -243,7 +243,7 @@ def test_the_devices_example_runs_on_the_local_runtime_given_a_directory_of_its_
     network.plan()
     assert sorted(network.processes) == ["km-lab-a", "km-lab-b", "km-lab-c", "link-a-c"]
     lab_b = KMConfig.model_validate_json(network.processes["km-lab-b"].config.read_text())
-    assert {link.name: (link.module_url, str(link.module_tls.cert), link.block_bits) for link in lab_b.links} == {
+    assert {link.name: (link.module_url, str(link.module_tls.cert), link.block_bits) for link in lab_b.topology.links} == {
         "a-b": ("https://10.0.1.11:8443", str(tmp_path / "secrets" / "qkd-a-b-lab-b" / "tls.crt"), 8192),
         "b-c": ("https://10.0.2.10:443", str(tmp_path / "secrets" / "qkd-b-c-lab-b" / "tls.crt"), 8192),
     }
