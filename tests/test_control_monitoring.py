@@ -108,7 +108,8 @@ def test_a_spec_qber_above_the_threshold_is_down_without_an_alarm():
 
 
 DEVICE_DOWN = KMReport(LinkState.DOWN, "DeviceUnavailable", "QKD module at https://qkd-a:8443 answered 503: laser off")
-DEVICE_TROUBLE = KMReport(LinkState.DEGRADED, "DeviceRefused", "QKD module refused enc_keys (1 problem in the last 10 s)")
+DEVICE_TROUBLE = KMReport(LinkState.DEGRADED, "DeviceRefused",
+                          "QKD module refused enc_keys (1 problem in the last 10 s)")
 KM_UP = KMReport(LinkState.UP, "Healthy", "both QKD module ends and the peer KM answer")
 
 

@@ -3,8 +3,9 @@
 One round asks every KM for its stats over gRPC and scrapes every module's ``/metrics``,
 concurrently, and returns what they said as raw numbers: per KM its stats (or why it did
 not answer), per link a ``LinkReading`` with what both KMs drew, hold and gave up on the
-link, the worse of the states they report for it, and what its module reports. Interpreting them — rates, idle or broken, down or replaced — is
-the monitoring element's and the host's business, not this adapter's.
+link, the worse of the states they report for it, and what its module reports.
+Interpreting them — rates, idle or broken, down or replaced — is the monitoring element's
+and the host's business, not this adapter's.
 """
 
 from __future__ import annotations
