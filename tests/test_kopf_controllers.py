@@ -24,6 +24,7 @@ from test_host import FakeKMs
 from vqkd.km import identity
 from vqkd.km.config import KMConfig
 from vqkd.km.domain.vocabulary import Endpoint
+from vqkd.km.v1 import km_pb2
 from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.kopf.endpoints import LocalEndpoints
@@ -428,3 +429,25 @@ async def test_transitions_become_events_and_every_round_refreshes_the_links(clu
     await c.runtime.host.poll()
     await c.shown()
     assert c.kube.status("QKDLink", "ab")["keyRateBps"] == 10_000
+
+
+async def test_a_link_its_kms_report_down_shows_the_devices_words_and_the_bits_they_burned(cluster):
+    c = cluster
+    await c.accept(NODES + "---" + LINK)
+    await c.runtime.host.poll()
+    failing = "QKD module at https://qkd-a:8443 answered 503: laser off"
+
+    async def stats(node: str, timeout: float = 2.0) -> km_pb2.Stats:
+        return km_pb2.Stats(node=node, incarnation=node, links=[km_pb2.LinkStats(
+            link="ab", burned_bits_total={"device_error": 1024},
+            **({"state": "Down", "reason": "DeviceUnavailable", "message": failing} if node == "a" else
+               {"state": "Up", "reason": "Healthy"}))])
+
+    c.kms.stats = stats
+    c.clock.now += 1
+    await c.runtime.host.poll()
+    await c.shown()
+    status = c.kube.status("QKDLink", "ab")
+    assert (status["state"], status["reason"], status["burnedBits"]) == ("Down", failing, 2048)
+    link_up = c.kube.condition("QKDLink", "ab", "LinkUp")
+    assert (link_up["status"], link_up["reason"]) == ("False", "DeviceUnavailable")

@@ -10,6 +10,7 @@ key, 300 ms synchronisation lag, TLS 1.2 only, and ends that trust only their ve
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 import urllib.request
@@ -174,6 +175,12 @@ def scrape(metrics_url: str, **labels: str) -> dict[tuple[str, ...], float]:
     return samples
 
 
+def links_view(endpoints: dict) -> dict:
+    """The device link's row in the control plane's /links view."""
+    with urllib.request.urlopen(endpoints["control"]["status_url"] + "/links", timeout=5) as resp:
+        return next(row for row in json.loads(resp.read()) if row["name"] == DEVICE_LINK)
+
+
 async def draw_over_the_path(endpoints: dict, seconds: float) -> tuple[list[tuple[str, bytes]], int]:
     """sae-a draws keys as master for sae-c, which collects each batch; every batch must match.
     The keys drawn, and how many requests were refused while key was short."""
@@ -230,6 +237,12 @@ async def test_a_two_hop_pair_draws_the_same_keys_across_a_device_link_and_an_em
                     ("vqkd_km_link_state",)] != 1:
                 assert time.monotonic() < deadline, f"{node} never saw link {DEVICE_LINK} Up"
                 await asyncio.sleep(0.5)
+        # The control plane's view of the link follows what its KMs report: Up, nothing burned.
+        deadline = time.monotonic() + 10
+        while (row := await asyncio.to_thread(links_view, network.endpoints))["state"] != "Up":
+            assert time.monotonic() < deadline, f"the control plane never showed {DEVICE_LINK} Up: {row}"
+            await asyncio.sleep(0.5)
+        assert row["burnedBits"] == 0, row
         device = await asyncio.to_thread(scrape, device_metrics)
         assert sum(v for k, v in device.items() if k[0] == "vqkd_module_delivered_bits_total") > 0
     finally:
