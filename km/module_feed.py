@@ -205,7 +205,7 @@ class LinkFeed:
         if block is None:
             return False
         module_bits = status.stored_key_count * status.key_size
-        lacking = cfg.pool_target_bits - link.outgoing.available_bits - link.devices.awaiting_peer_bits
+        lacking = link.lacking_bits
         per_draw = min(self.sizer.limit, link.devices.own.max_key_per_request, peer.max_key_per_request)
         room = DRAWS_IN_FLIGHT * per_draw - len(self._pending)
         drew = False

@@ -11,8 +11,13 @@ The host owns what the local runtime and the operator have in common:
   ``Cadence.poll_interval_s`` (see ``Cadence``);
 - KM liveness, judged in one place: a KM that does not answer is reported down; one that
   answers again is reported up; one that answers with a new incarnation is a new instance
-  that lost its state, so it is reported replaced and gets every session it takes part in
-  pushed again. A KM unreachable for ``replace_after_s`` is replaced through the runtime.
+  that lost its state, so it is reported replaced and gets its topology and then every
+  session it takes part in pushed again. A KM unreachable for ``replace_after_s`` is
+  replaced through the runtime;
+- every KM's topology (``topologies``, a ``TopologyPusher``): once the runtime tracks its
+  declared resources there, each KM gets its topology when first seen, again when replaced
+  or when it reports less than was pushed, and before any session is pushed to it; the
+  runtime calls ``topologies.refresh()`` after each change of its resources.
 
 A runtime plugs in only what differs: how a KM is replaced (``KMReplacer``: a process, a
 pod) and how state is shown (``HostListener``: the local runtime's views read the core
@@ -43,6 +48,7 @@ from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.control.core import ControlCore
 from vqkd.operator.control.monitoring import LinkSampler, MonitoringSettings
 from vqkd.operator.control.session_config import KMPusher, KMSessionConfig
+from vqkd.operator.topologies import TopologyClient, TopologyPusher
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +77,9 @@ class Cadence:
             raise ValueError(f"cadence needs poll_interval_s > 0 and replace_after_s > 0 or None, got {self}")
 
 
-class KMClient(KMPusher, KMStats, Protocol):
-    """The host's way to the KMs (``GrpcKMs``): pushes for the core, stats for monitoring."""
+class KMClient(KMPusher, KMStats, TopologyClient, Protocol):
+    """The host's way to the KMs (``GrpcKMs``): session pushes for the core, stats for
+    monitoring, topology pushes for the topology pusher."""
 
     async def close(self) -> None: ...
 
@@ -121,13 +128,17 @@ class _Watch:
 
 
 class _TimedPushes:
-    """The core's pusher: the KM client, each confirmed push timed."""
+    """The core's pusher: the KM client, each confirmed push timed, and each session
+    configuration pushed only once the KM was given the topology holding its hops."""
 
-    def __init__(self, kms: KMPusher, observe: Callable[[str, float], None]):
+    def __init__(self, kms: KMPusher, observe: Callable[[str, float], None],
+                 settle_topology: Callable[[str], Coroutine[Any, Any, bool]]):
         self.kms = kms
         self.observe = observe
+        self.settle_topology = settle_topology
 
     async def configure(self, node: str, config: KMSessionConfig) -> None:
+        await self.settle_topology(node)  # a KM that did not take it refuses the session: that is the failure
         started = time.perf_counter()
         await self.kms.configure(node, config)
         self.observe("configure", time.perf_counter() - started)
@@ -162,8 +173,11 @@ class ControlPlaneHost:
         self.replacer: KMReplacer | None = None
         self.listeners: list[HostListener] = []
         self.clock = clock  # liveness and replacement timing; the core keeps its own clock
+        self.topologies = TopologyPusher(
+            kms, observe=lambda seconds: self.metrics.push_seconds("topology").observe(seconds))
         self.core = ControlCore(
-            _TimedPushes(kms, lambda call, seconds: self.metrics.push_seconds(call).observe(seconds)),
+            _TimedPushes(kms, lambda call, seconds: self.metrics.push_seconds(call).observe(seconds),
+                         self.topologies.settle),
             namespace=namespace, token_lookup=token_lookup, admission=admission, monitoring=monitoring,
         )
         self.metrics = ControlMetrics(self.core, registry)
@@ -223,8 +237,11 @@ class ControlPlaneHost:
             await asyncio.sleep(due - self.clock())
 
     async def tick(self) -> None:
-        """The core's timers, then the KMs due for a new question or a replacement."""
+        """The core's timers, then the KMs due for a topology, a new question or a replacement."""
         await self.core.tick()
+        for node in self.topologies.due():
+            if self.liveness(node).ok is not False:  # a KM down is pushed once it answers again
+                self._run(f"topology {node}", self.topologies.settle(node))
         now = self.clock()
         for node, watch in self._watches.items():
             if watch.ok is not False:
@@ -311,6 +328,8 @@ class ControlPlaneHost:
         watch.ok, watch.error, watch.incarnation = True, "", answer.incarnation
         watch.failing_since, watch.replacements = None, 0
         self.core.keys_issued(node, answer.incarnation, ((d.session_id, d.keys, d.bits) for d in answer.delivered))
+        if self.topologies.observed(node, answer.incarnation, answer.topology_version):
+            await self.topologies.settle(node)  # before its sessions are pushed again, as they need its links
         if changed:
             self._tell(lambda listener: listener.km_liveness_changed(node, watch.liveness()))
         if not (was_down or replaced):

@@ -94,11 +94,14 @@ def start_device_pair(pki: PKI, processes: Processes, vendor_dir: Path, device: 
         processes.start("vqkd.km", {
             "node": node, "kme_id": node, "etsi014_listen": f"127.0.0.1:{ports['api-' + node]}",
             "grpc_listen": f"127.0.0.1:{ports['grpc-' + node]}", "metrics_listen": f"127.0.0.1:{ports['met-' + node]}",
-            "tls": pki.paths(identity.km(node)), "saes": {sae(n): n for n in NODES},
-            "links": [{"name": LINK, "peer_node": peer, "peer_kme_id": peer,
-                       "peer_grpc": f"127.0.0.1:{ports['grpc-' + peer]}",
-                       "module_url": f"https://127.0.0.1:{ports[END[node]]}", "module_sae_id": node,
-                       "peer_module_sae_id": peer, "module_tls": vendor.paths(identity.km(node)), **link_tuning}],
+            "tls": pki.paths(identity.km(node)),
+            "topology": {
+                "saes": {sae(n): n for n in NODES},
+                "links": [{"name": LINK, "peer_node": peer, "peer_kme_id": peer,
+                           "peer_grpc": f"127.0.0.1:{ports['grpc-' + peer]}",
+                           "module_url": f"https://127.0.0.1:{ports[END[node]]}", "module_sae_id": node,
+                           "peer_module_sae_id": peer, "module_tls": vendor.paths(identity.km(node)), **link_tuning}],
+            },
         }, f"km-{node}")
     for port in ports.values():
         wait_for_port(port)

@@ -7,7 +7,7 @@ import pytest
 from vqkd.km.domain.vocabulary import LinkState
 from vqkd.operator.control.events import EventLog
 from vqkd.operator.control.monitoring import (
-    AlarmKind, LinkReading, LinkSample, LinkSampler, ModuleReading, Monitoring, MonitoringSettings,
+    AlarmKind, KMReport, LinkReading, LinkSample, LinkSampler, ModuleReading, Monitoring, MonitoringSettings,
 )
 from vqkd.operator.control.topology import Topology
 from vqkd.operator.resources.models import QKDLink
@@ -107,6 +107,49 @@ def test_a_spec_qber_above_the_threshold_is_down_without_an_alarm():
     assert not monitoring.alarms
 
 
+DEVICE_DOWN = KMReport(LinkState.DOWN, "DeviceUnavailable", "QKD module at https://qkd-a:8443 answered 503: laser off")
+DEVICE_TROUBLE = KMReport(LinkState.DEGRADED, "DeviceRefused",
+                          "QKD module refused enc_keys (1 problem in the last 10 s)")
+KM_UP = KMReport(LinkState.UP, "Healthy", "both QKD module ends and the peer KM answer")
+
+
+def test_a_link_its_kms_report_down_is_down_in_the_devices_words_and_recovers_after_healthy_samples():
+    monitoring, topology = watched()
+    change = monitoring.ingest(sample(1.0, rate=0, reported=DEVICE_DOWN), reserved_bps=0)
+    link = topology.links["ab"]
+    assert (change.after, link.reason, link.message) == (LinkState.DOWN, "DeviceUnavailable", DEVICE_DOWN.message)
+    assert not monitoring.alarms, "a failing device is not an attack"
+    assert monitoring.reassess(link, reserved_bps=0, now=1.5) is None, "still Down until samples say otherwise"
+    monitoring.ingest(sample(40.0, rate=0, reported=DEVICE_DOWN), reserved_bps=0)
+    assert link.reason == "DeviceUnavailable", "the device's reason, not the no-key window's"
+    assert monitoring.ingest(sample(41.0, reported=DEVICE_TROUBLE), reserved_bps=0) is None
+    assert monitoring.ingest(sample(42.0, reported=KM_UP), reserved_bps=0) is None
+    change = monitoring.ingest(sample(43.0, reported=KM_UP), reserved_bps=0)
+    assert (change.after, link.reason) == (LinkState.UP, "Healthy")
+
+
+def test_a_link_its_kms_report_degraded_is_degraded_with_their_reason_and_routable():
+    monitoring, topology = watched()
+    change = monitoring.ingest(sample(1.0, reported=DEVICE_TROUBLE), reserved_bps=0)
+    link = topology.links["ab"]
+    assert (change.after, link.reason, link.message) == (LinkState.DEGRADED, "DeviceRefused", DEVICE_TROUBLE.message)
+    assert link.usable
+    change = monitoring.ingest(sample(2.0, reported=KM_UP), reserved_bps=0)
+    assert change.after is LinkState.UP, "Degraded is no outage: no recovery count"
+
+
+def test_a_qber_above_the_threshold_outranks_what_the_kms_report():
+    monitoring, topology = watched()
+    monitoring.ingest(sample(1.0, qber=0.2, reported=DEVICE_DOWN), reserved_bps=0)
+    assert topology.links["ab"].reason == "QBERAboveThreshold" and len(monitoring.alarms) == 1
+
+
+def test_the_link_record_keeps_the_bits_its_kms_burned():
+    monitoring, topology = watched()
+    monitoring.ingest(sample(1.0, burned_bits=3072, reported=DEVICE_TROUBLE), reserved_bps=0)
+    assert topology.links["ab"].burned_bits == 3072
+
+
 def test_link_state_changes_are_events():
     monitoring, topology = watched()
     monitoring.ingest(sample(1.0, qber=0.5), reserved_bps=0)
@@ -122,8 +165,9 @@ def module(generated, buffered=0.0, capacity=1e6, skr=5e5, qber=0.02) -> ModuleR
                          secret_key_rate_bps=skr, qber=qber)
 
 
-def reading(at: float, drawn: float = 0, pools: int = 0, module: ModuleReading | None = None) -> LinkReading:
-    return LinkReading("ab", at, drawn_bits=drawn, pool_bits=pools, module=module)
+def reading(at: float, drawn: float = 0, pools: int = 0, module: ModuleReading | None = None,
+            **reported) -> LinkReading:
+    return LinkReading("ab", at, drawn_bits=drawn, pool_bits=pools, module=module, **reported)
 
 
 def test_rates_are_measured_between_readings():
@@ -165,3 +209,49 @@ def test_a_link_created_again_starts_from_a_new_baseline():
     sampler.sample(reading(10.0, module=module(1e6)))
     sampler.retain([])
     assert sampler.sample(reading(11.0, module=module(0))) is None
+
+
+def test_what_the_kms_report_and_burned_is_carried_into_the_sample():
+    sampler = LinkSampler()
+    sampler.sample(reading(10.0))
+    sample = sampler.sample(reading(11.0, reported=DEVICE_DOWN, burned_bits=2048))
+    assert (sample.reported, sample.burned_bits) == (DEVICE_DOWN, 2048)
+
+
+def test_a_device_link_whose_kms_pools_are_full_is_idle_at_its_last_measured_rate():
+    sampler = LinkSampler()
+    sampler.sample(reading(10.0, drawn=0))
+    assert sampler.sample(reading(11.0, drawn=4000)).key_rate_bps == 4000
+    assert sampler.sample(reading(12.0, drawn=4000, pools_full=True)).key_rate_bps == 4000
+    assert sampler.sample(reading(13.0, drawn=4000, pools=9000, pools_full=True)).key_rate_bps == 4000
+    assert sampler.sample(reading(14.0, drawn=4000)).key_rate_bps == 0, "pools with room and nothing drawn: no key"
+
+
+def test_an_idle_device_link_never_measured_has_no_rate_rather_than_zero():
+    sampler = LinkSampler()
+    sampler.sample(reading(10.0, drawn=4000, pools_full=True))
+    assert sampler.sample(reading(11.0, drawn=4000, pools_full=True)).key_rate_bps is None
+
+
+def test_an_idle_device_link_stays_up_past_the_no_key_window():
+    monitoring, topology = watched()
+    sampler = LinkSampler()
+    sampler.sample(reading(0.0))
+    monitoring.ingest(sampler.sample(reading(1.0, drawn=8192)), reserved_bps=0)
+    for at in range(2, 70):
+        sample = sampler.sample(reading(float(at), drawn=8192, pools_full=True, reported=KM_UP))
+        monitoring.ingest(sample, reserved_bps=0)
+    assert monitoring.silent(70.0) == []
+    link = topology.links["ab"]
+    assert (link.state, link.key_rate_bps) == (LinkState.UP, 8192)
+
+
+def test_an_idle_device_link_never_measured_stays_up_without_a_rate():
+    monitoring, topology = watched()
+    sampler = LinkSampler()
+    sampler.sample(reading(0.0, drawn=8192, pools_full=True))
+    for at in range(1, 70):
+        monitoring.ingest(sampler.sample(reading(float(at), drawn=8192, pools_full=True)), reserved_bps=0)
+    assert monitoring.silent(70.0) == []
+    link = topology.links["ab"]
+    assert (link.state, link.key_rate_bps, link.reason) == (LinkState.UP, None, "Healthy")

@@ -1,9 +1,10 @@
-"""How a KM fits itself to its QKD devices: block size, draw size and link health (pure)."""
+"""How a KM fits itself to its QKD devices: block size, draw size, link health and when its pool is full (pure)."""
 
 from __future__ import annotations
 
 import pytest
 
+from vqkd.km.config import LinkEndConfig
 from vqkd.km.domain.devices import (
     DOWN_AFTER_FAILURES,
     MIN_BLOCK_BITS,
@@ -14,7 +15,9 @@ from vqkd.km.domain.devices import (
     LinkHealth,
     fit_block_bits,
 )
+from vqkd.km.domain.links import Link
 from vqkd.km.domain.vocabulary import LinkState
+from vqkd.km.rpc.control_service import link_stats
 
 
 def limits(max_key_size: int = 65536, min_key_size: int = 8, per_request: int = 4096) -> EndLimits:
@@ -86,3 +89,15 @@ def test_the_own_end_verdict_ignores_what_the_peer_reported():
     health.block("peer-device", "PeerDeviceUnavailable", "the QKD module end of node B: out of service")
     assert health.verdict().state is LinkState.DOWN
     assert health.verdict(("device",)).state is LinkState.UP
+
+
+def test_a_pool_within_one_block_of_its_target_counting_keys_awaiting_the_peer_is_full():
+    link = Link(LinkEndConfig(name="a-b", peer_node="b", peer_kme_id="b", peer_grpc="b:1", module_url="https://m:1",
+                              module_sae_id="a", peer_module_sae_id="b", pool_target_bits=8192), "i-a")
+    link.outgoing.add([("k1", bytes(512))])  # 4096 bits
+    link.devices.block_bits = 1024
+    assert (link.lacking_bits, link.pool_full) == (4096, False)
+    link.devices.awaiting_peer_bits = 3072
+    assert (link.lacking_bits, link.pool_full) == (1024, False)
+    link.devices.awaiting_peer_bits = 3584  # what is lacking is less than one block: no more is drawn
+    assert link.pool_full and link_stats(link).pool_full

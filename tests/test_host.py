@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import free_port
 from test_control_core import Clock
 from vqkd.km import identity
+from vqkd.km.config import KMTopology
 from vqkd.km.rpc.credentials import grpc_channel_credentials
 from vqkd.km.v1 import km_pb2
 from vqkd.operator.control.memory_kms import InMemoryKMs, KMUnreachable
@@ -53,21 +54,37 @@ spec:
 
 @dataclass
 class FakeKMs(InMemoryKMs):
-    """KMs in memory that also answer for their stats: each as its current incarnation."""
+    """KMs in memory that also hold a topology and answer for their stats: each as its current
+    incarnation. Topology pushes are recorded in ``calls`` as ("topology", node, "", version)."""
 
     incarnations: dict[str, str] = field(default_factory=dict)
     drawn: dict[str, int] = field(default_factory=dict)  # node -> bits drawn on every link so far
+    topologies: dict[str, tuple[int, KMTopology]] = field(default_factory=dict)  # node -> (version, topology)
     closed: bool = False
 
     def restart(self, node: str) -> None:
-        """A new instance: new incarnation, empty forwarding table."""
+        """A new instance: new incarnation, empty forwarding table, no topology."""
         self.incarnations[node] = self.incarnations.get(node, node) + "'"
         self.tables.pop(node, None)
+        self.topologies.pop(node, None)
+
+    def topology(self, node: str) -> KMTopology | None:
+        held = self.topologies.get(node)
+        return held[1] if held is not None else None
+
+    async def configure_topology(self, node: str, topology: KMTopology, version: int) -> km_pb2.ConfigureTopologyReply:
+        self._reach(node, "topology", "", version)
+        held = self.topologies.get(node)
+        if held is None or held[0] < version:
+            self.topologies[node] = held = (version, topology)
+        return km_pb2.ConfigureTopologyReply(version=held[0], incarnation=self.incarnations.setdefault(node, node))
 
     async def stats(self, node: str, timeout: float = 2.0) -> km_pb2.Stats:
         if node in self.unreachable:
             raise KMUnreachable(f"KM of node {node} is unreachable")
+        held = self.topologies.get(node)
         return km_pb2.Stats(node=node, incarnation=self.incarnations.setdefault(node, node),
+                            topology_version=held[0] if held is not None else 0,
                             links=[km_pb2.LinkStats(link="ab", drawn_bits_total=self.drawn.get(node, 0))])
 
     async def close(self) -> None:

@@ -24,6 +24,7 @@ from test_host import FakeKMs
 from vqkd.km import identity
 from vqkd.km.config import KMConfig
 from vqkd.km.domain.vocabulary import Endpoint
+from vqkd.km.v1 import km_pb2
 from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.kopf.endpoints import LocalEndpoints
@@ -206,7 +207,7 @@ async def test_an_accepted_node_gets_its_km_and_every_km_learns_its_saes(cluster
             owner = c.kube.body(kind, f"vqkd-km-{node}")["metadata"]["ownerReferences"][0]
             assert (owner["kind"], owner["uid"]) == ("QKDNode", c.body("QKDNode", node)["metadata"]["uid"])
         assert c.kube.has(SECRETS, f"vqkd-km-{node}-tls")
-    assert km_config(c, "a").saes == {"sae-a": "a", "sae-b": "b"}, "a was rendered again when b came"
+    assert km_config(c, "a").topology.saes == {"sae-a": "a", "sae-b": "b"}, "a was rendered again when b came"
     await c.shown()
     assert c.kube.condition("QKDNode", "a", "Configured")["reason"] == "WorkloadApplied"
     ready = c.kube.condition("QKDNode", "a", "Ready")
@@ -231,7 +232,7 @@ async def test_a_node_refused_gets_a_condition_saying_why_and_no_children(cluste
         assert c.kube.condition("QKDNode", name, "Ready")["reason"] == reason
         assert c.kube.status("QKDNode", name)["phase"] == "Failed"
         assert not c.kube.has(STATEFULSETS, f"vqkd-km-{name}")
-    assert set(km_config(c, "a").saes) == {"sae-a", "sae-b"}
+    assert set(km_config(c, "a").topology.saes) == {"sae-a", "sae-b"}
 
 
 async def test_a_km_workload_that_cannot_be_applied_waits_and_says_why(cluster):
@@ -256,7 +257,7 @@ async def test_a_deleted_node_takes_its_km_along_and_the_other_kms_forget_its_sa
     await c.operator.workloads.node_deleted("b")
     assert not any(c.kube.has(kind, "vqkd-km-b") for kind in (STATEFULSETS, SERVICES, CONFIGMAPS))
     assert not c.kube.has(SECRETS, "vqkd-km-b-tls")
-    assert km_config(c, "a").saes == {"sae-a": "a"}
+    assert km_config(c, "a").topology.saes == {"sae-a": "a"}
     assert [row["name"] for row in c.runtime.core.nodes()] == ["a"]
 
 
@@ -316,7 +317,7 @@ async def test_a_link_gets_its_module_pair_and_both_kms_are_pointed_at_it(cluste
     c = cluster
     await c.accept(NODES + "---" + LINK)
     assert c.kube.has(DEPLOYMENTS, "vqkd-link-ab") and c.kube.has(SECRETS, "vqkd-link-ab-tls")
-    assert [link.name for link in km_config(c, "a").links] == ["ab"]
+    assert [link.name for link in km_config(c, "a").topology.links] == ["ab"]
     await c.runtime.host.poll()
     await c.shown()
     status = c.kube.status("QKDLink", "ab")
@@ -324,7 +325,7 @@ async def test_a_link_gets_its_module_pair_and_both_kms_are_pointed_at_it(cluste
     await c.operator.links.delete(c.body("QKDLink", "ab"))
     await c.operator.workloads.link_deleted("ab")
     assert not c.kube.has(DEPLOYMENTS, "vqkd-link-ab") and not c.kube.has(CONFIGMAPS, "vqkd-link-ab")
-    assert km_config(c, "b").links == []
+    assert km_config(c, "b").topology.links == []
 
 
 async def test_a_link_to_unregistered_nodes_waits(cluster):
@@ -428,3 +429,25 @@ async def test_transitions_become_events_and_every_round_refreshes_the_links(clu
     await c.runtime.host.poll()
     await c.shown()
     assert c.kube.status("QKDLink", "ab")["keyRateBps"] == 10_000
+
+
+async def test_a_link_its_kms_report_down_shows_the_devices_words_and_the_bits_they_burned(cluster):
+    c = cluster
+    await c.accept(NODES + "---" + LINK)
+    await c.runtime.host.poll()
+    failing = "QKD module at https://qkd-a:8443 answered 503: laser off"
+
+    async def stats(node: str, timeout: float = 2.0) -> km_pb2.Stats:
+        return km_pb2.Stats(node=node, incarnation=node, links=[km_pb2.LinkStats(
+            link="ab", burned_bits_total={"device_error": 1024},
+            **({"state": "Down", "reason": "DeviceUnavailable", "message": failing} if node == "a" else
+               {"state": "Up", "reason": "Healthy"}))])
+
+    c.kms.stats = stats
+    c.clock.now += 1
+    await c.runtime.host.poll()
+    await c.shown()
+    status = c.kube.status("QKDLink", "ab")
+    assert (status["state"], status["reason"], status["burnedBits"]) == ("Down", failing, 2048)
+    link_up = c.kube.condition("QKDLink", "ab", "LinkUp")
+    assert (link_up["status"], link_up["reason"]) == ("False", "DeviceUnavailable")

@@ -10,6 +10,7 @@ key, 300 ms synchronisation lag, TLS 1.2 only, and ends that trust only their ve
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 import urllib.request
@@ -174,6 +175,12 @@ def scrape(metrics_url: str, **labels: str) -> dict[tuple[str, ...], float]:
     return samples
 
 
+def links_view(endpoints: dict) -> dict:
+    """The device link's row in the control plane's /links view."""
+    with urllib.request.urlopen(endpoints["control"]["status_url"] + "/links", timeout=5) as resp:
+        return next(row for row in json.loads(resp.read()) if row["name"] == DEVICE_LINK)
+
+
 async def draw_over_the_path(endpoints: dict, seconds: float) -> tuple[list[tuple[str, bytes]], int]:
     """sae-a draws keys as master for sae-c, which collects each batch; every batch must match.
     The keys drawn, and how many requests were refused while key was short."""
@@ -230,6 +237,12 @@ async def test_a_two_hop_pair_draws_the_same_keys_across_a_device_link_and_an_em
                     ("vqkd_km_link_state",)] != 1:
                 assert time.monotonic() < deadline, f"{node} never saw link {DEVICE_LINK} Up"
                 await asyncio.sleep(0.5)
+        # The control plane's view of the link follows what its KMs report: Up, nothing burned.
+        deadline = time.monotonic() + 10
+        while (row := await asyncio.to_thread(links_view, network.endpoints))["state"] != "Up":
+            assert time.monotonic() < deadline, f"the control plane never showed {DEVICE_LINK} Up: {row}"
+            await asyncio.sleep(0.5)
+        assert row["burnedBits"] == 0, row
         device = await asyncio.to_thread(scrape, device_metrics)
         assert sum(v for k, v in device.items() if k[0] == "vqkd_module_delivered_bits_total") > 0
     finally:
@@ -243,7 +256,7 @@ def test_the_devices_example_runs_on_the_local_runtime_given_a_directory_of_its_
     network.plan()
     assert sorted(network.processes) == ["km-lab-a", "km-lab-b", "km-lab-c", "link-a-c"]
     lab_b = KMConfig.model_validate_json(network.processes["km-lab-b"].config.read_text())
-    assert {link.name: (link.module_url, str(link.module_tls.cert), link.block_bits) for link in lab_b.links} == {
+    assert {link.name: (link.module_url, str(link.module_tls.cert), link.block_bits) for link in lab_b.topology.links} == {
         "a-b": ("https://10.0.1.11:8443", str(tmp_path / "secrets" / "qkd-a-b-lab-b" / "tls.crt"), 8192),
         "b-c": ("https://10.0.2.10:443", str(tmp_path / "secrets" / "qkd-b-c-lab-b" / "tls.crt"), 8192),
     }

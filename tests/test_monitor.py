@@ -3,8 +3,10 @@
 import grpc
 
 from conftest import free_port
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.km.v1 import km_pb2
 from vqkd.operator.adapters.sampling import module_reading, read_round
+from vqkd.operator.control.monitoring import KMReport
 
 METRICS = """\
 # HELP vqkd_module_generated_bits_total Secret key produced
@@ -59,3 +61,30 @@ async def test_a_module_that_does_not_answer_leaves_its_link_without_module_figu
     round_ = await read_round(kms, ["a", "b"], {"ab": ("a", "b")}, {"ab": f"http://127.0.0.1:{free_port()}/metrics"},
                               clock=lambda: 1.0)
     assert round_.links[0].module is None
+
+
+def link_stats(node: str, state: str = "", reason: str = "", message: str = "", burned=None, pool_full=False):
+    return km_pb2.Stats(incarnation=f"i-{node}", links=[km_pb2.LinkStats(
+        link="ab", state=state, reason=reason, message=message, burned_bits_total=burned or {}, pool_full=pool_full)])
+
+
+async def test_a_link_reads_the_worse_state_its_kms_report_and_all_they_burned():
+    kms = KMs({"a": link_stats("a", "Degraded", "KeysBurned", "1024 bits given up",
+                               burned={"not_synchronised": 1024, "device_error": 512}, pool_full=True),
+               "b": link_stats("b", "Down", "DeviceUnavailable", "QKD module answered 503: laser off",
+                               burned={"peer_unavailable": 256}, pool_full=True)})
+    (ab,) = (await read_round(kms, ["a", "b"], {"ab": ("a", "b")}, {}, clock=lambda: 1.0)).links
+    assert ab.reported == KMReport(LinkState.DOWN, "DeviceUnavailable", "QKD module answered 503: laser off")
+    assert (ab.burned_bits, ab.pools_full) == (1792, True)
+
+
+async def test_a_km_that_reports_no_state_says_nothing_and_one_full_pool_is_not_two():
+    kms = KMs({"a": link_stats("a", pool_full=True), "b": link_stats("b", "Degraded", "DeviceRefused", "refused")})
+    (ab,) = (await read_round(kms, ["a", "b"], {"ab": ("a", "b")}, {}, clock=lambda: 1.0)).links
+    assert (ab.reported, ab.pools_full) == (KMReport(LinkState.DEGRADED, "DeviceRefused", "refused"), False)
+    kms = KMs({"a": link_stats("a", "Up", "Healthy", "fine", pool_full=True), "b": grpc.RpcError("refused")})
+    (ab,) = (await read_round(kms, ["a", "b"], {"ab": ("a", "b")}, {}, clock=lambda: 1.0)).links
+    assert (ab.reported.state, ab.burned_bits, ab.pools_full) == (LinkState.UP, 0, False), \
+        "a KM that does not answer does not vouch for its pool"
+    kms = KMs({"a": link_stats("a"), "b": link_stats("b")})
+    assert (await read_round(kms, ["a", "b"], {"ab": ("a", "b")}, {}, clock=lambda: 1.0)).links[0].reported is None

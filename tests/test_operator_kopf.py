@@ -27,6 +27,7 @@ from test_km_control_plane import get_key_when_connected, post
 from test_km_etsi014 import client, enc_keys_retrying
 from vqkd.km import identity
 from vqkd.km.config import EmulatedLinkConfig, KMConfig
+from vqkd.km.domain.devices import TROUBLE_WINDOW_S
 from vqkd.km.rpc.credentials import grpc_channel_credentials
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 from vqkd.operator.control.admission import AdmissionSettings
@@ -261,8 +262,11 @@ def test_resources_become_km_workloads_and_an_active_session(cluster):
         assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
         module = EmulatedLinkConfig.model_validate_json(c.kube.get(CONFIGMAPS, f"vqkd-link-{link}")["data"]["emulator.json"])
         assert module.key_rate_bps == 4_000_000 and [e.sae_id for e in module.ends.values()] == link.split("-")
-        link_status = wait_for(lambda: (s := c.status("QKDLink", link)).get("keyRateBps") and s,
-                               what=f"QKDLink {link} measured")
+        # The link shows what its KMs report: Degraded while their start (each refused the
+        # other's first calls) is less than a trouble window old, Up after.
+        link_status = wait_for(lambda: (s := c.status("QKDLink", link)).get("keyRateBps") and s["state"] == "Up" and s,
+                               timeout=TROUBLE_WINDOW_S + 10, what=f"QKDLink {link} measured and Up")
+        assert link_status["burnedBits"] == 0
         assert link_status["state"] == "Up" and link_status["reservedBps"] == 8192 and link_status["sessions"] == 1
     assert c.status("UserProfile", "lab")["activeSessions"] == 1
     reasons = wait_for(lambda: {event["reason"] for event in c.events("s02")} >= {"Admitted", "Configured"},

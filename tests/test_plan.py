@@ -221,7 +221,7 @@ def test_a_device_link_on_the_local_runtime_uses_the_credentials_it_was_given():
     addressing = dataclasses.replace(local_addressing(), device_credentials=given)
     plan = plan_network(network(NETWORK + DEVICE_LINK), addressing)
     for node in secrets:
-        device = next(link for link in plan.kms[node].links if link.name == "alice-carol")
+        device = next(link for link in plan.topologies[node].links if link.name == "alice-carol")
         assert device.module_tls == given[("alice-carol", node)]
     assert "alice-carol" not in plan.modules and "alice-carol" not in plan.module_endpoints
 
@@ -251,14 +251,14 @@ def test_an_emulated_links_device_profile_reaches_its_module_pair(addressing):
 def test_a_device_link_bounds_its_blocks_by_what_a_draw_costs_the_kms_and_leaves_the_size_to_the_devices(addressing):
     plan = plan_network(network(NETWORK + DEVICE_LINK), addressing)
     for node in ("alice", "carol"):
-        device = next(link for link in plan.kms[node].links if link.name == "alice-carol")
+        device = next(link for link in plan.topologies[node].links if link.name == "alice-carol")
         assert device.block_bits == MAX_BLOCK_BITS == 8192
     # The KMs draw the largest size both devices accept below the bound, never above either device's limit.
     lab, generous = (EndLimits(key_size=256, min_key_size=64, max_key_size=size, max_key_per_request=128)
                      for size in (1024, 1 << 20))
     assert fit_block_bits(device.block_bits, {"alice's end": lab, "carol's end": generous}) == 1024
     assert fit_block_bits(device.block_bits, {"alice's end": generous, "carol's end": generous}) == MAX_BLOCK_BITS
-    emulated = [link.block_bits for km in plan.kms.values() for link in km.links if link.name != "alice-carol"]
+    emulated = [link.block_bits for km in plan.topologies.values() for link in km.links if link.name != "alice-carol"]
     assert emulated and max(emulated) <= MAX_BLOCK_BITS
 
 

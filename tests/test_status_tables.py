@@ -7,14 +7,15 @@ import json
 from vqkd.operator.local import status
 
 LINK = {"name": "a-b", "nodes": ["a", "b"], "state": "Up", "keyRateBps": 16384.0, "qber": 0.0123,
-        "storedKeyBits": 8388608, "reservedBps": 0, "sessions": 2, "reason": ""}
+        "storedKeyBits": 8388608, "burnedBits": 2048, "reservedBps": 0, "sessions": 2, "reason": ""}
 
 
 def test_link_table_shows_rates_and_bits_with_units():
     lines = status.table([LINK], status.COLUMNS["links"]).splitlines()
-    assert lines[0].split() == ["LINK", "NODES", "STATE", "KEYRATE", "QBER", "STORED", "RESERVED", "SESSIONS", "REASON"]
+    assert lines[0].split() == ["LINK", "NODES", "STATE", "KEYRATE", "QBER", "STORED", "BURNED", "RESERVED", "SESSIONS",
+                                "REASON"]
     row = lines[1]
-    assert "16.4 kbit/s" in row and "1.23%" in row and "8.39 Mbit" in row and "0 bit/s" in row
+    assert "16.4 kbit/s" in row and "1.23%" in row and "8.39 Mbit" in row and "2.05 kbit" in row and "0 bit/s" in row
     assert "1.638e+04" not in row and row.rstrip().endswith("-")  # an empty reason is a dash
 
 

@@ -39,6 +39,17 @@ class Link:
         self.module_drawn_bits = 0  # taken from this KM's module end as master, agreed or not
         self.burned_bits: dict[str, int] = {}  # taken as master, then given up: by reason
 
+    @property
+    def lacking_bits(self) -> int:
+        """Key the outgoing pool lacks to reach its target, counting the keys drawn for it that
+        wait for the peer."""
+        return self.config.pool_target_bits - self.outgoing.available_bits - self.devices.awaiting_peer_bits
+
+    @property
+    def pool_full(self) -> bool:
+        """Whether the outgoing pool is as full as drawing makes it: it lacks less than one key."""
+        return self.lacking_bits < (self.devices.block_bits or 1)
+
     def observe_peer(self, incarnation: str) -> bool:
         """Record the peer's incarnation; on a change, drop all shared material. True if dropped."""
         if incarnation == self.peer_incarnation:

@@ -178,4 +178,5 @@ def link_stats(link: Link) -> km_pb2.LinkStats:
         relayed_bits_total=link.relayed_bits, state=verdict.state.value, reason=verdict.reason,
         message=verdict.message, module_drawn_bits_total=link.module_drawn_bits,
         burned_bits_total=link.burned_bits, block_bits=link.devices.block_bits or 0, incarnation=link.incarnation,
+        pool_full=link.pool_full,
     )

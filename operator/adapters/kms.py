@@ -1,7 +1,7 @@
 """The control plane's gRPC side, shared by both runtimes through the control-plane host.
 
 ``GrpcKMs`` pushes session configuration to the KMs (the control core's ``KMPusher``) and
-reads their stats; ``ControlPlaneService`` answers the KMs' calls (paper Fig. 2a: open,
+their topologies (the topology pusher's ``TopologyClient``), and reads their stats; ``ControlPlaneService`` answers the KMs' calls (paper Fig. 2a: open,
 key-request signal, close) by handing them to the control core. Both use mutual TLS: the
 control plane presents a ``controller`` identity and accepts only KM identities, each KM
 speaking only for its own node.
@@ -14,6 +14,8 @@ from typing import Callable
 import grpc
 
 from vqkd.km import identity
+from vqkd.km.config import KMTopology
+from vqkd.km.rpc.control_service import topology_to_pb
 from vqkd.km.rpc.credentials import grpc_channel_credentials, peer_identity
 from vqkd.km.tls import TLSFiles
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
@@ -39,7 +41,7 @@ def config_to_pb(c: KMSessionConfig) -> km_pb2.SessionConfig:
 
 
 class GrpcKMs:
-    """KMPusher over gRPC; ``resolve(node)`` gives the KM's current gRPC address."""
+    """KMPusher and TopologyClient over gRPC; ``resolve(node)`` gives the KM's current gRPC address."""
 
     def __init__(self, resolve: Callable[[str], str], tls: TLSFiles):
         self.resolve = resolve
@@ -54,6 +56,11 @@ class GrpcKMs:
                 ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)])
             self._channels[address] = channel
         return km_pb2_grpc.KeyManagerControlStub(channel)
+
+    async def configure_topology(self, node: str, topology: KMTopology,
+                                 version: int) -> km_pb2.ConfigureTopologyReply:
+        return await self._stub(node).ConfigureTopology(topology_to_pb(topology, node, version),
+                                                        timeout=PUSH_TIMEOUT_S)
 
     async def configure(self, node: str, config: KMSessionConfig) -> None:
         await self._stub(node).ConfigureSession(config_to_pb(config), timeout=PUSH_TIMEOUT_S)

@@ -65,6 +65,9 @@ class _CoreCollector:
                                       labels=["link"])
         reserved = GaugeMetricFamily("vqkd_control_link_reserved_bits_per_second",
                                      "Key rate reserved by sessions per link", labels=["link"])
+        burned = GaugeMetricFamily("vqkd_control_link_burned_bits",
+                                   "Key the link's KMs drew from the QKD modules and gave up, as they count it",
+                                   labels=["link"])
         for link in core.links():
             for s in LINK_STATES:
                 state.add_metric([link["name"], s], 1 if link["state"] == s else 0)
@@ -73,6 +76,8 @@ class _CoreCollector:
                 qber.add_metric([link["name"]], link["qber"])
             threshold.add_metric([link["name"]], link["qberThreshold"])
             reserved.add_metric([link["name"]], link["reservedBps"])
+            if link["burnedBits"] is not None:
+                burned.add_metric([link["name"]], link["burnedBits"])
         user_sessions = GaugeMetricFamily("vqkd_control_user_sessions", "Active sessions per UserProfile",
                                           labels=["user"])
         user_reserved = GaugeMetricFamily("vqkd_control_user_reserved_bits_per_second",
@@ -92,5 +97,5 @@ class _CoreCollector:
                                      labels=["link", "kind"])
         for (link, kind), count in Tally((a.link, str(a.kind)) for a in core.alarms()).items():
             alarms.add_metric([link, kind], count)
-        yield from (phases, held, state, rate, qber, threshold, reserved, user_sessions, user_reserved, user_keys, refusals,
-                    alarms)
+        yield from (phases, held, state, rate, qber, threshold, reserved, burned, user_sessions, user_reserved,
+                    user_keys, refusals, alarms)

@@ -2,9 +2,10 @@
 
 One round asks every KM for its stats over gRPC and scrapes every module's ``/metrics``,
 concurrently, and returns what they said as raw numbers: per KM its stats (or why it did
-not answer), per link a ``LinkReading`` with what both KMs drew and hold on the link and
-what its module reports. Interpreting them — rates, idle or broken, down or replaced — is
-the monitoring element's and the host's business, not this adapter's.
+not answer), per link a ``LinkReading`` with what both KMs drew, hold and gave up on the
+link, the worse of the states they report for it, and what its module reports.
+Interpreting them — rates, idle or broken, down or replaced — is the monitoring element's
+and the host's business, not this adapter's.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from vqkd.km.domain.vocabulary import LinkState
 from vqkd.km.v1 import km_pb2
-from vqkd.operator.control.monitoring import LinkReading, ModuleReading
+from vqkd.operator.control.monitoring import KMReport, LinkReading, ModuleReading
 
 STATS_TIMEOUT_S = 2.0
 SCRAPE_TIMEOUT_S = 2.0
+SEVERITY = {LinkState.UP: 0, LinkState.DEGRADED: 1, LinkState.DOWN: 2}
 
 
 class KMStats(Protocol):
@@ -59,8 +62,19 @@ async def read_round(kms: KMStats, nodes: list[str], links: Mapping[str, tuple[s
                    for ls in s.links if ls.link == link]
         readings.append(LinkReading(
             link=link, at=at, drawn_bits=float(sum(ls.drawn_bits_total for ls in per_end)),
-            pool_bits=sum(ls.outgoing_bits + ls.incoming_bits for ls in per_end), module=modules.get(link)))
+            pool_bits=sum(ls.outgoing_bits + ls.incoming_bits for ls in per_end), module=modules.get(link),
+            reported=worst_report(per_end),
+            burned_bits=sum(sum(ls.burned_bits_total.values()) for ls in per_end),
+            pools_full=len(per_end) == len(ends) and all(ls.pool_full for ls in per_end)))
     return Round(stats, readings)
+
+
+def worst_report(ends: list[km_pb2.LinkStats]) -> KMReport | None:
+    """The worse of the states the KMs report for a link (the first end's on a tie); a KM
+    that reports no state says nothing."""
+    reports = [KMReport(LinkState(ls.state), ls.reason, ls.message)
+               for ls in ends if ls.state in SEVERITY]
+    return max(reports, key=lambda report: SEVERITY[report.state], default=None)
 
 
 def scrape_module(url: str) -> ModuleReading:

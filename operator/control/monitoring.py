@@ -3,15 +3,19 @@
 The control plane's host reads the KMs and modules and hands in what they report as raw
 ``LinkReading``s, stamped with the control core's clock; ``LinkSampler`` interprets
 successive readings of a link as one ``LinkSample`` (rates over the interval, the key
-waiting, a full module buffer read as an idle link). Monitoring writes the latest values
-into the topology (routing reads them from there) and judges each link:
+waiting, a full module buffer or full KM pools read as an idle link, what the KMs report
+of the link). Monitoring writes the latest values into the topology (routing reads them
+from there) and judges each link:
 
 - QBER at or above the link's ``qberThreshold`` ⇒ Down, and an ``Alarm`` (possible
   eavesdropping): above the threshold BB84 yields no secure key, and an eavesdropper is
   one cause an operator must look into, so it is a record to act on, not a log line;
+- a KM reports the link Down (its QKD device fails, the peer KM is gone) ⇒ Down, with the
+  KM's reason and the device's message;
 - no key produced for ``no_key_window_s`` (samples say zero, or samples stopped) ⇒ Down;
-- QBER within 10 % of the threshold, or a measured key rate below what is reserved on the
-  link ⇒ Degraded: still routable, but worth watching;
+- a KM reports the link Degraded (device errors, burned key), QBER within 10 % of the
+  threshold, or a measured key rate below what is reserved on the link ⇒ Degraded: still
+  routable, but worth watching;
 - otherwise Up. A Down link comes back only after ``recovery_samples`` healthy samples in
   a row, so a flapping link does not trigger a reroute storm.
 
@@ -52,6 +56,16 @@ class ModuleReading:
 
 
 @dataclass(frozen=True, slots=True)
+class KMReport:
+    """A link's state as a KM sees it: a CamelCase reason, and the device's words when a
+    device is the cause."""
+
+    state: LinkState
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class LinkReading:
     """The raw counters of one link at one moment, before any interpretation."""
 
@@ -60,16 +74,23 @@ class LinkReading:
     drawn_bits: float  # key both KMs drew from the module since each started
     pool_bits: int  # key in both KMs' pools for the link
     module: ModuleReading | None  # None: a device without metrics, or the module did not answer
+    reported: KMReport | None = None  # the worse of what the two KMs report; None: neither says
+    burned_bits: int = 0  # key both KMs drew and gave up since each started, over all reasons
+    pools_full: bool = False  # both KMs' outgoing pools hold their target: they draw no more
 
 
 @dataclass(frozen=True, slots=True)
 class LinkSample:
     link: str
     at: float  # seconds on the control core's clock
-    key_rate_bps: float  # secret key produced per second over the sampling interval
+    # Secret key produced per second over the sampling interval; None for an idle link
+    # whose production was never measured (its KMs' pools were full from the first reading).
+    key_rate_bps: float | None
     qber: float | None = None  # None when the source does not report it (ETSI 014 modules do not)
     stored_key_bits: int | None = None  # key waiting in the module buffers and KM pools
     load_bps: float | None = None  # key drawn per second by the KMs over the interval
+    reported: KMReport | None = None  # what the KMs report of the link
+    burned_bits: int | None = None  # key the KMs drew and gave up
 
 
 class LinkSampler:
@@ -79,11 +100,13 @@ class LinkSampler:
     The key rate is the module's production. A module that reports none (a device without
     metrics) is judged by what the KMs drew. A module that produced nothing because its
     buffer is full was not drawn from: the link is idle, not broken, and the module's own
-    figure for what it produces stands in for the measurement.
+    figure for what it produces stands in for the measurement. Likewise KMs that drew
+    nothing because both their pools are full: the last rate measured stands in.
     """
 
     def __init__(self) -> None:
         self._previous: dict[str, LinkReading] = {}
+        self._measured: dict[str, float] = {}  # the last positive key rate of each link
 
     def sample(self, reading: LinkReading) -> LinkSample | None:
         """The sample since the link's previous reading; None for its first reading."""
@@ -102,16 +125,22 @@ class LinkSampler:
                 rate = module.secret_key_rate_bps
         else:
             rate = load
+            if rate == 0 and reading.pools_full:
+                rate = self._measured.get(reading.link)
+        if rate:
+            self._measured[reading.link] = rate
         buffered = module.buffer_bits if module is not None else 0.0
         return LinkSample(link=reading.link, at=reading.at, key_rate_bps=rate,
                           qber=module.qber if module is not None else None,
-                          stored_key_bits=int(reading.pool_bits + buffered), load_bps=load)
+                          stored_key_bits=int(reading.pool_bits + buffered), load_bps=load,
+                          reported=reading.reported, burned_bits=reading.burned_bits)
 
     def retain(self, links: Iterable[str]) -> None:
         """Forget the readings of links no longer sampled: one created again starts afresh."""
         keep = set(links)
         for link in [link for link in self._previous if link not in keep]:
             del self._previous[link]
+            self._measured.pop(link, None)
 
 
 class AlarmKind(StrEnum):
@@ -156,6 +185,7 @@ class _Watch:
     last_sample_at: float | None = None
     healthy_streak: int = 0
     alarm: Alarm | None = None  # the link's active alarm
+    reported: KMReport | None = None  # what the KMs reported in the latest sample
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,12 +235,14 @@ class Monitoring:
         if link is None or watch is None or (watch.last_sample_at is not None and sample.at < watch.last_sample_at):
             return None
         watch.last_sample_at = sample.at
+        watch.reported = sample.reported
         link.key_rate_bps = sample.key_rate_bps
         link.qber = sample.qber if sample.qber is not None else link.qber
         link.stored_key_bits = sample.stored_key_bits
         link.load_bps = sample.load_bps
+        link.burned_bits = sample.burned_bits
         link.measured_at = sample.at
-        if sample.key_rate_bps > 0:
+        if sample.key_rate_bps is None or sample.key_rate_bps > 0:  # idle, or producing
             watch.last_productive_at = sample.at
         return self._apply(link, watch, self._judge(link, watch, reserved_bps, sample.at, counts_as_sample=True),
                            sample.at)
@@ -255,6 +287,10 @@ class Monitoring:
             return _Verdict(LinkState.DOWN, "QBERAboveThreshold",
                             f"measured QBER {qber:.4f} >= threshold {threshold:.4f}: possible eavesdropping; "
                             "the link yields no secure key")
+        reported = watch.reported
+        if reported is not None and reported.state is LinkState.DOWN:
+            watch.healthy_streak = 0
+            return _Verdict(LinkState.DOWN, reported.reason, reported.message)
         if link.key_rate_bps is not None and link.key_rate_bps <= 0:
             watch.healthy_streak = 0
             idle = now - watch.last_productive_at
@@ -272,6 +308,8 @@ class Monitoring:
                 # Only healthy samples bring back a link that samples found down; a link
                 # judged by its spec alone is judged again by its (changed) spec.
                 return None
+        if reported is not None and reported.state is LinkState.DEGRADED:
+            return _Verdict(LinkState.DEGRADED, reported.reason, reported.message)
         if qber is not None and qber >= self.settings.qber_warning_share * threshold:
             return _Verdict(LinkState.DEGRADED, "QBERNearThreshold",
                             f"QBER {qber:.4f} is within {1 - self.settings.qber_warning_share:.0%} "

@@ -52,6 +52,7 @@ class LinkRecord:
     qber: float | None = None
     stored_key_bits: int | None = None
     load_bps: float | None = None
+    burned_bits: int | None = None  # drawn by the KMs and given up (never shared), as they count
     measured_at: float | None = None
 
     @property

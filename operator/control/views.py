@@ -31,6 +31,7 @@ def link_rows(topology: Topology, routing: Routing) -> list[dict[str, Any]]:
             "qber": link.current_qber,
             "qberThreshold": link.qber_threshold,
             "storedKeyBits": link.stored_key_bits,
+            "burnedBits": link.burned_bits,
             "loadBps": link.load_bps,
             "reservedBps": load.reserved_bps,
             "sessions": len(load.sessions),

@@ -19,7 +19,7 @@ COLUMNS = {
                  ("REQUESTS", "keyRequests", "text"), ("KEYS", "keysDelivered", "text"), ("REASON", "reason", "text")],
     "links": [("LINK", "name", "text"), ("NODES", "nodes", "text"), ("STATE", "state", "text"),
               ("KEYRATE", "keyRateBps", "rate"), ("QBER", "qber", "percent"), ("STORED", "storedKeyBits", "bits"),
-              ("RESERVED", "reservedBps", "rate"), ("SESSIONS", "sessions", "text"), ("REASON", "reason", "text")],
+              ("BURNED", "burnedBits", "bits"), ("RESERVED", "reservedBps", "rate"), ("SESSIONS", "sessions", "text"), ("REASON", "reason", "text")],
     "nodes": [("NODE", "name", "text"), ("STATUS", "status", "text"), ("SAES", "saeIds", "text"),
               ("LINKS", "links", "text"), ("SESSIONS", "sessions", "text"), ("REASON", "reason", "text")],
     "users": [("USER", "name", "text"), ("ENABLED", "enabled", "text"), ("SAES", "saeIds", "text"),

@@ -417,6 +417,8 @@ class QKDLinkStatus(_Status):
     key_rate_bps: float | None = Field(None, ge=0, description="measured secret key rate, bit/s")
     qber: float | None = Field(None, ge=0, le=1)
     stored_key_bits: int | None = Field(None, ge=0, description="key held in the module buffers, bits")
+    burned_bits: int | None = Field(
+        None, ge=0, description="key the KMs drew from the QKD modules and gave up (never shared), bits")
     reserved_bps: int = Field(0, ge=0, description="key rate reserved by active sessions, bit/s")
     sessions: int = Field(0, ge=0, description="active sessions routed over this link")
     reason: str | None = None

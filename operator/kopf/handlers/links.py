@@ -83,6 +83,7 @@ class LinkHandler:
         status.key_rate_bps = _significant(row["keyRateBps"]) if row["measured"] else None
         status.qber = _significant(row["qber"]) if row["measured"] else None
         status.stored_key_bits = row["storedKeyBits"]
+        status.burned_bits = row["burnedBits"]
         status.reserved_bps = round(row["reservedBps"])
         status.sessions = row["sessions"]
         status.reason = row["message"] or None
