@@ -65,6 +65,9 @@ class LocalControlPlane:
         await self.host.serve()
         await self._serve_status()
         await asyncio.to_thread(self.network.start)
+        # The declared resources and the addressing change in place with vqkd apply / delete.
+        self.host.topologies.track(self.network.manifest, self.network.addressing)
+        await self.host.topologies.refresh()
         await self.core.load(self.network.manifest)
         self.host.start()
         if self.supervise:
