@@ -166,6 +166,24 @@ async def test_an_invalid_change_changes_nothing_and_says_what_is_wrong(paper_ne
                                                   + [f"link-{link}" for link in load_files([PAPER]).links])
 
 
+async def test_a_change_whose_processes_do_not_start_is_undone(paper_net, monkeypatch):
+    cp = paper_net
+    before = (cp.network.state_dir / "endpoints.json").read_text()
+    processes = dict(cp.network.processes)
+
+    def never_ready(names, timeout=0.0):
+        raise TimeoutError(f"{names[0]} did not answer")
+
+    monkeypatch.setattr(cp.network, "wait_ready", never_ready)
+    with pytest.raises(TimeoutError):
+        await cp.changes.apply([("node-6.yaml", NODE_6)])
+    monkeypatch.undo()
+    assert cp.network.processes == processes, "the processes started for the change are stopped again"
+    assert "node-6" not in cp.network.manifest.nodes and "node-6" not in cp.network.endpoints["nodes"]
+    assert "node-6" not in {n["name"] for n in cp.core.nodes()}
+    assert (cp.network.state_dir / "endpoints.json").read_text() == before
+
+
 async def test_the_network_changes_under_load_without_disturbing_what_it_does_not_touch(paper_net):
     cp = paper_net
     endpoints = cp.network.endpoints
@@ -256,3 +274,32 @@ async def test_the_network_changes_under_load_without_disturbing_what_it_does_no
     assert not {"km-node-6", "link-link-0-6", "link-link-4-5"} & set(cp.network.processes)
     assert "node-6" not in {n["name"] for n in cp.core.nodes()}
     await eventually(lambda: not any(s["keySession"] == "session-6-0" for s in cp.core.sessions()), timeout=2)
+
+
+async def test_a_changed_link_takes_new_conditions_live_and_its_kms_keep_their_pools(paper_net):
+    cp = paper_net
+    pids = {name: proc.popen.pid for name, proc in cp.network.processes.items()}
+    incarnations = {node: healthz(cp.network.endpoints, node)["incarnation"] for node in ORIGINAL_NODES}
+    ends = {key: value for key, value in (await link_incarnations(cp, ["node-0", "node-3"])).items()
+            if key[1] == "link-0-3"}
+    link = PAPER.read_text().split("---")[8]
+
+    out = await vqkd(cp, "apply", manifest(cp, "link-0-3.yaml", link.replace("keyRateBps: 500000",
+                                                                              "keyRateBps: 400000")))
+    assert out.stdout.strip() == "qkdlink/link-0-3 configured", out.stderr
+    assert {name: proc.popen.pid for name, proc in cp.network.processes.items()} == pids, "nothing restarted"
+    module = json.loads(urllib.request.urlopen(cp.network.endpoints["links"]["link-0-3"]["control_url"],
+                                               timeout=5).read())
+    assert module["key_rate_bps"] == 400000, module
+    assert session(cp, "session-2-3")["state"] == "Active"
+    assert await RoundTrips("sae-2", "sae-3").until_first_key(cp.network.endpoints, timeout_s=10)
+
+    # A buffer of another size needs a new module process: that one alone starts again.
+    out = await vqkd(cp, "apply", manifest(cp, "link-0-3.yaml", link.replace(
+        "emulated: {keyRateBps: 500000, qber: 0.02}", "emulated: {keyRateBps: 400000, qber: 0.02, bufferBits: 1048576}")))
+    assert out.stdout.strip() == "qkdlink/link-0-3 configured", out.stderr
+    restarted = {name for name, proc in cp.network.processes.items() if proc.popen.pid != pids[name]}
+    assert restarted == {"link-link-0-3"}
+    assert {node: healthz(cp.network.endpoints, node)["incarnation"] for node in ORIGINAL_NODES} == incarnations
+    after = await link_incarnations(cp, ["node-0", "node-3"])
+    assert all(after[key] == value for key, value in ends.items()), "the KMs kept their pools of the link"

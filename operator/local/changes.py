@@ -9,11 +9,12 @@ alone; like ``kubectl delete``, the resources named go and names the network doe
 are reported. A valid change then runs in the order that keeps sessions served:
 
 - apply: new module pairs, then new KMs, started and answering (ports and certificates as
-  ``vqkd up`` allocates them; a KM whose identity or a module pair whose emulated physics
-  changed is started again) → the declared network updated → every KM concerned gets its
-  new topology (``host.topologies.refresh``) → the resources applied to the control core,
-  so sessions are configured over links their KMs already hold → processes no longer
-  needed stopped → ``endpoints.json`` rewritten;
+  ``vqkd up`` allocates them); a module pair whose key rate or QBER changed takes it live,
+  a KM whose identity or a module pair whose buffer or device changed is started again →
+  the declared network updated → every KM concerned gets its new topology
+  (``host.topologies.refresh``) → the resources applied to the control core, so sessions
+  are configured over links their KMs already hold → processes no longer needed stopped →
+  ``endpoints.json`` rewritten;
 - delete: the resources deleted from the control core (sessions over a deleted link
   rerouted make-before-break or Held, sessions of a deleted user or at a deleted node
   ended, every KM confirming) → the declared network updated → the new topologies pushed
@@ -143,12 +144,15 @@ class LiveChanges:
         declared.origins.update(network.origins)
 
     async def _start(self, changes: ProcessChanges) -> None:
-        """Start the new processes (module pairs first) and start again those whose configuration changed."""
+        """Start the new processes (module pairs first), give module pairs their new conditions
+        and start again the processes whose configuration changed otherwise."""
         names = changes.start + changes.restart
         self.changing.update(names)
         try:
             if changes.start:
                 await asyncio.to_thread(self.network.launch, changes.start)
+            for name, settings in changes.retune.items():
+                await asyncio.to_thread(self.network.retune, name, settings)
             for name in changes.restart:
                 log.info("%s: configuration changed; starting it again", name)
                 await asyncio.to_thread(self.network.restart, name, kill=False)

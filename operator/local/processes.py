@@ -10,9 +10,10 @@ laid out as the cluster mounts the Secrets each endpoint names. It writes
 
 A running network changes by planning it again (``replan``): the new nodes and emulated
 links get ports, certificates and configuration files, and the result says which
-processes to start, which to start again (their configuration changed: an identity, a
-module's emulated physics) and which to stop; ``endpoints.json`` is then rewritten at once
-(``write_endpoints``), so a reader sees either the old file or the new one.
+processes to start, which module pairs take new conditions live (key rate, QBER), which
+processes to start again (their configuration changed otherwise: a KM's identity, a
+module's buffer or device profile) and which to stop; ``endpoints.json`` is then rewritten
+at once (``write_endpoints``), so a reader sees either the old file or the new one.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 30.0
+# What a running module pair takes live on its admin server's /control: the twin's conditions.
+MODULE_LIVE_SETTINGS = frozenset({"key_rate_bps", "qber"})
 # A QKD device's credentials as files of DIR/<secretRef name>/: the keys of the cluster Secret.
 DEVICE_CREDENTIAL_FILES = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
 DEVICE_CREDENTIALS_HELP = ("ca.crt (the device's CA), tls.crt and tls.key (the certificate and key the device "
@@ -147,11 +150,9 @@ class ProcessChanges:
     """What a new plan of a running network asks of its processes, by process name."""
 
     start: list[str] = field(default_factory=list)  # new: module pairs first, then KMs
-    restart: list[str] = field(default_factory=list)  # running with a configuration that changed
+    retune: dict[str, dict[str, float]] = field(default_factory=dict)  # module pair -> its new conditions
+    restart: list[str] = field(default_factory=list)  # running with a configuration that changed otherwise
     stop: list[str] = field(default_factory=list)  # of nodes and links no longer declared
-
-    def __bool__(self) -> bool:
-        return bool(self.start or self.restart or self.stop)
 
 
 @dataclass
@@ -302,9 +303,10 @@ class LocalNetwork:
         """Plan ``network`` in place of the running one, and say what that asks of the processes.
 
         New nodes and emulated links get loopback ports and certificates, every process to
-        start or start again gets its configuration file, and the endpoints to publish
-        become the new network's (new SAEs get their certificates). Nothing is started or
-        stopped here: the caller runs the changes (``launch``, ``restart``, ``retire``).
+        start, retune or start again gets its configuration file, and the endpoints to
+        publish become the new network's (new SAEs get their certificates). Nothing is
+        started or stopped here: the caller runs the changes (``launch``, ``retune``,
+        ``restart``, ``retire``).
         Raises PlanError, with nothing changed, when the network cannot run here.
         """
         planned, addressing = self._replan(network)
@@ -320,9 +322,12 @@ class LocalNetwork:
             if proc is None:
                 changes.start.append(name)
                 self._add(name, module, config, ready_url)
-            elif not _same_process(proc.config, config):
-                changes.restart.append(name)
+            elif changed := _changed_settings(proc.config, config):
                 proc.config.write_text(config.model_dump_json(indent=2))
+                if proc.module == "vqkd.km.emulator" and changed <= MODULE_LIVE_SETTINGS:
+                    changes.retune[name] = {setting: getattr(config, setting) for setting in sorted(changed)}
+                else:
+                    changes.restart.append(name)
         self.endpoints["nodes"] = {name: asdict(ends) for name, ends in planned.km_endpoints.items()}
         self.endpoints["links"] = {name: asdict(ends) for name, ends in planned.module_endpoints.items()}
         self.endpoints["saes"] = {}
@@ -356,6 +361,13 @@ class LocalNetwork:
             self._spawn(self.processes[name])
         self.wait_ready(names)
 
+    def retune(self, name: str, settings: dict[str, float]) -> None:
+        """Give a running module pair new conditions on its /control, as its new configuration says."""
+        request = urllib.request.Request(self.processes[name].ready_url, data=json.dumps(settings).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+
     def retire(self, names: list[str]) -> None:
         """Stop the named processes for good: their nodes and links are gone, and so are their ports."""
         procs = [self.processes.pop(name) for name in names]
@@ -381,16 +393,13 @@ def _terminate(running: list[subprocess.Popen]) -> None:
             popen.wait()
 
 
-def _same_process(path: Path, config) -> bool:
-    """Whether the process started from the file at ``path`` is the one ``config`` describes.
+def _changed_settings(path: Path, config) -> set[str]:
+    """The settings in which ``config`` differs from the file at ``path`` its process started from.
 
-    A KM's topology is taken live, so the one its file may start it with is no reason for
-    a new process; everything else in the file is.
+    A KM's topology is taken live, so the one its file may start it with never counts.
     """
     held, wanted = json.loads(path.read_text()), json.loads(config.model_dump_json())
-    held.pop("topology", None)
-    wanted.pop("topology", None)
-    return held == wanted
+    return {key for key in held.keys() | wanted.keys() if key != "topology" and held.get(key) != wanted.get(key)}
 
 
 def _free_ports(n: int) -> list[int]:
