@@ -155,7 +155,12 @@ class LiveChanges:
                 await asyncio.to_thread(self.network.retune, name, settings)
             for name in changes.restart:
                 log.info("%s: configuration changed; starting it again", name)
+                node = name.removeprefix("km-") if name.startswith("km-") else None
+                if node is not None:
+                    self.host.km_lost(node)
                 await asyncio.to_thread(self.network.restart, name, kill=False)
+                if node is not None:  # as after a crash: the new instance gets its topology and sessions now
+                    await self.host.check(node)
         finally:
             self.changing.difference_update(names)
 
