@@ -19,6 +19,8 @@ from vqkd.km.domain.links import Link
 from vqkd.km.domain.vocabulary import LinkState
 from vqkd.km.rpc.control_service import link_stats
 
+from builders import Clock
+
 
 def limits(max_key_size: int = 65536, min_key_size: int = 8, per_request: int = 4096) -> EndLimits:
     return EndLimits(key_size=min(256, max_key_size), min_key_size=min_key_size, max_key_size=max_key_size,
@@ -101,3 +103,16 @@ def test_a_pool_within_one_block_of_its_target_counting_keys_awaiting_the_peer_i
     assert (link.lacking_bits, link.pool_full) == (1024, False)
     link.devices.awaiting_peer_bits = 3584  # what is lacking is less than one block: no more is drawn
     assert link.pool_full and link_stats(link).pool_full
+
+
+def test_a_peer_refusing_calls_before_it_first_answered_leaves_no_degraded_trail():
+    clock = Clock(0.0)
+    health = LinkHealth(clock)
+    health.succeeded("device")
+    health.failed("peer", "PeerUnavailable", "connection refused")  # both KMs starting
+    health.succeeded("peer")
+    assert health.verdict().state is LinkState.UP
+    health.failed("peer", "PeerUnavailable", "connection refused")  # once it answered, a failure counts
+    assert health.verdict().state is LinkState.DEGRADED
+    clock.advance(11)
+    assert health.verdict().state is LinkState.UP

@@ -113,17 +113,25 @@ class LinkHealth:
         self._blocking: dict[str, tuple[str, str]] = {
             "device": ("Connecting", "this KM has not reached its QKD module end yet")}
         self._troubles: deque[tuple[float, str, str, str]] = deque(maxlen=64)
+        self._reached: set[str] = set()  # sources that answered at least once
 
     def failed(self, source: str, reason: str, message: str) -> None:
-        """A call to ``source`` failed with ``message``."""
+        """A call to ``source`` failed with ``message``.
+
+        Until a source first answers, its failures are the link coming up (two KMs started
+        together refuse each other's first calls): they can make it Down, but leave no
+        Degraded trail once it answers.
+        """
         self._in_row[source] = self._in_row.get(source, 0) + 1
         if self._in_row[source] >= DOWN_AFTER_FAILURES:
             self._blocking[source] = (reason, message)
-        self.trouble(reason, message, source)
+        if source in self._reached:
+            self.trouble(reason, message, source)
 
     def succeeded(self, source: str) -> None:
         self._in_row[source] = 0
         self._blocking.pop(source, None)
+        self._reached.add(source)
 
     def block(self, source: str, reason: str, message: str) -> None:
         self._blocking[source] = (reason, message)
