@@ -295,8 +295,9 @@ async def test_a_changed_link_takes_new_conditions_live_and_its_kms_keep_their_p
     assert await RoundTrips("sae-2", "sae-3").until_first_key(cp.network.endpoints, timeout_s=10)
 
     # A buffer of another size needs a new module process: that one alone starts again.
-    out = await vqkd(cp, "apply", manifest(cp, "link-0-3.yaml", link.replace(
-        "emulated: {keyRateBps: 500000, qber: 0.02}", "emulated: {keyRateBps: 400000, qber: 0.02, bufferBits: 1048576}")))
+    bigger = link.replace("emulated: {keyRateBps: 500000, qber: 0.02}",
+                          "emulated: {keyRateBps: 400000, qber: 0.02, bufferBits: 1048576}")
+    out = await vqkd(cp, "apply", manifest(cp, "link-0-3.yaml", bigger))
     assert out.stdout.strip() == "qkdlink/link-0-3 configured", out.stderr
     restarted = {name for name, proc in cp.network.processes.items() if proc.popen.pid != pids[name]}
     assert restarted == {"link-link-0-3"}

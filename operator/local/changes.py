@@ -253,7 +253,8 @@ def submit(action: str, files: list[str], state_dir: Path) -> int:
         raise SystemExit(f"vqkd {action}: {e}") from None
     endpoints_file, token_file = state_dir / "endpoints.json", state_dir / TOKEN_FILE
     if not endpoints_file.exists():
-        raise SystemExit(f"vqkd {action}: no running network in {state_dir} (no endpoints.json); start one with vqkd up")
+        raise SystemExit(f"vqkd {action}: no running network in {state_dir} (no endpoints.json); "
+                         "start one with vqkd up")
     control = json.loads(endpoints_file.read_text()).get("control")
     if not control or not token_file.exists():
         raise SystemExit(f"vqkd {action}: the network in {state_dir} runs without a control plane to change it")

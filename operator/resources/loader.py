@@ -266,7 +266,8 @@ class _Loader:
             where = f"{origin} ({resource.kind} {resource.name})"
             key = (resource.kind, resource.name)
             if key in network.origins:
-                self.problems.append(f"{where}: duplicate {resource.kind} name; first defined in {network.origins[key]}")
+                first = network.origins[key]
+                self.problems.append(f"{where}: duplicate {resource.kind} name; first defined in {first}")
                 continue
             if resource.namespace != network.namespace:
                 self.problems.append(
