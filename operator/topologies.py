@@ -124,15 +124,15 @@ class TopologyPusher:
         return True
 
     async def _offer(self, node: str, wanted: KMTopology) -> km_pb2.ConfigureTopologyReply:
-        self._version = next_version(self._version, self.clock())
-        reply = await self.kms.configure_topology(node, wanted, self._version)
-        if reply.version != self._version:
+        version = self._version = next_version(self._version, self.clock())
+        reply = await self.kms.configure_topology(node, wanted, version)
+        if reply.version > version:
             # The KM held a newer version (pushed by a control plane whose clock ran ahead): it kept
             # that one, so offer this topology above it.
-            self._version = next_version(max(self._version, reply.version), self.clock())
-            reply = await self.kms.configure_topology(node, wanted, self._version)
-            if reply.version != self._version:
-                raise RuntimeError(f"the KM kept version {reply.version} over {self._version}")
+            version = self._version = next_version(max(self._version, reply.version), self.clock())
+            reply = await self.kms.configure_topology(node, wanted, version)
+        if reply.version != version:
+            raise RuntimeError(f"the KM holds version {reply.version}, not {version} as pushed")
         return reply
 
     def observed(self, node: str, incarnation: str, version: int) -> bool:
