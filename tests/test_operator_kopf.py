@@ -29,6 +29,7 @@ from test_km_control_plane import get_key_when_connected, post
 from test_km_etsi014 import client, enc_keys_retrying
 from vqkd.km import identity
 from vqkd.km.config import EmulatedLinkConfig, KMConfig
+from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.km.rpc.credentials import grpc_channel_credentials
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 from vqkd.operator.control.admission import AdmissionSettings
@@ -607,3 +608,26 @@ async def test_growing_the_running_network_pushes_the_kms_concerned_and_restarts
     assert len(c.kubelet.restarts) == restarts and c.kubelet.errors == []
     stats = c.km_stats("n0")
     assert next(link for link in stats.links if link.link == "n0-n3").drawn_bits_total > 0
+
+
+async def test_shrinking_it_again_removes_the_link_and_the_node_from_the_kms_and_restarts_none(cluster):
+    c = cluster
+    before = templates(c)
+    incarnations = {node: c.km_stats(node).incarnation for node in NODES}
+    kept = {node: {link: end for link, end in link_ends(c, node).items() if link != "n0-n3"} for node in NODES}
+    c.kube.delete(VQKD["QKDLink"], "n0-n3")
+    await asyncio.to_thread(wait_for, lambda: "n0-n3" not in link_ends(c, "n0") and c.get("QKDLink", "n0-n3") is None,
+                            what="the link gone from the KM of n0 and from the API")
+    c.kube.delete(VQKD["QKDNode"], "n3")
+    await asyncio.to_thread(wait_for, lambda: c.get("QKDNode", "n3") is None, what="QKDNode n3 gone")
+    # No KM knows the SAE of n3 any more.
+    async with client(c.network, "sae-n2b") as source:
+        with pytest.raises(ETSI014Error) as refused:
+            await source.enc_keys("sae-n3", 1, 256)
+    assert refused.value.status == 400 and "not known" in refused.value.message
+
+    after = templates(c)
+    assert set(before) - set(after) == {"vqkd-km-n3", "vqkd-link-n0-n3"}
+    assert {name: after[name] for name in after} == {name: before[name] for name in after}
+    assert {node: c.km_stats(node).incarnation for node in NODES} == incarnations, "no KM restarted"
+    assert {node: link_ends(c, node) for node in NODES} == kept, "the other link ends kept as they were"
