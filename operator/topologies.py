@@ -119,8 +119,9 @@ class TopologyPusher:
             return False
         self.observe(time.perf_counter() - started)
         self._held[node] = HeldTopology(wanted, reply.version, reply.incarnation)
-        if self._owed.pop(node, None) is not None:
-            log.info("the KM of %s holds its topology (version %d) again", node, reply.version)
+        self._owed.pop(node, None)
+        log.info("the KM of %s holds topology version %d: %d links, %d SAEs", node, reply.version,
+                 len(wanted.links), len(wanted.saes))
         return True
 
     async def _offer(self, node: str, wanted: KMTopology) -> km_pb2.ConfigureTopologyReply:

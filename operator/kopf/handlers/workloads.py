@@ -68,7 +68,7 @@ class Workloads:
         self.problems[NODE].forget(name)
 
     async def sync_kms(self, names: Iterable[str]) -> None:
-        """Apply the KM workload of each named node as its spec and the network now say.
+        """Apply the KM workload of each named node as its spec and its device links now say.
 
         One node at a time under its lock, rendering inside the lock: of two syncs racing, the
         later one writes last and from the newer state.
