@@ -141,11 +141,13 @@ def configs(pki, shared: Path) -> tuple[dict, dict[str, dict], dict[str, int]]:
             "node": node, "kme_id": node, "etsi014_listen": f"127.0.0.1:{ports[f'{node}-etsi014']}",
             "grpc_listen": f"127.0.0.1:{ports[f'{node}-grpc']}", "metrics_listen": f"127.0.0.1:{ports[f'{node}-metrics']}",
             "tls": tls_for(pki, identity.km(node), shared),
-            "saes": {sae: n for n, sae in SAES.items()},
-            "links": [{"name": LINK, "peer_node": peer, "peer_kme_id": peer,
-                       "peer_grpc": f"127.0.0.1:{ports[f'{peer}-grpc']}",
-                       "module_url": f"https://127.0.0.1:{ports[f'end-{end}']}",
-                       "module_sae_id": node, "peer_module_sae_id": peer, "block_bits": 8192}],
+            "topology": {
+                "saes": {sae: n for n, sae in SAES.items()},
+                "links": [{"name": LINK, "peer_node": peer, "peer_kme_id": peer,
+                           "peer_grpc": f"127.0.0.1:{ports[f'{peer}-grpc']}",
+                           "module_url": f"https://127.0.0.1:{ports[f'end-{end}']}",
+                           "module_sae_id": node, "peer_module_sae_id": peer, "block_bits": 8192}],
+            },
         }
     return link, kms, ports
 
