@@ -119,20 +119,21 @@ class TopologyPusher:
             return False
         self.observe(time.perf_counter() - started)
         self._held[node] = HeldTopology(wanted, reply.version, reply.incarnation)
-        if self._owed.pop(node, None) is not None:
-            log.info("the KM of %s holds its topology (version %d) again", node, reply.version)
+        self._owed.pop(node, None)
+        log.info("the KM of %s holds topology version %d: %d links, %d SAEs", node, reply.version,
+                 len(wanted.links), len(wanted.saes))
         return True
 
     async def _offer(self, node: str, wanted: KMTopology) -> km_pb2.ConfigureTopologyReply:
-        self._version = next_version(self._version, self.clock())
-        reply = await self.kms.configure_topology(node, wanted, self._version)
-        if reply.version != self._version:
+        version = self._version = next_version(self._version, self.clock())
+        reply = await self.kms.configure_topology(node, wanted, version)
+        if reply.version > version:
             # The KM held a newer version (pushed by a control plane whose clock ran ahead): it kept
             # that one, so offer this topology above it.
-            self._version = next_version(max(self._version, reply.version), self.clock())
-            reply = await self.kms.configure_topology(node, wanted, self._version)
-            if reply.version != self._version:
-                raise RuntimeError(f"the KM kept version {reply.version} over {self._version}")
+            version = self._version = next_version(max(self._version, reply.version), self.clock())
+            reply = await self.kms.configure_topology(node, wanted, version)
+        if reply.version != version:
+            raise RuntimeError(f"the KM holds version {reply.version}, not {version} as pushed")
         return reply
 
     def observed(self, node: str, incarnation: str, version: int) -> bool:

@@ -184,7 +184,8 @@ async def test_pushes_to_different_kms_run_at_once():
     assert most == 3 and not refreshing.done()
     gate.set()
     await refreshing
-    assert all(kms.topology(name) is not None for name in "abc")
+    assert sorted(name for name, _ in pushed(kms)) == ["a", "b", "c"], "one push each"
+    assert all(pusher.held(name).version == kms.topologies[name][0] for name in "abc")
 
 
 # --- inside the host ------------------------------------------------------------------

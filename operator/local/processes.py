@@ -5,8 +5,10 @@ CA, hands both to the network plan as a ``LocalAddressing``, and runs what the p
 one emulated QKD module pair per emulated link and one KM process per node, with real
 mutual TLS and real gRPC between them. A link to real QKD devices (``spec.etsi014``) needs
 no process: its KMs reach the devices with the credentials found in a secrets directory,
-laid out as the cluster mounts the Secrets each endpoint names. It writes
-``endpoints.json`` once every endpoint answers and stops every process it started.
+laid out as the cluster mounts the Secrets each endpoint names. A KM reporting to a control
+plane starts with its identity only and gets its topology pushed (the control plane tracks
+``manifest`` and ``addressing``); one running on its own starts with the plan's topology. It
+writes ``endpoints.json`` once every endpoint answers and stops every process it started.
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ class LocalNetwork:
     status_port: int = 0
     processes: dict[str, Process] = field(default_factory=dict)
     endpoints: dict = field(default_factory=dict)
+    addressing: LocalAddressing | None = field(default=None, init=False)  # set by ``plan``
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -173,6 +176,7 @@ class LocalNetwork:
             planned, addressing = self._plan()
         except PlanError as e:
             raise SystemExit(str(e)) from None
+        self.addressing = addressing
         self._write(planned, addressing)
 
     def _plan(self) -> tuple[NetworkPlan, LocalAddressing]:
@@ -199,8 +203,8 @@ class LocalNetwork:
         for name, config in planned.modules.items():
             self._add(f"link-{name}", "vqkd.km.emulator", config, addressing.module(name).control_url)
         for name, config in planned.kms.items():
-            # The control plane does not push topologies yet: each KM starts with the plan's.
-            config = config.model_copy(update={"topology": planned.topologies[name]})
+            if config.control_plane is None:  # on its own: nobody will push it a topology
+                config = config.model_copy(update={"topology": planned.topologies[name]})
             self._add(f"km-{name}", "vqkd.km", config, f"http://{config.metrics_listen}/healthz")
         self.endpoints["nodes"] = {name: asdict(ends) for name, ends in planned.km_endpoints.items()}
         self.endpoints["links"] = {name: asdict(ends) for name, ends in planned.module_endpoints.items()}
@@ -229,6 +233,12 @@ class LocalNetwork:
         out.close()
 
     def start(self) -> None:
+        """Start every process and publish the endpoints once they answer."""
+        self.launch()
+        self.publish()
+
+    def launch(self) -> None:
+        """Start every process and wait until each answers; stop them all if one does not."""
         self.plan()
         # Modules first: a KM's first act is to draw key from them.
         for proc in sorted(self.processes.values(), key=lambda p: not p.name.startswith("link-")):
@@ -238,6 +248,9 @@ class LocalNetwork:
         except BaseException:
             self.stop()
             raise
+
+    def publish(self) -> None:
+        """Write ``endpoints.json``: the network is ready for its applications."""
         path = self.state_dir / "endpoints.json"
         path.write_text(json.dumps(self.endpoints, indent=2))
 
