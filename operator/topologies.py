@@ -119,21 +119,21 @@ class TopologyPusher:
             return False
         self.observe(time.perf_counter() - started)
         self._held[node] = HeldTopology(wanted, reply.version, reply.incarnation)
-        if self._owed.pop(node, None) is not None:
-            log.info("the KM of %s holds its topology (version %d) again", node, reply.version)
+        self._owed.pop(node, None)
+        log.info("the KM of %s holds topology version %d: %d links, %d SAEs", node, reply.version,
+                 len(wanted.links), len(wanted.saes))
         return True
 
     async def _offer(self, node: str, wanted: KMTopology) -> km_pb2.ConfigureTopologyReply:
-        # The version offered is kept apart: pushes to other KMs move ``_version`` meanwhile.
-        offered = self._version = next_version(self._version, self.clock())
-        reply = await self.kms.configure_topology(node, wanted, offered)
-        if reply.version != offered:
+        version = self._version = next_version(self._version, self.clock())
+        reply = await self.kms.configure_topology(node, wanted, version)
+        if reply.version > version:
             # The KM held a newer version (pushed by a control plane whose clock ran ahead): it kept
             # that one, so offer this topology above it.
-            offered = self._version = next_version(max(self._version, reply.version), self.clock())
-            reply = await self.kms.configure_topology(node, wanted, offered)
-            if reply.version != offered:
-                raise RuntimeError(f"the KM kept version {reply.version} over {offered}")
+            version = self._version = next_version(max(self._version, reply.version), self.clock())
+            reply = await self.kms.configure_topology(node, wanted, version)
+        if reply.version != version:
+            raise RuntimeError(f"the KM holds version {reply.version}, not {version} as pushed")
         return reply
 
     def observed(self, node: str, incarnation: str, version: int) -> bool:

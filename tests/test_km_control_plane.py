@@ -2,7 +2,8 @@
 
 A small ControlPlane double runs in the test process on real gRPC with mutual TLS. It
 records every call the KMs make and, like admission control, configures the KMs on the
-path once both peers are registered (an ETSI 014 open counts for both).
+path once both peers are registered (an ETSI 014 open counts for both). The KMs start with
+their identity only; the control plane's topology pusher gives them their topologies.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from vqkd.km.rpc.credentials import grpc_channel_credentials, grpc_server_creden
 from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.km.tls import client_context
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
+from vqkd.operator.adapters.kms import GrpcKMs
 from vqkd.operator.local.processes import LocalNetwork
 from vqkd.operator.resources.loader import load_text
+from vqkd.operator.topologies import TopologyPusher
 
 NODES = ["n0", "n1", "n2"]
 NETWORK = "\n---\n".join(
@@ -107,7 +110,13 @@ async def cp_net(tmp_path):
     await server.start()
     double.net = network
     await asyncio.to_thread(network.start)
+    kms = GrpcKMs(lambda node: network.endpoints["nodes"][node]["grpc"], network._tls(identity.controller()).files())
+    topologies = TopologyPusher(kms)
+    topologies.track(network.manifest, network.addressing)
+    await topologies.refresh()
+    assert topologies.unconfirmed() == {}
     yield network, double
+    await kms.close()
     await asyncio.to_thread(network.stop)
     await server.stop(0)
 

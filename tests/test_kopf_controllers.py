@@ -32,7 +32,9 @@ from vqkd.operator.kopf.handlers.lifecycle import Operator, assemble
 from vqkd.operator.kopf.kube import (
     CONFIGMAPS, DEPLOYMENTS, EVENTS, PODS, SECRETS, SERVICES, STATEFULSETS, VQKD, Kind, Kube, KubeError,
 )
-from vqkd.operator.kopf.manifests import ANNOTATION_REGISTERED, ANNOTATION_RESTARTED_AT, ANNOTATION_SESSION_ID
+from vqkd.operator.kopf.manifests import (
+    ANNOTATION_REGISTERED, ANNOTATION_RESTARTED_AT, ANNOTATION_SESSION_ID, ClusterAddressing,
+)
 from vqkd.operator.kopf.runtime import OperatorOptions
 
 NAMESPACE = "qkd"
@@ -161,9 +163,11 @@ class Cluster:
             kind, name = body["kind"], body["metadata"]["name"]
             if kind == "QKDNode":
                 await op.nodes.reconcile(body)
+                await op.runtime.host.topologies.refresh()
                 await op.workloads.node_changed(name)
             elif kind == "QKDLink":
                 await op.links.reconcile(body)
+                await op.runtime.host.topologies.refresh()
                 await op.workloads.link_changed(name)
             elif kind == "UserProfile":
                 await op.users.reconcile(body)
@@ -201,13 +205,18 @@ def km_config(c: Cluster, node: str) -> KMConfig:
 
 async def test_an_accepted_node_gets_its_km_and_every_km_learns_its_saes(cluster):
     c = cluster
-    await c.accept(NODES)
+    node_a, node_b = NODES.split("---")
+    await c.accept(node_a)
+    template = c.kube.body(STATEFULSETS, "vqkd-km-a")["spec"]["template"]
+    await c.accept(node_b)
     for node in ("a", "b"):
         for kind in (STATEFULSETS, SERVICES, CONFIGMAPS):
             owner = c.kube.body(kind, f"vqkd-km-{node}")["metadata"]["ownerReferences"][0]
             assert (owner["kind"], owner["uid"]) == ("QKDNode", c.body("QKDNode", node)["metadata"]["uid"])
         assert c.kube.has(SECRETS, f"vqkd-km-{node}-tls")
-    assert km_config(c, "a").topology.saes == {"sae-a": "a", "sae-b": "b"}, "a was rendered again when b came"
+        assert km_config(c, node).topology is None, "the ConfigMap holds the KM's identity only"
+    assert c.kms.topology("a").saes == {"sae-a": "a", "sae-b": "b"}, "a was pushed the SAEs of b when b came"
+    assert c.kube.body(STATEFULSETS, "vqkd-km-a")["spec"]["template"] == template, "and its pod left as it was"
     await c.shown()
     assert c.kube.condition("QKDNode", "a", "Configured")["reason"] == "WorkloadApplied"
     ready = c.kube.condition("QKDNode", "a", "Ready")
@@ -217,6 +226,13 @@ async def test_an_accepted_node_gets_its_km_and_every_km_learns_its_saes(cluster
     await c.shown()
     status = c.kube.status("QKDNode", "a")
     assert (status["phase"], status["ready"], status["endpoints"]["grpc"]) == ("Running", True, "127.0.0.1:4000")
+
+
+def test_the_topologies_pushed_point_the_kms_at_the_cluster_unless_they_are_a_local_runtimes():
+    options = OperatorOptions(namespace=NAMESPACE)
+    assert options.km_addressing == ClusterAddressing(NAMESPACE, options.km_control_plane)
+    # The processes of `vqkd up`: their own control plane pushes their topologies.
+    assert OperatorOptions(namespace=NAMESPACE, endpoints_file="endpoints.json").km_addressing is None
 
 
 async def test_a_node_refused_gets_a_condition_saying_why_and_no_children(cluster):
@@ -232,7 +248,7 @@ async def test_a_node_refused_gets_a_condition_saying_why_and_no_children(cluste
         assert c.kube.condition("QKDNode", name, "Ready")["reason"] == reason
         assert c.kube.status("QKDNode", name)["phase"] == "Failed"
         assert not c.kube.has(STATEFULSETS, f"vqkd-km-{name}")
-    assert set(km_config(c, "a").topology.saes) == {"sae-a", "sae-b"}
+    assert set(c.kms.topology("a").saes) == {"sae-a", "sae-b"}
 
 
 async def test_a_km_workload_that_cannot_be_applied_waits_and_says_why(cluster):
@@ -254,10 +270,11 @@ async def test_a_deleted_node_takes_its_km_along_and_the_other_kms_forget_its_sa
     c = cluster
     await c.accept(NODES)
     await c.operator.nodes.delete(c.body("QKDNode", "b"))
+    await c.runtime.host.topologies.refresh()
     await c.operator.workloads.node_deleted("b")
     assert not any(c.kube.has(kind, "vqkd-km-b") for kind in (STATEFULSETS, SERVICES, CONFIGMAPS))
     assert not c.kube.has(SECRETS, "vqkd-km-b-tls")
-    assert km_config(c, "a").topology.saes == {"sae-a": "a"}
+    assert c.kms.topology("a").saes == {"sae-a": "a"}
     assert [row["name"] for row in c.runtime.core.nodes()] == ["a"]
 
 
@@ -317,15 +334,17 @@ async def test_a_link_gets_its_module_pair_and_both_kms_are_pointed_at_it(cluste
     c = cluster
     await c.accept(NODES + "---" + LINK)
     assert c.kube.has(DEPLOYMENTS, "vqkd-link-ab") and c.kube.has(SECRETS, "vqkd-link-ab-tls")
-    assert [link.name for link in km_config(c, "a").topology.links] == ["ab"]
+    assert [link.name for link in c.kms.topology("a").links] == ["ab"]
+    assert c.kms.topology("a").links[0].peer_grpc == f"vqkd-km-b.{NAMESPACE}.svc:9443"
     await c.runtime.host.poll()
     await c.shown()
     status = c.kube.status("QKDLink", "ab")
     assert (status["state"], c.kube.condition("QKDLink", "ab", "Ready")["status"]) == ("Up", "True")
     await c.operator.links.delete(c.body("QKDLink", "ab"))
+    await c.runtime.host.topologies.refresh()
     await c.operator.workloads.link_deleted("ab")
     assert not c.kube.has(DEPLOYMENTS, "vqkd-link-ab") and not c.kube.has(CONFIGMAPS, "vqkd-link-ab")
-    assert km_config(c, "b").topology.links == []
+    assert c.kms.topology("b").links == []
 
 
 async def test_a_link_to_unregistered_nodes_waits(cluster):

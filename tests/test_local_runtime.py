@@ -223,6 +223,34 @@ async def test_each_km_of_vqkd_up_offers_and_enforces_the_key_limits_of_its_node
         await asyncio.to_thread(network.stop)
 
 
+async def test_the_kms_of_vqkd_up_start_with_their_identity_and_it_is_up_once_each_holds_its_topology(tmp_path):
+    network = LocalNetwork(load_text(LIMITED, "limited.yaml"), tmp_path, log_level="INFO", control_plane="auto")
+    cp = LocalControlPlane(network)
+    published = network.publish
+    at_publish: dict[str, int] = {}
+
+    def publish() -> None:
+        for node, ends in network.endpoints["nodes"].items():
+            with urllib.request.urlopen(ends["metrics_url"].removesuffix("/metrics") + "/healthz", timeout=5) as r:
+                at_publish[node] = json.loads(r.read())["topologyVersion"]
+        published()
+
+    network.publish = publish
+    await cp.start()
+    try:
+        for node in ("alice", "bob"):
+            config = json.loads(network.processes[f"km-{node}"].config.read_text())
+            assert "topology" not in config or config["topology"] is None, f"{node}'s file holds its identity only"
+        assert at_publish == {node: cp.host.topologies.held(node).version for node in ("alice", "bob")}
+        assert all(version > 0 for version in at_publish.values())
+        async with sae_client(network.endpoints, "sae-a") as alice:
+            status = await alice.status("sae-b")  # the node's limits, pushed
+            assert (status.key_size, status.max_key_per_request) == (512, 4)
+            await wait_stored(alice, "sae-b", 4 * 512)
+    finally:
+        await cp.stop()
+
+
 def _files(cp, sae):
     from vqkd.km.tls import TLSFiles
 

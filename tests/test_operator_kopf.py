@@ -4,7 +4,9 @@ One cluster stand-in for the module (see ``operator_harness``): a chain of three
 n0 - n1 - n2 with emulated links, one user owning the three SAEs and a declared KeySession
 from n0 to n2 (relayed through n1). The tests run in order, as the life of one network:
 apply, draw keys, restart the operator, crash a KM, hang a KM, lose a StatefulSet, delete the session,
-refuse invalid resources.
+refuse invalid resources, grow the running network. The "pods" include those of what the
+network grows into, started from the beginning with their identity only, as a pod waiting
+for its topology.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from test_km_etsi014 import client, enc_keys_retrying
 from vqkd.km import identity
 from vqkd.km.config import EmulatedLinkConfig, KMConfig
 from vqkd.km.domain.devices import TROUBLE_WINDOW_S
+from vqkd.km.etsi014.client import ETSI014Error
 from vqkd.km.rpc.credentials import grpc_channel_credentials
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 from vqkd.operator.control.admission import AdmissionSettings
@@ -88,6 +91,28 @@ spec:
 """
 NODES = ("n0", "n1", "n2")
 POLL_S = 0.5
+# What the running network gets later: a node n3 with its SAE and user, linked to n0, and an SAE added to n2.
+GROWTH = """
+apiVersion: vqkd.io/v1alpha1
+kind: QKDNode
+metadata: {name: n3}
+spec: {saeIds: [sae-n3]}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDLink
+metadata: {name: n0-n3}
+spec:
+  nodes: [n0, n3]
+  emulated: {keyRateBps: 4000000, qber: 0.01}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: UserProfile
+metadata: {name: growth}
+spec: {saeIds: [sae-n3, sae-n2b]}
+"""
+N2_SAES = ["sae-n2", "sae-n2b"]
+# The pods the "kubelet" can run: those of NETWORK and of what it grows into.
+PODS = NETWORK.replace("spec: {saeIds: [sae-n2]}", f"spec: {{saeIds: [{', '.join(N2_SAES)}]}}") + "---" + GROWTH
 
 
 def wait_for(check, timeout: float = 20.0, what: str = "condition"):
@@ -112,14 +137,16 @@ class Cluster:
         self.api.start()
         self.kube: Kube = self.api.client()
         control_plane = f"127.0.0.1:{free_port()}"
-        self.network = LocalNetwork(load_text(NETWORK, "operator-test"), tmp / "net", log_level="INFO",
+        self.network = LocalNetwork(load_text(PODS, "operator-test"), tmp / "net", log_level="INFO",
                                     control_plane=control_plane)
+        self.network.plan()
         self.metrics_port = free_port()
         self.options = OperatorOptions(
             namespace=NAMESPACE, kubeconfig=str(self.api.kubeconfig),
             control_plane_listen=control_plane, control_plane_address=control_plane,
             metrics_listen=f"127.0.0.1:{self.metrics_port}", liveness_endpoint=f"http://127.0.0.1:{free_port()}/healthz",
-            endpoints=LocalEndpoints(self.network.endpoints), state_dir=tmp / "operator",
+            endpoints=LocalEndpoints(self.network.endpoints), addressing=self.network.addressing,
+            state_dir=tmp / "operator",
             poll_interval_s=POLL_S, counts_interval_s=POLL_S, replace_after_s=3.0, workload_check_s=0.3,
             retry_delay_s=0.5,
             admission=AdmissionSettings(inactivity_timeout_s=600, held_retry_s=0.5, held_retry_max_s=1.0),
@@ -161,15 +188,21 @@ class Cluster:
     def condition(self, kind: str, name: str, type: str) -> dict | None:
         return next((c for c in self.status(kind, name).get("conditions", []) if c["type"] == type), None)
 
-    def km_sessions(self, node: str) -> dict[str, km_pb2.SessionInfo]:
-        """What the KM of ``node`` holds, asked over gRPC as the control plane."""
+    def _km(self, node: str) -> km_pb2_grpc.KeyManagerControlStub:
+        """The KM of ``node``, asked over gRPC as the control plane."""
         channel = self._grpc.get(node)
         if channel is None:
             tls = self.network._tls(identity.controller()).files()
             channel = self._grpc[node] = grpc.secure_channel(self.network.endpoints["nodes"][node]["grpc"],
                                                              grpc_channel_credentials(tls))
-        reply = km_pb2_grpc.KeyManagerControlStub(channel).ListSessions(km_pb2.ListSessionsRequest(), timeout=2)
+        return km_pb2_grpc.KeyManagerControlStub(channel)
+
+    def km_sessions(self, node: str) -> dict[str, km_pb2.SessionInfo]:
+        reply = self._km(node).ListSessions(km_pb2.ListSessionsRequest(), timeout=2)
         return {info.config.session_id: info for info in reply.sessions if info.state != "TERMINATED"}
+
+    def km_stats(self, node: str) -> km_pb2.Stats:
+        return self._km(node).GetStats(km_pb2.GetStatsRequest(), timeout=2)
 
     def km_holds(self, node: str, session_id: str) -> bool:
         try:
@@ -245,10 +278,12 @@ def test_resources_become_km_workloads_and_an_active_session(cluster):
         config = KMConfig.model_validate_json(configmap["data"]["km.json"])
         template = statefulset["spec"]["template"]
         assert template["spec"]["containers"][0]["image"] == "ghcr.io/vqkd/km:0.1.0"
-        assert config.topology.saes == {"sae-n0": "n0", "sae-n1": "n1", "sae-n2": "n2"}
         assert config.control_plane == c.options.control_plane_address
-        assert {link.peer_grpc for link in config.topology.links} == {
-            f"vqkd-km-{peer}.{NAMESPACE}.svc:9443" for peer in NODES if abs(NODES.index(peer) - NODES.index(node)) == 1}
+        assert config.topology is None, "the ConfigMap holds the KM's identity; its topology is pushed"
+        # The KM holds its topology, pushed by the operator: its links drawing key.
+        stats = wait_for(lambda: (s := c.km_stats(node)).topology_version and s, what=f"KM {node} holding a topology")
+        assert {link.link for link in stats.links} == {
+            name for name in ("n0-n1", "n1-n2") if node in name.split("-")}
         service = c.kube.get(SERVICES, f"vqkd-km-{node}")
         assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"etsi014": 8443, "grpc": 9443,
                                                                            "metrics": 9090}
@@ -502,6 +537,7 @@ spec:
 
 def test_invalid_resources_get_a_condition_saying_why_and_no_children(cluster):
     c = cluster
+    held = {node: c.km_stats(node).topology_version for node in NODES}
     c.apply(INVALID)
     expected = {
         ("QKDLink", "loop"): ("InvalidSpec", "spec.nodes: must name two distinct QKDNodes"),
@@ -522,6 +558,80 @@ def test_invalid_resources_get_a_condition_saying_why_and_no_children(cluster):
                        (SECRETS, "vqkd-km-n8-tls"), (SERVICES, "vqkd-km-n9"), (DEPLOYMENTS, "vqkd-link-loop"),
                        (CONFIGMAPS, "vqkd-link-loop")):
         assert c.kube.get(kind, name) is None, f"{kind.kind} {name} was created for an invalid resource"
-    # The valid network is untouched: no KM learnt of the refused nodes.
-    config = KMConfig.model_validate_json(c.kube.get(CONFIGMAPS, "vqkd-km-n1")["data"]["km.json"])
-    assert set(config.topology.saes) == {"sae-n0", "sae-n1", "sae-n2"}
+    # The valid network is untouched: no KM was pushed anything for the refused resources.
+    assert {node: c.km_stats(node).topology_version for node in NODES} == held
+
+
+def templates(c: Cluster) -> dict[str, dict]:
+    """The pod template of every KM StatefulSet and module Deployment there is, by workload name."""
+    return {item["metadata"]["name"]: item["spec"]["template"]
+            for kind in (STATEFULSETS, DEPLOYMENTS) for item in c.kube.list(kind)}
+
+
+def link_ends(c: Cluster, node: str) -> dict[str, str]:
+    """Each link end the KM of ``node`` holds, with its incarnation."""
+    return {link.link: link.incarnation for link in c.km_stats(node).links}
+
+
+async def test_growing_the_running_network_pushes_the_kms_concerned_and_restarts_none(cluster):
+    """A new node n3 (with its SAE) linked to n0, and an SAE added to n2: every KM is told live,
+    no existing workload's pod template changes, no KM or link end is replaced, and keys flow
+    between the new SAEs over the new link."""
+    c = cluster
+    before = templates(c)
+    incarnations = {node: c.km_stats(node).incarnation for node in NODES}
+    ends = {node: link_ends(c, node) for node in NODES}
+    restarts = len(c.kubelet.restarts)
+    applied = time.monotonic()
+    c.apply(GROWTH)
+    await asyncio.to_thread(wait_for, lambda: "n0-n3" in link_ends(c, "n0") and "n0-n3" in link_ends(c, "n3"),
+                            what="both KMs of the new link holding it")
+    pushed_s = time.monotonic() - applied
+    version = c.km_stats("n3").topology_version
+    c.kube.patch(VQKD["QKDNode"], "n2", {"spec": {"saeIds": N2_SAES}})
+    # Every KM holds the whole SAE directory: the new SAE reaches n3 too, and keys flow to it.
+    await asyncio.to_thread(wait_for, lambda: c.km_stats("n3").topology_version > version,
+                            what="the SAE added to n2 pushed to n3")
+    async with client(c.network, "sae-n3") as source, client(c.network, "sae-n2b") as destination:
+        sent = await enc_keys_retrying(source, "sae-n2b", 2, 256, timeout=20)
+        assert await destination.dec_keys("sae-n3", [key_id for key_id, _ in sent]) == sent
+    session = wait_for(lambda: next((s for s in c.kube.list(VQKD["KeySession"])
+                                     if s["spec"]["source"]["saeId"] == "sae-n3"
+                                     and s.get("status", {}).get("phase") == "Active"), None),
+                       what="the application's session over the new link recorded")
+    assert session["status"]["path"] == ["n3", "n0", "n1", "n2"]
+    print(f"\nQKDNode n3 and QKDLink n0-n3 applied -> both KMs holding the new link in {pushed_s:.2f} s")
+
+    after = templates(c)
+    assert set(after) - set(before) == {"vqkd-km-n3", "vqkd-link-n0-n3"}
+    assert {name: after[name] for name in before} == before, "no existing workload's pod template changed"
+    assert {node: c.km_stats(node).incarnation for node in NODES} == incarnations, "no KM restarted"
+    for node in NODES:
+        held = link_ends(c, node)
+        assert {link: held[link] for link in ends[node]} == ends[node], f"{node}'s link ends kept as they were"
+    assert len(c.kubelet.restarts) == restarts and c.kubelet.errors == []
+    stats = c.km_stats("n0")
+    assert next(link for link in stats.links if link.link == "n0-n3").drawn_bits_total > 0
+
+
+async def test_shrinking_it_again_removes_the_link_and_the_node_from_the_kms_and_restarts_none(cluster):
+    c = cluster
+    before = templates(c)
+    incarnations = {node: c.km_stats(node).incarnation for node in NODES}
+    kept = {node: {link: end for link, end in link_ends(c, node).items() if link != "n0-n3"} for node in NODES}
+    c.kube.delete(VQKD["QKDLink"], "n0-n3")
+    await asyncio.to_thread(wait_for, lambda: "n0-n3" not in link_ends(c, "n0") and c.get("QKDLink", "n0-n3") is None,
+                            what="the link gone from the KM of n0 and from the API")
+    c.kube.delete(VQKD["QKDNode"], "n3")
+    await asyncio.to_thread(wait_for, lambda: c.get("QKDNode", "n3") is None, what="QKDNode n3 gone")
+    # No KM knows the SAE of n3 any more.
+    async with client(c.network, "sae-n2b") as source:
+        with pytest.raises(ETSI014Error) as refused:
+            await source.enc_keys("sae-n3", 1, 256)
+    assert refused.value.status == 400 and "not known" in refused.value.message
+
+    after = templates(c)
+    assert set(before) - set(after) == {"vqkd-km-n3", "vqkd-link-n0-n3"}
+    assert {name: after[name] for name in after} == {name: before[name] for name in after}
+    assert {node: c.km_stats(node).incarnation for node in NODES} == incarnations, "no KM restarted"
+    assert {node: link_ends(c, node) for node in NODES} == kept, "the other link ends kept as they were"

@@ -1,8 +1,10 @@
 """The vqkd operator: every kopf decorator, each handing its event to the controllers of its concern.
 
-A resource event goes to the resource handler of its kind (into the control core) and, for
-QKDNodes and QKDLinks once accepted, to the workloads controller. The operator is assembled
-in ``handlers.lifecycle`` and reached through ``memo.operator``.
+A resource event goes to the resource handler of its kind (into the control core). For
+QKDNodes and QKDLinks the host then pushes every KM whose topology the change altered
+(after the core rerouted the sessions off a deleted one), and the workloads controller
+applies or removes their workloads. The operator is assembled in ``handlers.lifecycle`` and
+reached through ``memo.operator``.
 
 Run it with ``vqkd operator`` (see ``operate``) or ``kopf run -m vqkd.operator.kopf.main
 --namespace NS --standalone`` (settings then come from VQKD_* variables).
@@ -70,6 +72,7 @@ async def node_changed(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) ->
     operator: Operator = memo.operator
     with operator.reconciling("QKDNode"):
         await operator.nodes.reconcile(body)
+        await operator.runtime.host.topologies.refresh()
         await operator.workloads.node_changed(name)
 
 
@@ -78,6 +81,7 @@ async def node_deleted(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) ->
     operator: Operator = memo.operator
     with operator.reconciling("QKDNode"):
         await operator.nodes.delete(body)
+        await operator.runtime.host.topologies.refresh()
         await operator.workloads.node_deleted(name)
 
 
@@ -96,6 +100,7 @@ async def link_changed(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) ->
     operator: Operator = memo.operator
     with operator.reconciling("QKDLink"):
         await operator.links.reconcile(body)
+        await operator.runtime.host.topologies.refresh()
         await operator.workloads.link_changed(name)
 
 
@@ -104,6 +109,7 @@ async def link_deleted(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) ->
     operator: Operator = memo.operator
     with operator.reconciling("QKDLink"):
         await operator.links.delete(body)
+        await operator.runtime.host.topologies.refresh()
         await operator.workloads.link_deleted(name)
 
 

@@ -24,9 +24,12 @@ from vqkd.operator.control.monitoring import MonitoringSettings
 from vqkd.operator.host import ControlPlaneHost
 from vqkd.operator.kopf.endpoints import EndpointResolver
 from vqkd.operator.kopf.kube import Kube
-from vqkd.operator.kopf.manifests import CONTROL_PLANE_PORT, DEFAULT_MODULE_IMAGE, control_plane_address
+from vqkd.operator.kopf.manifests import (
+    CONTROL_PLANE_PORT, DEFAULT_MODULE_IMAGE, ClusterAddressing, control_plane_address,
+)
 from vqkd.operator.kopf.metrics import OperatorMetrics
 from vqkd.operator.kopf.status import StatusWriter
+from vqkd.operator.plan import Addressing
 from vqkd.operator.resources.network import Network
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class OperatorOptions:
     liveness_endpoint: str | None = "http://0.0.0.0:8080/healthz"
     endpoints_file: str | None = None  # a local runtime's endpoints.json instead of Service DNS names
     endpoints: EndpointResolver | None = None  # given by tests; wins over endpoints_file
+    addressing: Addressing | None = None  # given by tests whose KMs are local processes (see km_addressing)
     state_dir: Path = Path("/tmp/vqkd-operator")  # the CA's working copy and the certificates issued from it
     module_image: str = DEFAULT_MODULE_IMAGE
     poll_interval_s: float = 5.0  # KM and module statistics
@@ -58,6 +62,18 @@ class OperatorOptions:
     @property
     def km_control_plane(self) -> str:
         return self.control_plane_address or control_plane_address(self.namespace)
+
+    @property
+    def km_addressing(self) -> Addressing | None:
+        """Where the topologies pushed to the KMs point them (peers, modules, credentials):
+        ``addressing`` when given; in a cluster its Service names and the paths where the pods
+        mount their Secrets; None for the processes of ``vqkd up`` reached through
+        ``endpoints_file``, whose own control plane pushes their topologies."""
+        if self.addressing is not None:
+            return self.addressing
+        if self.endpoints_file:
+            return None
+        return ClusterAddressing(self.namespace, self.km_control_plane)
 
     @classmethod
     def from_env(cls) -> OperatorOptions:
@@ -103,8 +119,9 @@ class Runtime:
     """The operator's services, handed to each controller.
 
     ``resources`` is a cache of the latest accepted spec of each resource, by kind and name:
-    each resource handler writes the specs of its kind once the control core took them, and
-    the workloads read them, because a KM's configuration names the whole network.
+    each resource handler writes the specs of its kind once the control core took them (and
+    removes them once the core deleted them), and the host's topology pusher plans every KM's
+    topology from them, because a KM's topology names the whole network's SAEs.
     """
 
     options: OperatorOptions

@@ -114,7 +114,7 @@ class LiveChanges:
             for resource in changed:
                 await self.core.apply(resource)
             await self._retire(processes.stop)
-            await asyncio.to_thread(self.network.write_endpoints)
+            await asyncio.to_thread(self.network.publish)
             return outcomes
 
     async def delete(self, manifests: Iterable[tuple[str, str]]) -> tuple[list[Outcome], list[tuple[str, str]]]:
@@ -130,7 +130,7 @@ class LiveChanges:
                 gone = [r.name for r in change.resources if r.kind == "QKDNode"]
                 await asyncio.gather(*(self._released(node) for node in gone))
                 await self._retire(processes.stop)
-                await asyncio.to_thread(self.network.write_endpoints)
+                await asyncio.to_thread(self.network.publish)
             return [Outcome(r.kind, r.name, "deleted") for r in change.resources], change.missing
 
     def _declare(self, network: Network) -> None:
@@ -150,7 +150,7 @@ class LiveChanges:
         self.changing.update(names)
         try:
             if changes.start:
-                await asyncio.to_thread(self.network.launch, changes.start)
+                await asyncio.to_thread(self.network.start_planned, changes.start)
             for name, settings in changes.retune.items():
                 await asyncio.to_thread(self.network.retune, name, settings)
             for name in changes.restart:

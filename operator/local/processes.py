@@ -5,15 +5,17 @@ CA, hands both to the network plan as a ``LocalAddressing``, and runs what the p
 one emulated QKD module pair per emulated link and one KM process per node, with real
 mutual TLS and real gRPC between them. A link to real QKD devices (``spec.etsi014``) needs
 no process: its KMs reach the devices with the credentials found in a secrets directory,
-laid out as the cluster mounts the Secrets each endpoint names. It writes
-``endpoints.json`` once every endpoint answers and stops every process it started.
+laid out as the cluster mounts the Secrets each endpoint names. A KM reporting to a control
+plane starts with its identity only and gets its topology pushed (the control plane tracks
+``manifest`` and ``addressing``); one running on its own starts with the plan's topology. It
+writes ``endpoints.json`` once every endpoint answers and stops every process it started.
 
 A running network changes by planning it again (``replan``): the new nodes and emulated
 links get ports, certificates and configuration files, and the result says which
 processes to start, which module pairs take new conditions live (key rate, QBER), which
 processes to start again (their configuration changed otherwise: a KM's identity, a
-module's buffer or device profile) and which to stop; ``endpoints.json`` is then rewritten
-at once (``write_endpoints``), so a reader sees either the old file or the new one.
+module's buffer or device profile) and which to stop; ``endpoints.json`` is then published
+again (``publish``) in one step, so a reader sees either the old file or the new one.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ class LocalNetwork:
     status_port: int = 0
     processes: dict[str, Process] = field(default_factory=dict)
     endpoints: dict = field(default_factory=dict)
-    addressing: LocalAddressing | None = field(default=None, init=False)  # once planned
+    addressing: LocalAddressing | None = field(default=None, init=False)  # set by ``plan``
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -220,8 +222,8 @@ class LocalNetwork:
         for name, config in planned.modules.items():
             self._add(f"link-{name}", "vqkd.km.emulator", config, addressing.module(name).control_url)
         for name, config in planned.kms.items():
-            # The control plane does not push topologies yet: each KM starts with the plan's.
-            config = config.model_copy(update={"topology": planned.topologies[name]})
+            if config.control_plane is None:  # on its own: nobody will push it a topology
+                config = config.model_copy(update={"topology": planned.topologies[name]})
             self._add(f"km-{name}", "vqkd.km", config, f"http://{config.metrics_listen}/healthz")
         self.endpoints["nodes"] = {name: asdict(ends) for name, ends in planned.km_endpoints.items()}
         self.endpoints["links"] = {name: asdict(ends) for name, ends in planned.module_endpoints.items()}
@@ -250,6 +252,12 @@ class LocalNetwork:
         out.close()
 
     def start(self) -> None:
+        """Start every process and publish the endpoints once they answer."""
+        self.launch()
+        self.publish()
+
+    def launch(self) -> None:
+        """Start every process and wait until each answers; stop them all if one does not."""
         self.plan()
         # Modules first: a KM's first act is to draw key from them.
         for proc in sorted(self.processes.values(), key=lambda p: not p.name.startswith("link-")):
@@ -259,10 +267,10 @@ class LocalNetwork:
         except BaseException:
             self.stop()
             raise
-        self.write_endpoints()
 
-    def write_endpoints(self) -> None:
-        """``endpoints.json`` as the endpoints are now, replaced in one step: written beside it, then renamed."""
+    def publish(self) -> None:
+        """Write ``endpoints.json``: the network is ready for its applications. Replaced in one
+        step (written beside it, then renamed), so a reader sees the old file or the new one."""
         path = self.state_dir / "endpoints.json"
         draft = path.with_name(f".{path.name}.{os.getpid()}")
         draft.write_text(json.dumps(self.endpoints, indent=2))
@@ -305,7 +313,7 @@ class LocalNetwork:
         New nodes and emulated links get loopback ports and certificates, every process to
         start, retune or start again gets its configuration file, and the endpoints to
         publish become the new network's (new SAEs get their certificates). Nothing is
-        started or stopped here: the caller runs the changes (``launch``, ``retune``,
+        started or stopped here: the caller runs the changes (``start_planned``, ``retune``,
         ``restart``, ``retire``).
         Raises PlanError, with nothing changed, when the network cannot run here.
         """
@@ -355,8 +363,8 @@ class LocalNetwork:
         )
         return plan_network(network, addressing), addressing
 
-    def launch(self, names: list[str]) -> None:
-        """Start the named processes (planned by ``replan``) and wait until each answers."""
+    def start_planned(self, names: list[str]) -> None:
+        """Start the named processes (new in ``replan``) and wait until each answers."""
         for name in names:
             self._spawn(self.processes[name])
         self.wait_ready(names)

@@ -5,9 +5,12 @@ It runs in the ``vqkd up`` process, beside the KM and module processes it superv
 - the control-plane host (``vqkd.operator.host``): the control core, the ControlPlane and
   health gRPC services the KMs call, timers, and monitoring every second from the KMs'
   stats and the modules' metrics;
+- every KM's topology, pushed by the host from the network's resources and addressing: the
+  KMs start with their identity only, and the network is published (``endpoints.json``)
+  once each holds its topology;
 - supervision, as a kubelet would: a process that exits is started again; for a KM the
-  host is told, and asks the new instance at once, so it gets every session it takes part
-  in pushed again;
+  host is told, and asks the new instance at once, so it gets its topology and every
+  session it takes part in pushed again;
 - a status API on loopback (plain HTTP): ``/sessions``, ``/links``, ``/nodes``,
   ``/alarms``, ``/events``, ``/metrics`` and the ETSI GS QKD 015 view at
   ``/restconf/data/etsi-qkd-sdn-node:qkd_node?node=NAME``; and the changes of
@@ -28,9 +31,9 @@ from vqkd.km import identity
 from vqkd.operator.adapters.kms import GrpcKMs
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.control.monitoring import MonitoringSettings
-from vqkd.operator.host import Cadence, ControlPlaneHost
+from vqkd.operator.host import TICK_S, Cadence, ControlPlaneHost
 from vqkd.operator.local.changes import LiveChanges
-from vqkd.operator.local.processes import HOST, LocalNetwork
+from vqkd.operator.local.processes import HOST, READY_TIMEOUT_S, LocalNetwork
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class LocalControlPlane:
             admission=admission or AdmissionSettings(),
             monitoring=monitoring or MonitoringSettings(no_key_window_s=5.0),
         )
+        self.host.topologies.track(network.manifest, network.addressing)
         self.core = self.host.core
         self.supervise = supervise
         self.paused: set[str] = set()  # KMs deliberately left down (node loss drills)
@@ -61,17 +65,35 @@ class LocalControlPlane:
         self._supervisor: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Serve, start the processes, declare the resources, then keep everything current."""
+        """Serve, start the processes, push every KM its topology, declare the resources,
+        publish the endpoints, then keep everything current."""
         await self.host.serve()
         await self._serve_status()
-        await asyncio.to_thread(self.network.start)
-        # The declared resources and the addressing change in place with vqkd apply / delete.
-        self.host.topologies.track(self.network.manifest, self.network.addressing)
-        await self.host.topologies.refresh()
-        await self.core.load(self.network.manifest)
+        await asyncio.to_thread(self.network.launch)
+        try:
+            await self._push_topologies()
+            await self.core.load(self.network.manifest)
+        except BaseException:
+            await asyncio.to_thread(self.network.stop)
+            raise
+        await asyncio.to_thread(self.network.publish)
         self.host.start()
         if self.supervise:
             self._supervisor = asyncio.create_task(self._supervise_forever(), name="supervisor")
+
+    async def _push_topologies(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Every KM holds its topology, or the network does not come up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            await self.host.topologies.refresh()
+            missing = self.host.topologies.unconfirmed()
+            if not missing:
+                return
+            if loop.time() > deadline:
+                raise RuntimeError(f"KMs without their topology after {timeout:.0f} s: "
+                                   + "; ".join(f"{node}: {why}" for node, why in missing.items()))
+            await asyncio.sleep(TICK_S)
 
     async def _supervise_forever(self) -> None:
         while True:

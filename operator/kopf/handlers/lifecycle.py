@@ -8,8 +8,9 @@ monitoring find. They share only the services of ``Runtime`` and coordinate thro
 control core and resource status.
 
 At start the control core is empty. Every QKDNode, QKDLink and UserProfile is loaded into
-it, the KMs are polled once, then every KeySession is applied, which pushes each Active
-session's configuration to the KMs on its path again (pushes are idempotent and versioned).
+it, every KM is pushed its topology and polled once, then every KeySession is applied,
+which pushes each Active session's configuration to the KMs on its path again (pushes are
+idempotent and versioned, and a KM's topology goes before its sessions).
 Only then does the ControlPlane service accept KM calls, so an application's open never
 races the restore. kopf's resume handlers then bring each resource's children and status
 up to date.
@@ -122,6 +123,9 @@ def assemble(options: OperatorOptions, kube: Kube, endpoints: EndpointResolver, 
         admission=options.admission, monitoring=options.monitoring, namespace=options.namespace,
         token_lookup=tokens.lookup, registry=registry,
     )
+    addressing = options.km_addressing
+    if addressing is not None:
+        host.topologies.track(resources, addressing)
     status = StatusWriter(kube, on_error=lambda kind: metrics.errors(kind).inc())
     runtime = Runtime(options, kube, endpoints, ca, host, metrics, status, resources,
                       Background(on_error=lambda: metrics.errors("Operator").inc()))
@@ -272,6 +276,7 @@ async def restore(operator: Operator) -> None:
     for kind, reconcile in handlers.items():
         for body in bodies[kind]:
             await _restore_one(operator, kind, body, reconcile)
+    await runtime.host.topologies.refresh()
     await runtime.host.poll()
     for body in bodies["KeySession"]:
         await _restore_one(operator, "KeySession", body, operator.sessions.reconcile)

@@ -3,9 +3,10 @@
 ``NodeHandler`` registers each QKDNode with the control core, or refuses an invalid or
 conflicting one with a condition saying why. ``desired_children`` renders the node's KM as
 a one-replica StatefulSet with its Service and ConfigMap (the workloads controller applies
-them). The KM's configuration names its links and every SAE of the network, so it is
-rendered from the cached specs of all nodes and links; a new configuration changes the pod
-template's hash and so rolls the KM out.
+them). The ConfigMap holds the KM's identity only; its topology (links, the network's SAEs,
+key limits) is pushed live by the host. So the pod template, which carries the ConfigMap's
+hash, changes only with what needs a new process: the node's own KM spec, and the device
+Secrets mounted for its ``etsi014`` links.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from vqkd.operator.kopf.runtime import Runtime
 from vqkd.operator.kopf.manifests import (
     ClusterAddressing, build_km_configmap, build_km_service, build_km_statefulset, content_hash, with_spec_hash,
 )
-from vqkd.operator.plan import km_config, km_topology
+from vqkd.operator.plan import km_config
 from vqkd.operator.resources.models import API_VERSION, ConditionType, NodePhase, QKDNode, QKDNodeStatus
 
 KIND = "QKDNode"
@@ -81,10 +82,7 @@ def owner_of(runtime: Runtime, kind: str, name: str) -> dict[str, Any] | None:
 def desired_children(runtime: Runtime, node: QKDNode) -> tuple[dict[str, Any], ...]:
     """ConfigMap, Service and StatefulSet of the node's KM, owned by the node."""
     addressing = ClusterAddressing(runtime.namespace, runtime.options.km_control_plane)
-    # The control plane does not push topologies yet: each KM starts with the plan's.
-    config = km_config(runtime.resources, node.name, addressing).model_copy(
-        update={"topology": km_topology(runtime.resources, node.name, addressing)})
-    configmap = build_km_configmap(node.name, config)
+    configmap = build_km_configmap(node.name, km_config(runtime.resources, node.name, addressing))
     device_secrets = {
         name: link.spec.etsi014.endpoints[node.name].secret_ref.name
         for name, link in runtime.resources.links.items()

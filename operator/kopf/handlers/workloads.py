@@ -6,12 +6,13 @@ rewritten); each emulated QKDLink its module pair (Deployment, Service, ConfigMa
 by ``links.module_children``, and a TLS Secret with both ends' identities). A link to real
 devices gets no workload of its own: its KMs are pointed at the devices.
 
-Children are applied once the resource handler has accepted the resource, and every KM a
-change concerns is applied again: a KM's configuration names its links and every SAE of the
-network. They are removed with their resource (owner references let a cluster's garbage
-collector do this too; doing it here makes deletion complete without one). A daemon per
-QKDNode guards its StatefulSet: a missing one is created again. The controller owns the
-``Configured`` condition of both kinds.
+Children are applied once the resource handler has accepted the resource. A KM's workload
+holds its identity only, so other nodes, links and SAEs never change it (the host pushes
+the KMs their topologies); only a link to devices does, at its two nodes, whose KMs mount
+its device Secrets. Children are removed with their resource (owner references let a
+cluster's garbage collector do this too; doing it here makes deletion complete without
+one). A daemon per QKDNode guards its StatefulSet: a missing one is created again. The
+controller owns the ``Configured`` condition of both kinds.
 """
 
 from __future__ import annotations
@@ -47,24 +48,16 @@ class Workloads:
         self.problems = {kind: Problems(kind, runtime.status, runtime.options.retry_delay_s) for kind in (NODE, LINK)}
         self.applied: set[Key] = set()  # resources whose children are applied as their spec says
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        # Each node's KME ID and SAEs as every KM was last rendered with; None: not rendered yet.
-        self._directory: dict[str, tuple[str, tuple[str, ...]]] | None = None
         self._link_ends: dict[str, tuple[str, ...]] = {}  # link -> the nodes whose KMs it was rendered into
 
     # --- QKDNode ------------------------------------------------------------------------
 
     async def node_changed(self, name: str) -> None:
-        """The node was accepted: its KM as it says, and every KM once the SAE directory changed."""
+        """The node was accepted: its KM as it says."""
         await self.sync_kms([name])
-        nodes = self.runtime.resources.nodes.values()
-        directory = {node.name: (node.kme_id, tuple(node.spec.sae_ids)) for node in nodes}
-        if directory != self._directory:
-            # Every KM knows where each SAE is attached: a new node or a changed SAE list reaches all.
-            await self.sync_kms([other for other in directory if other != name])
-            self._directory = directory
 
     async def node_deleted(self, name: str) -> None:
-        """The node was removed from the core: its KM goes, and the other KMs forget its SAEs."""
+        """The node was removed from the core: its KM goes."""
         try:
             await asyncio.to_thread(_delete_km, self.runtime.kube, name)
         except (KubeError, OSError) as e:
@@ -73,13 +66,9 @@ class Workloads:
                                       delay=self.runtime.options.retry_delay_s) from None
         self.applied.discard((NODE, name))
         self.problems[NODE].forget(name)
-        try:
-            await self.sync_kms(list(self.runtime.resources.nodes))
-        except kopf.TemporaryError as e:
-            log.warning("after deleting QKDNode %s, the other KMs keep its SAEs until their next sync: %s", name, e)
 
     async def sync_kms(self, names: Iterable[str]) -> None:
-        """Apply the KM workload of each named node as its spec and the network now say.
+        """Apply the KM workload of each named node as its spec and its device links now say.
 
         One node at a time under its lock, rendering inside the lock: of two syncs racing, the
         later one writes last and from the newer state.
@@ -138,7 +127,8 @@ class Workloads:
     # --- QKDLink ------------------------------------------------------------------------
 
     async def link_changed(self, name: str) -> None:
-        """The link was accepted: its module pair as it says, and both its KMs pointed at it."""
+        """The link was accepted: its module pair as it says, and both its KMs mounting what it
+        needs of them (the Secrets of its devices, or nothing)."""
         link = self.runtime.resources.links[name]
         self._link_ends[name] = tuple(link.spec.nodes)
         await self._sync_modules(link)
@@ -147,7 +137,7 @@ class Workloads:
         self.problems[LINK].solved(name)
 
     async def link_deleted(self, name: str) -> None:
-        """The link was removed from the core: its modules go, and its KMs forget it."""
+        """The link was removed from the core: its modules go, and its KMs unmount its device Secrets."""
         try:
             await asyncio.to_thread(_delete_modules, self.runtime.kube, name)
         except (KubeError, OSError) as e:
@@ -156,12 +146,13 @@ class Workloads:
                                       delay=self.runtime.options.retry_delay_s) from None
         self.applied.discard((LINK, name))
         self.problems[LINK].forget(name)
-        # Not rendered in this operator's lifetime: any KM may still name it.
+        # Not rendered in this operator's lifetime: any KM may still mount its Secrets.
         ends = self._link_ends.pop(name, None) or list(self.runtime.resources.nodes)
         try:
             await self.sync_kms(ends)
         except kopf.TemporaryError as e:
-            log.warning("after deleting QKDLink %s, its KMs keep it until their next sync: %s", name, e)
+            log.warning("after deleting QKDLink %s, its KMs keep its device Secrets mounted until their next sync: %s",
+                        name, e)
 
     async def _sync_modules(self, link: QKDLink) -> None:
         runtime = self.runtime
