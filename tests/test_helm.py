@@ -33,7 +33,7 @@ import yaml
 
 from vqkd.operator.resources import crdgen
 from vqkd.operator.kopf import kube as operator_kube
-from vqkd.operator.kopf import manifests as specs
+from vqkd.operator.kopf import manifests
 from vqkd.operator.kopf.handlers import lifecycle
 from vqkd.operator.kopf.runtime import OperatorOptions
 from vqkd.operator.resources.loader import load_files
@@ -340,7 +340,7 @@ def test_operator_deployment_is_one_recreated_hardened_replica():
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] == specs.RUN_AS_USER
+    assert pod["securityContext"]["runAsUser"] == manifests.RUN_AS_USER
     (container,) = pod["containers"]
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
@@ -395,7 +395,7 @@ def test_the_operators_command_runs_vqkd_operator_with_the_charts_ports(level, m
     assert options.liveness_endpoint.endswith("/healthz") and container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert options.module_image == "ghcr.io/vqkd/km:0.1.0"
     assert any(m["mountPath"] == str(options.state_dir) for m in container["volumeMounts"])
-    assert options.km_control_plane == specs.control_plane_address(NAMESPACE)
+    assert options.km_control_plane == manifests.control_plane_address(NAMESPACE)
     assert (options.poll_interval_s, options.replace_after_s, options.counts_interval_s) == (2.5, 15, 60)
 
 
@@ -403,8 +403,8 @@ def test_the_operators_command_runs_vqkd_operator_with_the_charts_ports(level, m
 def test_the_control_plane_service_has_the_name_and_port_kms_dial():
     docs = render()
     service = one(docs, "Service")
-    assert service["metadata"]["name"] == specs.CONTROL_PLANE_SERVICE
-    assert specs.control_plane_address(NAMESPACE) == f"{specs.CONTROL_PLANE_SERVICE}.{NAMESPACE}.svc:" + str(
+    assert service["metadata"]["name"] == manifests.CONTROL_PLANE_SERVICE
+    assert manifests.control_plane_address(NAMESPACE) == f"{manifests.CONTROL_PLANE_SERVICE}.{NAMESPACE}.svc:" + str(
         next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"))
     pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
@@ -514,7 +514,7 @@ def test_the_operator_reads_the_ca_secret_the_chart_documents():
     assert lifecycle.CA_SECRET == "vqkd-ca"
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
     assert '{{- define "vqkd.caSecret" -}}vqkd-ca{{- end }}' in helpers
-    assert f'{{{{- define "vqkd.controlPlaneService" -}}}}{specs.CONTROL_PLANE_SERVICE}{{{{- end }}}}' in helpers
+    assert f'{{{{- define "vqkd.controlPlaneService" -}}}}{manifests.CONTROL_PLANE_SERVICE}{{{{- end }}}}' in helpers
 
 
 # --- TLS -------------------------------------------------------------------------------
@@ -559,10 +559,10 @@ def test_monitors_select_the_operator_every_km_and_every_module(kind, values, en
     docs = render(*values)
     monitors = {m["metadata"]["name"].removeprefix("vqkd-"): m["spec"] for m in of_kind(docs, kind)}
     assert set(monitors) == {"operator", "km", "qkd-module"}
-    km_service = specs.build_km_service("n1")
-    km_pod = specs.build_km_statefulset(_node("n1"), "hash")["spec"]["template"]
-    module_service = specs.build_module_service("l1")
-    module_pod = specs.build_module_deployment("l1", "image", "hash")["spec"]["template"]
+    km_service = manifests.build_km_service("n1")
+    km_pod = manifests.build_km_statefulset(_node("n1"), "hash")["spec"]["template"]
+    module_service = manifests.build_module_service("l1")
+    module_pod = manifests.build_module_deployment("l1", "image", "hash")["spec"]["template"]
     operator_pod = one(docs, "Deployment")["spec"]["template"]
     targets = {
         "operator": (one(docs, "Service"), operator_pod),
@@ -668,19 +668,19 @@ def test_dockerfiles_are_pinned_and_non_root(dockerfile):
     assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", base.group(1)), base.group(1)
     stages = re.findall(r"^FROM (\S+)(?: AS (\w+))?$", text, re.M)
     assert stages and all(image == "${PYTHON_IMAGE}" for image, _ in stages)
-    assert re.search(rf"^USER {specs.RUN_AS_USER}:{specs.RUN_AS_USER}$", text, re.M)
+    assert re.search(rf"^USER {manifests.RUN_AS_USER}:{manifests.RUN_AS_USER}$", text, re.M)
     other = (ROOT / ("operator/Dockerfile" if dockerfile.startswith("km") else "km/Dockerfile")).read_text()
     assert base.group(0) in other, "both images build on the same base"
 
 
 def test_the_kms_command_is_served_by_the_km_image():
-    km = specs.build_km_statefulset(_node("n1"), "hash")["spec"]["template"]["spec"]["containers"][0]
-    module = specs.build_module_deployment("l1", "image", "hash")["spec"]["template"]["spec"]["containers"][0]
+    km = manifests.build_km_statefulset(_node("n1"), "hash")["spec"]["template"]["spec"]["containers"][0]
+    module = manifests.build_module_deployment("l1", "image", "hash")["spec"]["template"]["spec"]["containers"][0]
     text = (ROOT / "km" / "Dockerfile").read_text()
     for command in (km["command"], module["command"]):
         assert command[0] == "python"  # on PATH in the image, from /opt/vqkd/bin
     assert '"python", "-P", "-m", "vqkd.km"' in text
-    assert str(specs.CONFIG_DIR / specs.KM_CONFIG_FILE) in text
+    assert str(manifests.CONFIG_DIR / manifests.KM_CONFIG_FILE) in text
 
 
 @needs_helm

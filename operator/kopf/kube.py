@@ -6,7 +6,7 @@ Events, and lists resources at startup. The official client is synchronous: ever
 here blocks, so the operator calls them from worker threads (``asyncio.to_thread``), never
 on the event loop.
 
-Bodies stay dicts end to end (no generated models): the manifests come from ``specs`` as
+Bodies stay dicts end to end (no generated models): the manifests come from ``manifests`` as
 dicts and the tests compare dicts, and a merge patch is a dict.
 """
 
@@ -172,7 +172,7 @@ class Kube:
     def ensure(self, kind: Kind, desired: dict[str, Any], *, create_only: bool = False) -> str:
         """Make the object match ``desired``: "created", "updated" or "unchanged".
 
-        Whether it matches is decided by the spec hash annotation ``specs`` puts on every
+        Whether it matches is decided by the spec hash annotation ``manifests`` puts on every
         manifest, not by comparing with what the API server returns (which adds defaults).
         ``create_only`` objects (TLS Secrets) are never rewritten once they exist.
         """

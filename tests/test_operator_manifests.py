@@ -9,7 +9,7 @@ import base64
 import pytest
 
 from vqkd.km.config import EmulatedLinkConfig, KMConfig
-from vqkd.operator.kopf import manifests as specs
+from vqkd.operator.kopf import manifests
 from vqkd.operator.kopf.endpoints import ClusterEndpoints, LocalEndpoints
 from vqkd.operator.kopf.handlers.lifecycle import load_ca
 from vqkd.operator.kopf.kube import CONFIGMAPS, SECRETS, Kube, Kind, KubeError
@@ -68,19 +68,19 @@ def network():
 
 def km_config(network, node: str) -> KMConfig:
     """What the node's KM ConfigMap holds: its identity and, until the control plane pushes it, its topology."""
-    addressing = specs.ClusterAddressing(NS, CONTROL_PLANE)
+    addressing = manifests.ClusterAddressing(NS, CONTROL_PLANE)
     return plan.km_config(network, node, addressing).model_copy(
         update={"topology": plan.km_topology(network, node, addressing)})
 
 
 def test_children_are_named_after_their_resource_and_too_long_names_are_refused():
-    assert (specs.km_name("n1"), specs.km_tls_secret("n1"), specs.km_pod("n1")) == (
+    assert (manifests.km_name("n1"), manifests.km_tls_secret("n1"), manifests.km_pod("n1")) == (
         "vqkd-km-n1", "vqkd-km-n1-tls", "vqkd-km-n1-0")
-    assert (specs.module_name("a-b"), specs.module_tls_secret("a-b")) == ("vqkd-link-a-b", "vqkd-link-a-b-tls")
-    assert specs.name_problem("QKDNode", "n" * 51) is None
-    problem = specs.name_problem("QKDNode", "n" * 52)
+    assert (manifests.module_name("a-b"), manifests.module_tls_secret("a-b")) == ("vqkd-link-a-b", "vqkd-link-a-b-tls")
+    assert manifests.name_problem("QKDNode", "n" * 51) is None
+    problem = manifests.name_problem("QKDNode", "n" * 52)
     assert problem.startswith("QKDNode nnn") and "at most 51 characters" in problem and "got 52" in problem
-    assert "at most 49 characters" in specs.name_problem("QKDLink", "l" * 50)
+    assert "at most 49 characters" in manifests.name_problem("QKDLink", "l" * 50)
 
 
 def test_km_config_reaches_peers_and_modules_by_service_name(network):
@@ -107,34 +107,34 @@ def test_km_config_reaches_peers_and_modules_by_service_name(network):
     assert km_config(network, "alice").topology.links[0].module_url == "https://vqkd-link-alice-bob.qkd.svc:8443"
     assert km_config(network, "alice").topology.limits.key_size == 512
     # The config is what `python -m vqkd.km --config` reads.
-    assert KMConfig.model_validate_json(specs.config_json(config)) == config
+    assert KMConfig.model_validate_json(manifests.config_json(config)) == config
 
 
 def test_a_link_whose_other_node_is_unknown_is_left_out(network):
     partial = load_text(NETWORK, "specs-test")
     del partial.nodes["carol"]
-    assert [link.name for link in plan.km_topology(partial, "bob", specs.ClusterAddressing(NS)).links] == [
+    assert [link.name for link in plan.km_topology(partial, "bob", manifests.ClusterAddressing(NS)).links] == [
         "alice-bob"]
 
 
 def test_emulator_config_serves_each_node_at_its_own_end(network):
-    config = plan.module_config(network.links["alice-bob"], specs.ClusterAddressing(NS))
+    config = plan.module_config(network.links["alice-bob"], manifests.ClusterAddressing(NS))
     assert (config.link, config.key_rate_bps, config.qber, config.buffer_bits) == ("alice-bob", 1e6, 0.02, 4096000)
     assert config.admin_listen == "0.0.0.0:9100"
     assert {end: (e.listen, e.sae_id, e.client, e.kme_id, str(e.tls.cert)) for end, e in config.ends.items()} == {
         "a": ("0.0.0.0:8443", "alice", "vqkd://km/alice", "alice-bob-a", "/etc/vqkd/tls/a.crt"),
         "b": ("0.0.0.0:8444", "bob", "vqkd://km/bob", "alice-bob-b", "/etc/vqkd/tls/b.crt"),
     }
-    assert EmulatedLinkConfig.model_validate_json(specs.config_json(config)) == config
+    assert EmulatedLinkConfig.model_validate_json(manifests.config_json(config)) == config
     with pytest.raises(plan.PlanError, match="QKDLink bob-carol has no emulated key source"):
-        plan.module_config(network.links["bob-carol"], specs.ClusterAddressing(NS))
+        plan.module_config(network.links["bob-carol"], manifests.ClusterAddressing(NS))
 
 
 def test_km_statefulset_runs_one_km_from_its_configmap_and_secret(network):
     node = network.nodes["alice"]
-    configmap = specs.build_km_configmap("alice", km_config(network, "alice"))
-    digest = specs.content_hash(configmap["data"])
-    sts = specs.build_km_statefulset(node, digest)
+    configmap = manifests.build_km_configmap("alice", km_config(network, "alice"))
+    digest = manifests.content_hash(configmap["data"])
+    sts = manifests.build_km_statefulset(node, digest)
     spec = sts["spec"]
     template = spec["template"]
     pod = template["spec"]
@@ -142,7 +142,7 @@ def test_km_statefulset_runs_one_km_from_its_configmap_and_secret(network):
     assert (sts["kind"], sts["metadata"]["name"], spec["replicas"], spec["serviceName"]) == (
         "StatefulSet", "vqkd-km-alice", 1, "vqkd-km-alice")
     assert spec["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
-    assert template["metadata"]["annotations"][specs.ANNOTATION_CONFIG_HASH] == digest
+    assert template["metadata"]["annotations"][manifests.ANNOTATION_CONFIG_HASH] == digest
     assert (container["image"], container["imagePullPolicy"]) == ("registry.example/vqkd:1.2", "Always")
     assert container["resources"] == {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
     assert container["command"][-2:] == ["--config", "/etc/vqkd/config/km.json"]
@@ -160,7 +160,7 @@ def test_km_statefulset_runs_one_km_from_its_configmap_and_secret(network):
 
 
 def test_a_km_on_a_device_link_mounts_the_device_credentials(network):
-    sts = specs.build_km_statefulset(network.nodes["bob"], "0", {"bob-carol": "qkd-b-creds"})
+    sts = manifests.build_km_statefulset(network.nodes["bob"], "0", {"bob-carol": "qkd-b-creds"})
     pod = sts["spec"]["template"]["spec"]
     assert {"name": "module-0", "secret": {"secretName": "qkd-b-creds", "defaultMode": 0o440}} in pod["volumes"]
     assert {"name": "module-0", "mountPath": "/etc/vqkd/modules/bob-carol", "readOnly": True} in \
@@ -168,8 +168,8 @@ def test_a_km_on_a_device_link_mounts_the_device_credentials(network):
 
 
 def test_km_service_selects_the_km_pod_and_exposes_its_named_ports(network):
-    service = specs.build_km_service("alice")
-    sts = specs.build_km_statefulset(network.nodes["alice"], "0")
+    service = manifests.build_km_service("alice")
+    sts = manifests.build_km_statefulset(network.nodes["alice"], "0")
     assert service["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
     container_ports = {port["name"] for port in sts["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert {port["targetPort"] for port in service["spec"]["ports"]} == container_ports
@@ -178,8 +178,8 @@ def test_km_service_selects_the_km_pod_and_exposes_its_named_ports(network):
 
 
 def test_module_deployment_runs_one_pair_and_never_two(network):
-    deployment = specs.build_module_deployment("alice-bob", "registry.example/vqkd:1.2", "abc")
-    service = specs.build_module_service("alice-bob")
+    deployment = manifests.build_module_deployment("alice-bob", "registry.example/vqkd:1.2", "abc")
+    service = manifests.build_module_service("alice-bob")
     spec = deployment["spec"]
     (container,) = spec["template"]["spec"]["containers"]
     assert (spec["replicas"], spec["strategy"]["type"]) == (1, "Recreate")
@@ -193,26 +193,26 @@ def test_module_deployment_runs_one_pair_and_never_two(network):
 
 
 def test_spec_hash_changes_with_the_manifest_only(network):
-    first = specs.build_km_configmap("alice", km_config(network, "alice"))
-    again = specs.build_km_configmap("alice", km_config(network, "alice"))
+    first = manifests.build_km_configmap("alice", km_config(network, "alice"))
+    again = manifests.build_km_configmap("alice", km_config(network, "alice"))
     assert first == again
-    assert specs.with_spec_hash(dict(first)) == first  # rehashing a hashed manifest changes nothing
+    assert manifests.with_spec_hash(dict(first)) == first  # rehashing a hashed manifest changes nothing
     changed = load_text(NETWORK.replace("keySize: 512", "keySize: 1024"), "changed")
-    other = specs.build_km_configmap("alice", km_config(changed, "alice"))
-    key = specs.ANNOTATION_SPEC_HASH
+    other = manifests.build_km_configmap("alice", km_config(changed, "alice"))
+    key = manifests.ANNOTATION_SPEC_HASH
     assert other["metadata"]["annotations"][key] != first["metadata"]["annotations"][key]
 
 
 def test_tls_secret_and_application_session_manifests():
-    secret = specs.build_tls_secret("s", {"a": "b"}, {"tls.crt": b"cert", "ca.crt": b"ca"})
+    secret = manifests.build_tls_secret("s", {"a": "b"}, {"tls.crt": b"cert", "ca.crt": b"ca"})
     assert secret["data"] == {"ca.crt": base64.b64encode(b"ca").decode(), "tls.crt": base64.b64encode(b"cert").decode()}
-    body = specs.build_application_session(
+    body = manifests.build_application_session(
         "7f1f9a8e-0000-4000-8000-000000000001", "lab", ("n1", "sae-1"), ("n2", "sae-2"), {"minBps": 0}, "source")
     assert body["metadata"]["name"] == "app-7f1f9a8e-0000-4000-8000-000000000001"
-    assert body["metadata"]["labels"][specs.LABEL_ORIGIN] == specs.ORIGIN_APPLICATION
-    assert body["metadata"]["annotations"][specs.ANNOTATION_SESSION_ID] == "7f1f9a8e-0000-4000-8000-000000000001"
+    assert body["metadata"]["labels"][manifests.LABEL_ORIGIN] == manifests.ORIGIN_APPLICATION
+    assert body["metadata"]["annotations"][manifests.ANNOTATION_SESSION_ID] == "7f1f9a8e-0000-4000-8000-000000000001"
     session = parse(body)  # a valid KeySession
-    assert body["metadata"]["annotations"][specs.ANNOTATION_REGISTERED] == "source"
+    assert body["metadata"]["annotations"][manifests.ANNOTATION_REGISTERED] == "source"
     assert (session.spec.user, session.spec.source.sae_id, session.spec.destination.node) == ("lab", "sae-1", "n2")
 
 
@@ -234,7 +234,7 @@ def test_endpoints_in_a_cluster_and_from_a_local_runtime():
     assert (local.km_grpc("n1"), local.module_metrics("l")) == ("127.0.0.1:1", None)
     with pytest.raises(LookupError, match="no endpoints for node 'n9' in the local runtime \\(known: n1\\)"):
         local.km_grpc("n9")
-    assert specs.control_plane_address("qkd") == CONTROL_PLANE
+    assert manifests.control_plane_address("qkd") == CONTROL_PLANE
 
 
 class MemoryKube(Kube):
@@ -264,17 +264,17 @@ class MemoryKube(Kube):
 
 def test_ensure_creates_then_patches_only_when_the_wish_changed(network):
     kube = MemoryKube()
-    configmap = specs.build_km_configmap("alice", km_config(network, "alice"))
+    configmap = manifests.build_km_configmap("alice", km_config(network, "alice"))
     assert kube.ensure(CONFIGMAPS, configmap) == "created"
     # The API server adds fields of its own; the hash still says nothing changed.
     kube.objects["configmaps", "vqkd-km-alice"]["metadata"]["resourceVersion"] = "7"
     assert kube.ensure(CONFIGMAPS, configmap) == "unchanged"
-    changed = specs.build_km_configmap("alice", km_config(load_text(NETWORK.replace("sae-c]", "sae-c, sae-d]"),
+    changed = manifests.build_km_configmap("alice", km_config(load_text(NETWORK.replace("sae-c]", "sae-c, sae-d]"),
                                                                          "x"), "alice"))
     assert kube.ensure(CONFIGMAPS, changed) == "updated"
-    secret = specs.build_tls_secret("vqkd-km-alice-tls", {}, {"tls.crt": b"one"})
+    secret = manifests.build_tls_secret("vqkd-km-alice-tls", {}, {"tls.crt": b"one"})
     assert kube.ensure(SECRETS, secret, create_only=True) == "created"
-    assert kube.ensure(SECRETS, specs.build_tls_secret("vqkd-km-alice-tls", {}, {"tls.crt": b"two"}),
+    assert kube.ensure(SECRETS, manifests.build_tls_secret("vqkd-km-alice-tls", {}, {"tls.crt": b"two"}),
                        create_only=True) == "unchanged"
     assert kube.calls == ["create", "patch", "create"]
     kube.objects["configmaps", "vqkd-km-alice"]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
