@@ -113,7 +113,7 @@ class KMLiveness:
 
 
 @dataclass(slots=True)
-class _Watch:
+class _KMWatch:
     ok: bool | None = None
     error: str = ""
     incarnation: str | None = None
@@ -182,7 +182,7 @@ class ControlPlaneHost:
         )
         self.metrics = ControlMetrics(self.core, registry)
         self.sampler = LinkSampler()
-        self._watches: dict[str, _Watch] = {}
+        self._watches: dict[str, _KMWatch] = {}
         self._server: grpc.aio.Server | None = None
         self._checks: health.aio.HealthServicer | None = None
         self._loops: list[asyncio.Task] = []
@@ -254,7 +254,7 @@ class ControlPlaneHost:
                             node, now - watch.failing_since, watch.error)
                 self._run(f"replace {node}", self.replacer.replace(node))
 
-    def _replacement_due(self, watch: _Watch, now: float) -> bool:
+    def _replacement_due(self, watch: _KMWatch, now: float) -> bool:
         after = self.cadence.replace_after_s
         if self.replacer is None or after is None or watch.failing_since is None or now - watch.failing_since < after:
             return False
@@ -305,7 +305,7 @@ class ControlPlaneHost:
     def km_lost(self, node: str) -> None:
         """The runtime found the KM of ``node`` gone (its process exited, its workload is
         missing): the replacement it starts is timed from now."""
-        watch = self._watches.setdefault(node, _Watch())
+        watch = self._watches.setdefault(node, _KMWatch())
         if watch.lost_at is None:
             watch.lost_at = self.clock()
 
@@ -315,7 +315,7 @@ class ControlPlaneHost:
         await self._observe(node, asked_at, await read_km(self.kms, node))
 
     async def _observe(self, node: str, asked_at: float, answer: km_pb2.Stats | Exception) -> None:
-        watch = self._watches.setdefault(node, _Watch())
+        watch = self._watches.setdefault(node, _KMWatch())
         if asked_at < watch.asked_at:
             return  # an older question than one whose answer was already taken
         watch.asked_at = asked_at
@@ -346,7 +346,7 @@ class ControlPlaneHost:
                 log.warning("KM of %s replaced and configured again %.2f s after it was lost", node, seconds)
             self._tell(lambda listener: listener.km_replaced(node, seconds))
 
-    async def _failing(self, node: str, watch: _Watch, error: str) -> None:
+    async def _failing(self, node: str, watch: _KMWatch, error: str) -> None:
         first = watch.ok is not False
         watch.ok, watch.error = False, error
         if not first:
