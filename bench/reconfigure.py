@@ -34,35 +34,7 @@ from vqkd.operator.resources.loader import load_files
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = {"0-1": ("sae-0", "sae-1"), "2-3": ("sae-2", "sae-3"), "4-5": ("sae-4", "sae-5")}
-SITE = """
-apiVersion: vqkd.io/v1alpha1
-kind: QKDNode
-metadata: {name: node-6}
-spec: {saeIds: [sae-6]}
----
-apiVersion: vqkd.io/v1alpha1
-kind: QKDLink
-metadata: {name: link-0-6}
-spec:
-  nodes: [node-0, node-6]
-  emulated: {keyRateBps: 500000, qber: 0.02}
----
-apiVersion: vqkd.io/v1alpha1
-kind: UserProfile
-metadata: {name: user-6}
-spec:
-  saeIds: [sae-6]
-  sla: {maxKeyRateBps: 65536, maxSessions: 2}
----
-apiVersion: vqkd.io/v1alpha1
-kind: KeySession
-metadata: {name: session-6-0}
-spec:
-  user: user-6
-  source: {node: node-6, saeId: sae-6}
-  destination: {node: node-0, saeId: sae-0}
-  qos: {keyChunkSize: 32, maxBps: 16384, minBps: 1024}
-"""
+SITE = (ROOT / "examples" / "paper-new-site.yaml").read_text()
 
 
 async def once(cp: LocalControlPlane, pairs: dict[str, RoundTrips]) -> dict:

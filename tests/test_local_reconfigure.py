@@ -39,35 +39,7 @@ ORIGINAL_NODES = [f"node-{n}" for n in range(6)]
 UNTOUCHED_LINKS = ["link-0-1", "link-0-2", "link-0-3", "link-0-4", "link-0-5"]
 NEW_KEYS_WITHIN_S = 2.0
 
-NODE_6 = """
-apiVersion: vqkd.io/v1alpha1
-kind: QKDNode
-metadata: {name: node-6}
-spec: {saeIds: [sae-6]}
----
-apiVersion: vqkd.io/v1alpha1
-kind: QKDLink
-metadata: {name: link-0-6}
-spec:
-  nodes: [node-0, node-6]
-  emulated: {keyRateBps: 500000, qber: 0.02}
----
-apiVersion: vqkd.io/v1alpha1
-kind: UserProfile
-metadata: {name: user-6}
-spec:
-  saeIds: [sae-6]
-  sla: {maxKeyRateBps: 65536, maxSessions: 2}
----
-apiVersion: vqkd.io/v1alpha1
-kind: KeySession
-metadata: {name: session-6-0}
-spec:
-  user: user-6
-  source: {node: node-6, saeId: sae-6}
-  destination: {node: node-0, saeId: sae-0}
-  qos: {keyChunkSize: 32, maxBps: 16384, minBps: 1024}
-"""
+NODE_6 = (ROOT / "examples" / "paper-new-site.yaml").read_text()
 NODE_5_TWO_SAES = """
 apiVersion: vqkd.io/v1alpha1
 kind: QKDNode
