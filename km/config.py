@@ -80,6 +80,14 @@ class LinkEndConfig(_Strict):
         20.0, gt=0,
         description="how long a key drawn as master waits for the peer's module end to hand it over (a slave "
                     "end may synchronise late) before it is given up and counted as burned")
+    peer_replica: int = Field(
+        0, ge=0, description="the replica of the peer node's KM this end pairs with: a peer node with n KM "
+                             "replicas has n ends of the link here, one per replica")
+
+    @property
+    def end(self) -> tuple[str, int]:
+        """What names this end among a KM's link ends: the link and the peer replica."""
+        return self.name, self.peer_replica
 
 
 class InvalidTopology(ValueError):
@@ -93,31 +101,53 @@ class KMTopology(_Strict):
     saes: dict[str, str] = Field(default_factory=dict, description="SAE ID -> node it is attached to")
     links: list[LinkEndConfig] = Field(default_factory=list)
     limits: KeyLimits = KeyLimits()
+    replicas: dict[int, HostPort] = Field(
+        default_factory=dict,
+        description="replica ordinal -> gRPC address of every KM replica of this node, this one included; empty "
+                    "or one entry: the node has one KM")
 
     @field_validator("links")
     @classmethod
-    def _one_link_per_name_and_peer(cls, links: list[LinkEndConfig]) -> list[LinkEndConfig]:
-        for what in ("name", "peer_node"):
-            values = [getattr(link, what) for link in links]
-            twice = sorted({v for v in values if values.count(v) > 1})
-            if twice:
-                raise ValueError(f"more than one link with {what} {', '.join(twice)}")
+    def _one_link_per_peer_node(cls, links: list[LinkEndConfig]) -> list[LinkEndConfig]:
+        for what, other in (("name", "peer_node"), ("peer_node", "name")):
+            seen: dict[str, str] = {}
+            for link in links:
+                key, value = getattr(link, what), getattr(link, other)
+                if seen.setdefault(key, value) != value:
+                    raise ValueError(f"more than one link with {what} {key}: its ends name {other} {seen[key]} "
+                                     f"and {value}")
+        ends = [link.end for link in links]
+        twice = sorted({f"{link.name} to replica {link.peer_replica} of node {link.peer_node}"
+                        for link in links if ends.count(link.end) > 1})
+        if twice:
+            raise ValueError(f"more than one link with name {', '.join(twice)}")
         return links
 
-    def check_at(self, node: str) -> None:
-        """Raise ``InvalidTopology`` unless this topology can be that of ``node``'s KM."""
+    @field_validator("replicas")
+    @classmethod
+    def _ordinals(cls, replicas: dict[int, str]) -> dict[int, str]:
+        negative = sorted(r for r in replicas if r < 0)
+        if negative:
+            raise ValueError(f"replica ordinals are >= 0, got {negative}")
+        return replicas
+
+    def check_at(self, node: str, replica: int = 0) -> None:
+        """Raise ``InvalidTopology`` unless this topology can be that of ``node``'s KM replica ``replica``."""
         for i, link in enumerate(self.links):
             if link.peer_node == node:
                 raise InvalidTopology(f"links.{i}.peer_node: link {link.name} joins node {node} to itself")
+        if self.replicas and replica not in self.replicas:
+            raise InvalidTopology(f"replicas: names replicas {sorted(self.replicas)} of node {node}, not this KM's "
+                                  f"replica {replica}")
 
 
-def parse_topology(data: dict, node: str) -> KMTopology:
-    """``data`` as the topology of ``node``'s KM; ``InvalidTopology`` naming every bad field."""
+def parse_topology(data: dict, node: str, replica: int = 0) -> KMTopology:
+    """``data`` as the topology of ``node``'s KM replica ``replica``; ``InvalidTopology`` naming every bad field."""
     try:
         topology = KMTopology.model_validate(data)
     except ValidationError as e:
         raise InvalidTopology(_problems(e)) from None
-    topology.check_at(node)
+    topology.check_at(node, replica)
     return topology
 
 
@@ -126,9 +156,15 @@ class KMConfig(_Strict):
 
     node: str
     kme_id: str
+    replica: int = Field(
+        0, ge=0, description="this KM's ordinal among its node's KM replicas (the StatefulSet pod index); the "
+                             "environment variable VQKD_KM_REPLICA overrides it")
     etsi014_listen: HostPort
     grpc_listen: HostPort
     metrics_listen: HostPort
+    etsi014_reuse_port: bool = Field(
+        False, description="bind the ETSI 014 listener with SO_REUSEPORT, so the replicas of a node on one host "
+                           "share its port (the local runtime's stand-in for a Service)")
     tls: TLSPaths
     control_plane: HostPort | None = Field(
         None, description="ControlPlane gRPC address; without one the KM serves adjacent SAE pairs on its own")
@@ -142,7 +178,7 @@ class KMConfig(_Strict):
     def _topology_of_this_node(self) -> KMConfig:
         if self.topology is not None:
             try:
-                self.topology.check_at(self.node)
+                self.topology.check_at(self.node, self.replica)
             except InvalidTopology as e:
                 raise ValueError(f"topology.{e}") from None
         return self

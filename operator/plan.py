@@ -1,6 +1,7 @@
 """The network plan: every process's configuration, derived once from the declared resources.
 
-A network of QKDNodes and QKDLinks becomes one KM per node — its identity (``KMConfig``,
+A network of QKDNodes and QKDLinks becomes the KMs of each node (``spec.km.replicas`` of them,
+one KME to its applications) — each one's identity (``KMConfig``,
 what its process starts with) and its topology (``KMTopology``: SAE directory, links, key
 limits, what changes with the network and a running KM takes live) — and one emulated QKD
 module pair per emulated link (``EmulatedLinkConfig``), plus the endpoints a runtime
@@ -41,13 +42,13 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class KMAddress:
-    """Where a node's KM binds its servers, and where the others reach them."""
+    """Where one KM replica of a node binds its servers, and where the others reach it."""
 
     etsi014_listen: str
     grpc_listen: str
     metrics_listen: str
-    etsi014_url: str  # base URL of the KM's ETSI 014 API, for the node's SAEs
-    grpc: str  # host:port of its gRPC services, for the control plane and the peer KMs
+    etsi014_url: str  # base URL of the node's ETSI 014 API, for its SAEs: one for all its replicas
+    grpc: str  # host:port of this replica's gRPC services, for the control plane and the peer KMs
     metrics_url: str
 
 
@@ -69,7 +70,8 @@ class Addressing(Protocol):
     def control_plane(self) -> str | None:
         """The ControlPlane gRPC address every KM reports to; None runs the KMs without one."""
 
-    def km(self, node: str) -> KMAddress: ...
+    def km(self, node: str, replica: int = 0) -> KMAddress:
+        """Where replica ``replica`` of the node's KMs is (0 for a node with one KM)."""
 
     def module(self, link: str) -> ModuleAddress: ...
 
@@ -136,14 +138,19 @@ def sae_directory(network: DeclaredNetwork) -> dict[str, str]:
     return {sae: name for name, node in sorted(network.nodes.items()) for sae in node.spec.sae_ids}
 
 
-def km_config(network: DeclaredNetwork, node: str, addressing: Addressing) -> KMConfig:
-    """The identity and process settings of one node's KM: what its process starts with.
+def replicas_of(network: DeclaredNetwork, node: str) -> range:
+    """The replica ordinals of a declared node's KMs."""
+    return range(network.nodes[node].spec.km.replicas)
+
+
+def km_config(network: DeclaredNetwork, node: str, addressing: Addressing, replica: int = 0) -> KMConfig:
+    """The identity and process settings of one KM replica of a node: what its process starts with.
 
     Nothing in it depends on other nodes or links, so changing the network leaves it as it is.
     """
-    address = addressing.km(node)
+    address = addressing.km(node, replica)
     return KMConfig(
-        node=node, kme_id=network.nodes[node].kme_id,
+        node=node, kme_id=network.nodes[node].kme_id, replica=replica,
         etsi014_listen=address.etsi014_listen, grpc_listen=address.grpc_listen,
         metrics_listen=address.metrics_listen, tls=addressing.km_tls(node),
         control_plane=addressing.control_plane,
@@ -151,18 +158,22 @@ def km_config(network: DeclaredNetwork, node: str, addressing: Addressing) -> KM
 
 
 def km_topology(network: DeclaredNetwork, node: str, addressing: Addressing, version: int = 0) -> KMTopology:
-    """The topology of one node's KM: every SAE of the network, the node's links, its key limits.
+    """The topology of a node's KMs, the same for each of its replicas: every SAE of the network,
+    an end of each of the node's links per replica of the peer node, the node's own replicas
+    and its key limits.
 
     Only links whose other node is declared are included: a KM cannot reach a peer that does
     not exist, and the link is configured once both nodes do.
     """
     links = [
-        _link_end(name, link, node, network.nodes[peer], addressing)
+        _link_end(name, link, node, network.nodes[peer], peer_replica, addressing)
         for name, link in sorted(network.links.items())
         if node in link.spec.nodes and (peer := _other(link, node)) in network.nodes
+        for peer_replica in replicas_of(network, peer)
     ]
+    replicas = {replica: addressing.km(node, replica).grpc for replica in replicas_of(network, node)}
     return KMTopology(version=version, saes=sae_directory(network), links=links,
-                      limits=network.nodes[node].spec.km.key_limits())
+                      limits=network.nodes[node].spec.km.key_limits(), replicas=replicas)
 
 
 def module_config(link: QKDLink, addressing: Addressing) -> EmulatedLinkConfig:
@@ -210,9 +221,12 @@ def _other(link: QKDLink, node: str) -> str:
     return b if node == a else a
 
 
-def _link_end(name: str, link: QKDLink, node: str, peer: QKDNode, addressing: Addressing) -> LinkEndConfig:
-    """This node's side of a link: its peer KM, and the module end it draws key from."""
-    common = dict(name=name, peer_node=peer.name, peer_kme_id=peer.kme_id, peer_grpc=addressing.km(peer.name).grpc)
+def _link_end(name: str, link: QKDLink, node: str, peer: QKDNode, peer_replica: int,
+              addressing: Addressing) -> LinkEndConfig:
+    """This node's side of a link towards one replica of the peer's KMs: that KM, and the module
+    end this node draws key from."""
+    common = dict(name=name, peer_node=peer.name, peer_kme_id=peer.kme_id, peer_replica=peer_replica,
+                  peer_grpc=addressing.km(peer.name, peer_replica).grpc)
     if link.spec.emulated is not None:
         end = ENDS[link.spec.nodes.index(node)]
         return LinkEndConfig(

@@ -130,7 +130,8 @@ def _placeless(config) -> dict:
 
     def strip(value):
         if isinstance(value, dict):
-            return {key: strip(item) for key, item in value.items() if key not in places}
+            return {key: sorted(item) if key == "replicas" else strip(item)  # replica ordinals, not addresses
+                    for key, item in value.items() if key not in places}
         if isinstance(value, list):
             return [strip(item) for item in value]
         return value

@@ -55,8 +55,9 @@ def config_to_pb(c: SessionConfig) -> km_pb2.SessionConfig:
     )
 
 
-def topology_from_pb(pb: km_pb2.TopologyConfig, node: str) -> KMTopology:
-    """A pushed topology for ``node``'s KM; ``InvalidTopology`` naming the field if it is not one.
+def topology_from_pb(pb: km_pb2.TopologyConfig, node: str, replica: int = 0) -> KMTopology:
+    """A pushed topology for ``node``'s KM replica ``replica``; ``InvalidTopology`` naming the
+    field if it is not one.
 
     Zero numbers, empty strings and unset messages are left out, so the KM's defaults apply
     and a missing required field is named as such.
@@ -68,7 +69,9 @@ def topology_from_pb(pb: km_pb2.TopologyConfig, node: str) -> KMTopology:
     data: dict = {"version": pb.version, "saes": dict(pb.saes), "links": [_set_fields(link) for link in pb.links]}
     if pb.HasField("limits"):
         data["limits"] = _set_fields(pb.limits)
-    return parse_topology(data, node)
+    if pb.replicas:
+        data["replicas"] = dict(pb.replicas)
+    return parse_topology(data, node, replica)
 
 
 def _set_fields(message) -> dict:
@@ -82,6 +85,7 @@ def topology_to_pb(topology: KMTopology, node: str, version: int | None = None) 
     return km_pb2.TopologyConfig(
         version=topology.version if version is None else version, node=node, saes=topology.saes,
         links=[_link_end_to_pb(link) for link in topology.links], limits=_limits_to_pb(topology.limits),
+        replicas=topology.replicas,
     )
 
 
@@ -90,7 +94,7 @@ def _link_end_to_pb(link: LinkEndConfig) -> km_pb2.LinkEnd:
         name=link.name, peer_node=link.peer_node, peer_kme_id=link.peer_kme_id, peer_grpc=link.peer_grpc,
         module_url=link.module_url, module_sae_id=link.module_sae_id, peer_module_sae_id=link.peer_module_sae_id,
         module_tls=_tls_to_pb(link.module_tls) if link.module_tls else None,
-        block_bits=link.block_bits, pool_target_bits=link.pool_target_bits,
+        block_bits=link.block_bits, pool_target_bits=link.pool_target_bits, peer_replica=link.peer_replica,
     )
 
 
@@ -121,7 +125,7 @@ class KeyManagerControlService(km_pb2_grpc.KeyManagerControlServicer):
     async def ConfigureTopology(self, request, context):
         await self._authorize(context)
         try:
-            topology = topology_from_pb(request, self.km.node)
+            topology = topology_from_pb(request, self.km.node, self.km.config.replica)
         except InvalidTopology as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"topology version {request.version} for node {self.km.node} refused: {e}")

@@ -19,12 +19,14 @@ INTERMEDIATE: Role
 DESTINATION: Role
 
 class HelloRequest(_message.Message):
-    __slots__ = ("link", "incarnation")
+    __slots__ = ("link", "incarnation", "sender_replica")
     LINK_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     link: str
     incarnation: str
-    def __init__(self, link: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    sender_replica: int
+    def __init__(self, link: _Optional[str] = ..., incarnation: _Optional[str] = ..., sender_replica: _Optional[int] = ...) -> None: ...
 
 class HelloReply(_message.Message):
     __slots__ = ("incarnation",)
@@ -33,18 +35,20 @@ class HelloReply(_message.Message):
     def __init__(self, incarnation: _Optional[str] = ...) -> None: ...
 
 class AgreeKeysRequest(_message.Message):
-    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "key_ids", "abandoned_key_ids")
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "key_ids", "abandoned_key_ids", "sender_replica")
     LINK_FIELD_NUMBER: _ClassVar[int]
     SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     KEY_IDS_FIELD_NUMBER: _ClassVar[int]
     ABANDONED_KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     link: str
     sender_incarnation: str
     receiver_incarnation: str
     key_ids: _containers.RepeatedScalarFieldContainer[str]
     abandoned_key_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., key_ids: _Optional[_Iterable[str]] = ..., abandoned_key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    sender_replica: int
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., key_ids: _Optional[_Iterable[str]] = ..., abandoned_key_ids: _Optional[_Iterable[str]] = ..., sender_replica: _Optional[int] = ...) -> None: ...
 
 class AgreeKeysReply(_message.Message):
     __slots__ = ("bits", "held_key_ids", "waiting_reason", "waiting_message", "seconds_per_key")
@@ -61,10 +65,12 @@ class AgreeKeysReply(_message.Message):
     def __init__(self, bits: _Optional[int] = ..., held_key_ids: _Optional[_Iterable[str]] = ..., waiting_reason: _Optional[str] = ..., waiting_message: _Optional[str] = ..., seconds_per_key: _Optional[float] = ...) -> None: ...
 
 class DeviceStatusRequest(_message.Message):
-    __slots__ = ("link",)
+    __slots__ = ("link", "sender_replica")
     LINK_FIELD_NUMBER: _ClassVar[int]
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     link: str
-    def __init__(self, link: _Optional[str] = ...) -> None: ...
+    sender_replica: int
+    def __init__(self, link: _Optional[str] = ..., sender_replica: _Optional[int] = ...) -> None: ...
 
 class DeviceEnd(_message.Message):
     __slots__ = ("known", "key_size", "min_key_size", "max_key_size", "max_key_per_request", "seconds_per_key", "state", "reason", "message")
@@ -113,16 +119,18 @@ class Delivery(_message.Message):
     def __init__(self, master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., key_ids: _Optional[_Iterable[str]] = ..., size_bits: _Optional[int] = ..., material: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
 
 class DeliverRequest(_message.Message):
-    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "deliveries")
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "deliveries", "sender_replica")
     LINK_FIELD_NUMBER: _ClassVar[int]
     SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     link: str
     sender_incarnation: str
     receiver_incarnation: str
     deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
-    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ...) -> None: ...
+    sender_replica: int
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ..., sender_replica: _Optional[int] = ...) -> None: ...
 
 class DeliverReply(_message.Message):
     __slots__ = ("refused",)
@@ -169,16 +177,18 @@ class RelayRequest(_message.Message):
     def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ..., index: _Optional[int] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., key_ids: _Optional[_Iterable[str]] = ..., key_size_bits: _Optional[int] = ..., direct: _Optional[bool] = ..., ciphertext: _Optional[bytes] = ..., pad: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., mac_key: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., tag: _Optional[bytes] = ..., key_extension: _Optional[str] = ..., stream: _Optional[bool] = ...) -> None: ...
 
 class RelayBatch(_message.Message):
-    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "relays")
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "relays", "sender_replica")
     LINK_FIELD_NUMBER: _ClassVar[int]
     SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RELAYS_FIELD_NUMBER: _ClassVar[int]
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     link: str
     sender_incarnation: str
     receiver_incarnation: str
     relays: _containers.RepeatedCompositeFieldContainer[RelayRequest]
-    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., relays: _Optional[_Iterable[_Union[RelayRequest, _Mapping]]] = ...) -> None: ...
+    sender_replica: int
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., relays: _Optional[_Iterable[_Union[RelayRequest, _Mapping]]] = ..., sender_replica: _Optional[int] = ...) -> None: ...
 
 class RelayBatchReply(_message.Message):
     __slots__ = ("refused",)
@@ -187,7 +197,7 @@ class RelayBatchReply(_message.Message):
     def __init__(self, refused: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HybridRequest(_message.Message):
-    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id", "index", "master_sae_id", "slave_sae_ids", "key_ids", "key_size_bits", "stream", "offer")
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "session_id", "relay_id", "index", "master_sae_id", "slave_sae_ids", "key_ids", "key_size_bits", "stream", "offer", "sender_replica")
     LINK_FIELD_NUMBER: _ClassVar[int]
     SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +210,7 @@ class HybridRequest(_message.Message):
     KEY_SIZE_BITS_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     OFFER_FIELD_NUMBER: _ClassVar[int]
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     link: str
     sender_incarnation: str
     receiver_incarnation: str
@@ -212,7 +223,8 @@ class HybridRequest(_message.Message):
     key_size_bits: int
     stream: bool
     offer: bytes
-    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ..., index: _Optional[int] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., key_ids: _Optional[_Iterable[str]] = ..., key_size_bits: _Optional[int] = ..., stream: _Optional[bool] = ..., offer: _Optional[bytes] = ...) -> None: ...
+    sender_replica: int
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., session_id: _Optional[str] = ..., relay_id: _Optional[str] = ..., index: _Optional[int] = ..., master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., key_ids: _Optional[_Iterable[str]] = ..., key_size_bits: _Optional[int] = ..., stream: _Optional[bool] = ..., offer: _Optional[bytes] = ..., sender_replica: _Optional[int] = ...) -> None: ...
 
 class HybridReply(_message.Message):
     __slots__ = ("reply",)
@@ -229,16 +241,18 @@ class RelayCommit(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., relay_id: _Optional[str] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "commits")
+    __slots__ = ("link", "sender_incarnation", "receiver_incarnation", "commits", "sender_replica")
     LINK_FIELD_NUMBER: _ClassVar[int]
     SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     COMMITS_FIELD_NUMBER: _ClassVar[int]
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     link: str
     sender_incarnation: str
     receiver_incarnation: str
     commits: _containers.RepeatedCompositeFieldContainer[RelayCommit]
-    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., commits: _Optional[_Iterable[_Union[RelayCommit, _Mapping]]] = ...) -> None: ...
+    sender_replica: int
+    def __init__(self, link: _Optional[str] = ..., sender_incarnation: _Optional[str] = ..., receiver_incarnation: _Optional[str] = ..., commits: _Optional[_Iterable[_Union[RelayCommit, _Mapping]]] = ..., sender_replica: _Optional[int] = ...) -> None: ...
 
 class CommitReply(_message.Message):
     __slots__ = ("refused",)
@@ -255,7 +269,7 @@ class Endpoint(_message.Message):
     def __init__(self, node: _Optional[str] = ..., sae_id: _Optional[str] = ...) -> None: ...
 
 class TopologyConfig(_message.Message):
-    __slots__ = ("version", "node", "saes", "links", "limits")
+    __slots__ = ("version", "node", "saes", "links", "limits", "replicas")
     class SaesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -263,20 +277,29 @@ class TopologyConfig(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ReplicasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SAES_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     version: int
     node: str
     saes: _containers.ScalarMap[str, str]
     links: _containers.RepeatedCompositeFieldContainer[LinkEnd]
     limits: KeyLimits
-    def __init__(self, version: _Optional[int] = ..., node: _Optional[str] = ..., saes: _Optional[_Mapping[str, str]] = ..., links: _Optional[_Iterable[_Union[LinkEnd, _Mapping]]] = ..., limits: _Optional[_Union[KeyLimits, _Mapping]] = ...) -> None: ...
+    replicas: _containers.ScalarMap[int, str]
+    def __init__(self, version: _Optional[int] = ..., node: _Optional[str] = ..., saes: _Optional[_Mapping[str, str]] = ..., links: _Optional[_Iterable[_Union[LinkEnd, _Mapping]]] = ..., limits: _Optional[_Union[KeyLimits, _Mapping]] = ..., replicas: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class LinkEnd(_message.Message):
-    __slots__ = ("name", "peer_node", "peer_kme_id", "peer_grpc", "module_url", "module_sae_id", "peer_module_sae_id", "module_tls", "block_bits", "pool_target_bits")
+    __slots__ = ("name", "peer_node", "peer_kme_id", "peer_grpc", "module_url", "module_sae_id", "peer_module_sae_id", "module_tls", "block_bits", "pool_target_bits", "peer_replica")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PEER_NODE_FIELD_NUMBER: _ClassVar[int]
     PEER_KME_ID_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +310,7 @@ class LinkEnd(_message.Message):
     MODULE_TLS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BITS_FIELD_NUMBER: _ClassVar[int]
     POOL_TARGET_BITS_FIELD_NUMBER: _ClassVar[int]
+    PEER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     name: str
     peer_node: str
     peer_kme_id: str
@@ -297,7 +321,8 @@ class LinkEnd(_message.Message):
     module_tls: TLSPaths
     block_bits: int
     pool_target_bits: int
-    def __init__(self, name: _Optional[str] = ..., peer_node: _Optional[str] = ..., peer_kme_id: _Optional[str] = ..., peer_grpc: _Optional[str] = ..., module_url: _Optional[str] = ..., module_sae_id: _Optional[str] = ..., peer_module_sae_id: _Optional[str] = ..., module_tls: _Optional[_Union[TLSPaths, _Mapping]] = ..., block_bits: _Optional[int] = ..., pool_target_bits: _Optional[int] = ...) -> None: ...
+    peer_replica: int
+    def __init__(self, name: _Optional[str] = ..., peer_node: _Optional[str] = ..., peer_kme_id: _Optional[str] = ..., peer_grpc: _Optional[str] = ..., module_url: _Optional[str] = ..., module_sae_id: _Optional[str] = ..., peer_module_sae_id: _Optional[str] = ..., module_tls: _Optional[_Union[TLSPaths, _Mapping]] = ..., block_bits: _Optional[int] = ..., pool_target_bits: _Optional[int] = ..., peer_replica: _Optional[int] = ...) -> None: ...
 
 class TLSPaths(_message.Message):
     __slots__ = ("ca", "cert", "key")
@@ -469,7 +494,7 @@ class SessionDelivered(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[int] = ..., bits: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("node", "incarnation", "links", "sessions", "keys_delivered_total", "delivered", "topology_version")
+    __slots__ = ("node", "incarnation", "links", "sessions", "keys_delivered_total", "delivered", "topology_version", "replica")
     NODE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
@@ -477,6 +502,7 @@ class Stats(_message.Message):
     KEYS_DELIVERED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DELIVERED_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     node: str
     incarnation: str
     links: _containers.RepeatedCompositeFieldContainer[LinkStats]
@@ -484,7 +510,8 @@ class Stats(_message.Message):
     keys_delivered_total: int
     delivered: _containers.RepeatedCompositeFieldContainer[SessionDelivered]
     topology_version: int
-    def __init__(self, node: _Optional[str] = ..., incarnation: _Optional[str] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., keys_delivered_total: _Optional[int] = ..., delivered: _Optional[_Iterable[_Union[SessionDelivered, _Mapping]]] = ..., topology_version: _Optional[int] = ...) -> None: ...
+    replica: int
+    def __init__(self, node: _Optional[str] = ..., incarnation: _Optional[str] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., keys_delivered_total: _Optional[int] = ..., delivered: _Optional[_Iterable[_Union[SessionDelivered, _Mapping]]] = ..., topology_version: _Optional[int] = ..., replica: _Optional[int] = ...) -> None: ...
 
 class QoS(_message.Message):
     __slots__ = ("key_chunk_size", "max_bps", "min_bps", "jitter", "priority", "timeout_ms", "ttl_s", "fallback")
@@ -507,7 +534,7 @@ class QoS(_message.Message):
     def __init__(self, key_chunk_size: _Optional[int] = ..., max_bps: _Optional[float] = ..., min_bps: _Optional[float] = ..., jitter: _Optional[float] = ..., priority: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., ttl_s: _Optional[int] = ..., fallback: _Optional[str] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("node", "caller_sae_id", "source", "destination", "qos", "session_id", "implicit")
+    __slots__ = ("node", "caller_sae_id", "source", "destination", "qos", "session_id", "implicit", "replica")
     NODE_FIELD_NUMBER: _ClassVar[int]
     CALLER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -515,6 +542,7 @@ class OpenSessionRequest(_message.Message):
     QOS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     IMPLICIT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     node: str
     caller_sae_id: str
     source: Endpoint
@@ -522,7 +550,8 @@ class OpenSessionRequest(_message.Message):
     qos: QoS
     session_id: str
     implicit: bool
-    def __init__(self, node: _Optional[str] = ..., caller_sae_id: _Optional[str] = ..., source: _Optional[_Union[Endpoint, _Mapping]] = ..., destination: _Optional[_Union[Endpoint, _Mapping]] = ..., qos: _Optional[_Union[QoS, _Mapping]] = ..., session_id: _Optional[str] = ..., implicit: _Optional[bool] = ...) -> None: ...
+    replica: int
+    def __init__(self, node: _Optional[str] = ..., caller_sae_id: _Optional[str] = ..., source: _Optional[_Union[Endpoint, _Mapping]] = ..., destination: _Optional[_Union[Endpoint, _Mapping]] = ..., qos: _Optional[_Union[QoS, _Mapping]] = ..., session_id: _Optional[str] = ..., implicit: _Optional[bool] = ..., replica: _Optional[int] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
     __slots__ = ("accepted", "session_id", "reason", "qos", "peer_registered", "etsi004_status", "unauthorized")
@@ -543,16 +572,18 @@ class OpenSessionReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ..., qos: _Optional[_Union[QoS, _Mapping]] = ..., peer_registered: _Optional[bool] = ..., etsi004_status: _Optional[int] = ..., unauthorized: _Optional[bool] = ...) -> None: ...
 
 class SessionSignal(_message.Message):
-    __slots__ = ("node", "session_id", "reason", "requests")
+    __slots__ = ("node", "session_id", "reason", "requests", "replica")
     NODE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     node: str
     session_id: str
     reason: str
     requests: int
-    def __init__(self, node: _Optional[str] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ..., requests: _Optional[int] = ...) -> None: ...
+    replica: int
+    def __init__(self, node: _Optional[str] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ..., requests: _Optional[int] = ..., replica: _Optional[int] = ...) -> None: ...
 
 class SignalReply(_message.Message):
     __slots__ = ()

@@ -26,7 +26,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from vqkd.km.config import EmulatedLinkConfig, KMConfig, TLSPaths
-from vqkd.operator.plan import End, KMAddress, ModuleAddress
+from vqkd.operator.plan import End, KMAddress, ModuleAddress, PlanError
 from vqkd.operator.resources.models import DEFAULT_KM_IMAGE, QKDNode
 
 # --- names, labels, ports -----------------------------------------------------------
@@ -171,7 +171,9 @@ class ClusterAddressing:
     namespace: str
     control_plane: str | None = None
 
-    def km(self, node: str) -> KMAddress:
+    def km(self, node: str, replica: int = 0) -> KMAddress:
+        if replica:
+            raise PlanError(f"node {node}: this runtime runs one KM per node, not replica {replica}")
         host = service_host(km_name(node), self.namespace)
         return KMAddress(
             etsi014_listen=_listen(KM_ETSI014_PORT), grpc_listen=_listen(KM_GRPC_PORT),

@@ -76,7 +76,9 @@ class LocalAddressing:
     # (link, node) -> what that node's KM presents at its QKD device, from ``device_credentials``
     device_credentials: dict[tuple[str, str], TLSPaths] = field(default_factory=dict)
 
-    def km(self, node: str) -> KMAddress:
+    def km(self, node: str, replica: int = 0) -> KMAddress:
+        if replica:
+            raise PlanError(f"node {node}: this runtime runs one KM per node, not replica {replica}")
         ports = self.km_ports[node]
         return KMAddress(
             etsi014_listen=f"{HOST}:{ports.etsi014}", grpc_listen=f"{HOST}:{ports.grpc}",

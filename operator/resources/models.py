@@ -240,6 +240,10 @@ class KMSpec(_Wire):
     image: str = Field(DEFAULT_KM_IMAGE, min_length=1)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     resources: KMResources = _nested_defaults(KMResources)
+    replicas: int = Field(
+        1, ge=1, le=16,
+        description="KM instances serving this node as one KME (the CRD's scale subresource sets it); each has its "
+                    "own link pools and draws from the node's QKD module ends")
     key_size: int = Field(_KM_LIMITS.key_size, gt=0, multiple_of=8, description="default key size, bits")
     min_key_size: int = Field(_KM_LIMITS.min_key_size, gt=0, multiple_of=8, description="bits")
     max_key_size: int = Field(_KM_LIMITS.max_key_size, gt=0, multiple_of=8, description="bits")
