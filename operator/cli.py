@@ -87,7 +87,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         "metrics_listen": args.metrics_listen, "liveness_endpoint": args.liveness, "endpoints_file": args.endpoints,
         "state_dir": Path(args.state_dir) if args.state_dir else None, "module_image": args.module_image,
         "poll_interval_s": args.poll_interval, "replace_after_s": args.replace_after,
-        "counts_interval_s": args.counts_interval,
+        "counts_interval_s": args.counts_interval, "km_roll_wait_s": args.km_roll_wait,
     }
     # Flags win over VQKD_* variables, which win over the defaults; an empty listen address turns that server off.
     options = dataclasses.replace(OperatorOptions.from_env(), **{
@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                                                          "(default 15)")
     op.add_argument("--counts-interval", type=float,
                     help="seconds between writes of keys delivered to KeySession and UserProfile status (default 30)")
+    op.add_argument("--km-roll-wait", type=float,
+                    help="seconds a KM whose pod template changed may take to be Ready again before the next KM "
+                         "rolls anyway (default 120)")
     op.set_defaults(func=cmd_operator)
 
     args = parser.parse_args(argv)

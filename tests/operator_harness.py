@@ -3,14 +3,16 @@
 - ``ApiServer``: the kmock Kubernetes emulator on a loopback port, in a thread of its own,
   with the vqkd CRDs registered and a kubeconfig pointing at it. ``FilledEmulator`` fills
   what a real API server fills and kmock does not (namespace, uid, creationTimestamp,
-  resourceVersion, generation, names from generateName).
+  resourceVersion, generation, names from generateName), and records when each StatefulSet
+  was written.
 - ``InProcessOperator``: the operator run by ``vqkd.operator.kopf.main.operate``, exactly as
   ``vqkd operator`` runs it, in a thread with its own event loop; it can be stopped and
   started again.
 - ``Kubelet``: no controllers run in the emulator, so this stands in for the pods: real KM
   and emulated-module processes on loopback (a ``LocalNetwork``), restarted when the
-  operator replaces a pod (a new StatefulSet or Deployment, or a new ``restartedAt`` stamp
-  on its template), and started when the workload appears and its process is not running.
+  operator replaces a pod (a new StatefulSet or Deployment, or any change of its pod
+  template, as a ``restartedAt`` stamp), and started when the workload appears and its
+  process is not running.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import copy
 import datetime
 import itertools
+import json
 import threading
 import time
 import uuid
@@ -33,7 +36,7 @@ from kmock._internal import dicts as kmock_dicts
 from vqkd.operator.kopf.kube import DEPLOYMENTS, STATEFULSETS, Kube
 from vqkd.operator.kopf.main import operate
 from vqkd.operator.kopf.runtime import OperatorOptions
-from vqkd.operator.kopf.manifests import ANNOTATION_RESTARTED_AT, KM_PREFIX, LINK_PREFIX
+from vqkd.operator.kopf.manifests import KM_PREFIX, LINK_PREFIX
 from vqkd.operator.local.processes import LocalNetwork
 from vqkd.operator.resources.models import API_GROUP, API_VERSION_NAME, KINDS
 
@@ -47,6 +50,9 @@ class FilledEmulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
+        # (time.monotonic() when the API server took it, name, the object as written) of every
+        # StatefulSet create and update, in order.
+        self.statefulset_writes: list[tuple[float, str, dict[str, Any]]] = []
 
     async def _handle(self, request: kmock.Request):
         # kmock keeps every request for assertions and scans them all to route each new one,
@@ -95,6 +101,7 @@ class FilledEmulator(kmock.KubernetesEmulator):
         meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         meta["resourceVersion"] = str(next(self._versions))
         meta["generation"] = 1
+        self._written(request, request.data)
 
     def _fill_updated(self, request: kmock.Request) -> None:
         key = (request.resource, request.namespace, request.name)
@@ -118,6 +125,14 @@ class FilledEmulator(kmock.KubernetesEmulator):
             if request.subresource is None and changed.get("spec") != current.get("spec"):
                 request.data.append({"op": "add", "path": "/metadata/generation",
                                      "value": current.get("metadata", {}).get("generation", 1) + 1})
+        else:
+            return  # no body to apply: the parent answers
+        if request.subresource is None:
+            self._written(request, changed)
+
+    def _written(self, request: kmock.Request, written: dict[str, Any]) -> None:
+        if request.resource.plural == STATEFULSETS.plural:
+            self.statefulset_writes.append((time.monotonic(), written["metadata"]["name"], copy.deepcopy(written)))
 
 
 class ApiServer:
@@ -131,6 +146,7 @@ class ApiServer:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
+        self.emulator: FilledEmulator | None = None
         self.thread = threading.Thread(target=self._run, name="kmock", daemon=True)
 
     def start(self) -> ApiServer:
@@ -155,6 +171,7 @@ class ApiServer:
             emulator.resources[f"{API_GROUP}/{API_VERSION_NAME}/{info.plural}"] = kmock.ResourceInfo(
                 namespaced=True, kind=kind, singular=info.singular, verbs=VERBS, shortnames=info.short_names,
                 categories=info.categories, subresources={"status"})
+        self.emulator = emulator
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         async with emulator, kmock.Server(emulator) as server:
@@ -246,8 +263,7 @@ class Kubelet:
                 process = process_prefix + meta["name"].removeprefix(prefix)
                 if process not in self.network.processes:
                     continue
-                template = workload["spec"]["template"]["metadata"].get("annotations", {})
-                identity = (meta["uid"], template.get(ANNOTATION_RESTARTED_AT))
+                identity = (meta["uid"], json.dumps(workload["spec"]["template"], sort_keys=True))
                 before = self.seen.get(process)
                 self.seen[process] = identity
                 popen = self.network.processes[process].popen

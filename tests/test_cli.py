@@ -62,3 +62,22 @@ def test_control_plane_commands_without_the_operator_extra_say_what_to_install()
         assert out.returncode != 0
         assert f"vqkd {args[0]}: the control plane's dependencies are not installed" in out.stderr, out.stderr
         assert "pip install 'vqkd[operator]'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_operator_flags_become_its_options(monkeypatch):
+    from vqkd.operator import cli
+    from vqkd.operator.kopf import main
+
+    started: list = []
+
+    async def operate(options, **_):
+        started.append(options)
+
+    monkeypatch.setattr(main, "operate", operate)
+    monkeypatch.setattr("logging.basicConfig", lambda **kwargs: None)
+    assert cli.main(["operator", "--namespace", "qkd", "--replace-after", "20", "--km-roll-wait", "45"]) == 0
+    (options,) = started
+    assert (options.namespace, options.replace_after_s, options.km_roll_wait_s) == ("qkd", 20, 45)
+    started.clear()
+    assert cli.main(["operator"]) == 0
+    assert started[0].km_roll_wait_s == 120

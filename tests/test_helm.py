@@ -208,6 +208,7 @@ def test_the_chart_refuses_kubernetes_older_than_supported():
 BAD_VALUES = [
     (["--set", "operator.logLevel=TRACE"], "/operator/logLevel", "'DEBUG', 'INFO', 'WARNING', 'ERROR'"),
     (["--set", "operator.replaceAfterSeconds=0"], "/operator/replaceAfterSeconds", "exclusiveMinimum"),
+    (["--set", "operator.kmRollWaitSeconds=-1"], "/operator/kmRollWaitSeconds", "exclusiveMinimum"),
     (["--set", "operator.pollIntervalSeconds=often"], "/operator/pollIntervalSeconds", "want number"),
     (["--set", "km.keySize=100"], "/km/keySize", "multipleOf"),
     (["--set", "km.image.digest=latest"], "/km/image/digest", "sha256"),
@@ -368,7 +369,8 @@ def test_the_operators_command_runs_vqkd_operator_with_the_charts_ports(level, m
     from vqkd.operator.kopf import main
 
     container = one(render("--set", f"operator.logLevel={level}", "--set-json", "operator.pollIntervalSeconds=2.5",
-                           "--set", "operator.countsIntervalSeconds=60"), "Deployment")["spec"]["template"]["spec"][
+                           "--set", "operator.countsIntervalSeconds=60", "--set", "operator.kmRollWaitSeconds=300"),
+                    "Deployment")["spec"]["template"]["spec"][
         "containers"][0]
     env = {e["name"]: e for e in container["env"]}
     assert env["VQKD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
@@ -396,7 +398,8 @@ def test_the_operators_command_runs_vqkd_operator_with_the_charts_ports(level, m
     assert options.module_image == "ghcr.io/vqkd/km:0.1.0"
     assert any(m["mountPath"] == str(options.state_dir) for m in container["volumeMounts"])
     assert options.km_control_plane == manifests.control_plane_address(NAMESPACE)
-    assert (options.poll_interval_s, options.replace_after_s, options.counts_interval_s) == (2.5, 15, 60)
+    assert (options.poll_interval_s, options.replace_after_s, options.counts_interval_s, options.km_roll_wait_s) == (
+        2.5, 15, 60, 300)
 
 
 @needs_helm
@@ -560,9 +563,9 @@ def test_monitors_select_the_operator_every_km_and_every_module(kind, values, en
     monitors = {m["metadata"]["name"].removeprefix("vqkd-"): m["spec"] for m in of_kind(docs, kind)}
     assert set(monitors) == {"operator", "km", "qkd-module"}
     km_service = manifests.build_km_service("n1")
-    km_pod = manifests.build_km_statefulset(_node("n1"), "hash")["spec"]["template"]
+    km_pod = manifests.build_km_statefulset(_node("n1"), "hash", "ca")["spec"]["template"]
     module_service = manifests.build_module_service("l1")
-    module_pod = manifests.build_module_deployment("l1", "image", "hash")["spec"]["template"]
+    module_pod = manifests.build_module_deployment("l1", "image", "hash", "ca")["spec"]["template"]
     operator_pod = one(docs, "Deployment")["spec"]["template"]
     targets = {
         "operator": (one(docs, "Service"), operator_pod),
@@ -674,8 +677,8 @@ def test_dockerfiles_are_pinned_and_non_root(dockerfile):
 
 
 def test_the_kms_command_is_served_by_the_km_image():
-    km = manifests.build_km_statefulset(_node("n1"), "hash")["spec"]["template"]["spec"]["containers"][0]
-    module = manifests.build_module_deployment("l1", "image", "hash")["spec"]["template"]["spec"]["containers"][0]
+    km = manifests.build_km_statefulset(_node("n1"), "hash", "ca")["spec"]["template"]["spec"]["containers"][0]
+    module = manifests.build_module_deployment("l1", "image", "hash", "ca")["spec"]["template"]["spec"]["containers"][0]
     text = (ROOT / "km" / "Dockerfile").read_text()
     for command in (km["command"], module["command"]):
         assert command[0] == "python"  # on PATH in the image, from /opt/vqkd/bin

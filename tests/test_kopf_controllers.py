@@ -8,7 +8,9 @@ the real control core; statuses are written by the real status writer.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
+import dataclasses
 import datetime
 import itertools
 import logging
@@ -19,6 +21,7 @@ import kopf
 import pytest
 import yaml
 
+from conftest import PKI
 from test_control_core import Clock
 from test_host import FakeKMs
 from vqkd.km import identity
@@ -28,12 +31,13 @@ from vqkd.km.v1 import km_pb2
 from vqkd.operator.control.access import Credentials
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.kopf.endpoints import LocalEndpoints
-from vqkd.operator.kopf.handlers.lifecycle import Operator, assemble
+from vqkd.operator.kopf.handlers.lifecycle import Operator, assemble, restore
 from vqkd.operator.kopf.kube import (
     CONFIGMAPS, DEPLOYMENTS, EVENTS, PODS, SECRETS, SERVICES, STATEFULSETS, VQKD, Kind, Kube, KubeError,
 )
 from vqkd.operator.kopf.manifests import (
-    ANNOTATION_REGISTERED, ANNOTATION_RESTARTED_AT, ANNOTATION_SESSION_ID, ClusterAddressing,
+    ANNOTATION_CA_HASH, ANNOTATION_REGISTERED, ANNOTATION_RESTARTED_AT, ANNOTATION_SESSION_ID, ClusterAddressing,
+    template_hash,
 )
 from vqkd.operator.kopf.runtime import OperatorOptions
 
@@ -93,6 +97,7 @@ class MemoryKube(Kube):
     def __init__(self, namespace: str = NAMESPACE):
         super().__init__(api=None, namespace=namespace)
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}  # (plural, name) -> object
+        self.writes: list[tuple[str, str]] = []  # (plural, name) of each create and patch, in order
         self.refused: set[str] = set()  # plurals whose every call fails
         self._names = itertools.count()
 
@@ -112,6 +117,7 @@ class MemoryKube(Kube):
                 raise KubeError(409, "AlreadyExists", f"{meta['name']} exists", what)
             meta.update(namespace=self.namespace, uid=str(uuid.uuid4()), generation=1)
             self.objects[key] = copy.deepcopy(body)
+            self.writes.append(key)
             return copy.deepcopy(body)
         if key not in self.objects:
             raise KubeError(404, "NotFound", f"{name} not found", what)
@@ -119,6 +125,7 @@ class MemoryKube(Kube):
             return copy.deepcopy(self.objects[key])
         if method == "PATCH":
             self.objects[key] = merged(self.objects[key], body)
+            self.writes.append(key)
             return copy.deepcopy(self.objects[key])
         if method == "DELETE":
             return self.objects.pop(key)
@@ -178,6 +185,15 @@ class Cluster:
         """Everything marked so far written."""
         await asyncio.sleep(0)
         await self.runtime.status.flush()
+
+
+async def until(check, what: str, timeout: float = 5.0) -> None:
+    """Let the operator's background work run until ``check()`` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout:.0f} s")
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -325,6 +341,160 @@ async def test_a_km_that_stops_answering_gets_a_new_pod_and_its_node_says_why(cl
     c.kube.refused.add(PODS.plural)
     await c.operator.km_health.replace("a")  # refused: counted, retried on a later tick
     assert c.runtime.metrics.registry.get_sample_value("vqkd_operator_errors_total", {"kind": "QKDNode"}) == 1
+
+
+# --- KM pod template changes, one KM at a time -------------------------------------------
+
+NODE_C = """
+apiVersion: vqkd.io/v1alpha1
+kind: QKDNode
+metadata: {name: c}
+spec: {saeIds: [sae-c]}
+"""
+
+
+@pytest.fixture
+async def restart(tmp_path):
+    """Start the operator again over the same API and KMs, as a new operator process with other
+    options or another CA would; it loads every resource as at startup."""
+    started: list[tuple[Operator, asyncio.Task]] = []
+
+    async def restarted(c: Cluster, pki: PKI | None = None, **options: Any) -> Cluster:
+        runtime = c.runtime
+        ca = pki.ca if pki is not None else runtime.ca
+        tls = pki.files(identity.controller()) if pki is not None else runtime.host.tls
+        operator = assemble(dataclasses.replace(runtime.options, **options), c.kube, runtime.endpoints, ca, tls,
+                            c.kms)
+        operator.runtime.core.clock = c.clock
+        started.append((operator, asyncio.create_task(operator.runtime.status.run())))
+        await restore(operator)
+        return Cluster(operator, c.kube, c.kms, c.clock)
+
+    yield restarted
+    for operator, writer in started:
+        writer.cancel()
+        await operator.stop()
+
+
+def templates(c: Cluster) -> dict[str, str]:
+    """The pod template of each KM, as its StatefulSet was last written, by node."""
+    return {name.removeprefix("vqkd-km-"): template_hash(body) for (plural, name), body in c.kube.objects.items()
+            if plural == STATEFULSETS.plural}
+
+
+def issuer(c: Cluster, secret: str) -> bytes:
+    return base64.b64decode(c.kube.body(SECRETS, secret)["data"]["ca.crt"])
+
+
+def reasons(c: Cluster, node: str) -> list[str]:
+    return [e["reason"] for e in c.kube.events(node)]
+
+
+async def test_a_new_ca_rolls_the_kms_one_at_a_time_each_once_the_one_before_serves_again(cluster, restart, tmp_path):
+    """Every KM's TLS Secret is stale under a new CA, so every pod template changes: the KMs are
+    written in the order of their names, each once the one before answers as a new instance
+    holding its topology; further syncs leave the ones waiting as they are."""
+    c = cluster
+    await c.accept(NODES + "---" + NODE_C + "---" + LINK)
+    await c.runtime.host.poll()
+    before = templates(c)
+    old_ca = c.runtime.ca.cert_path.read_bytes()
+    new_ca = PKI(tmp_path / "new-ca")
+    new = await restart(c, new_ca)
+    writes = len(c.kube.writes)
+    for name in ("c", "b", "a"):  # as kopf resumes them, in no order of ours
+        await new.operator.workloads.node_changed(name)
+    await new.operator.workloads.link_changed("ab")
+    await until(lambda: "KMRolling" in reasons(new, "a"), "the KM of a rolling")
+    await new.runtime.host.poll()  # a answers, still as the instance it was
+    for name in ("a", "b", "c"):
+        await new.operator.workloads.node_changed(name)
+    await new.shown()
+    assert [node for node, written in templates(new).items() if written != before[node]] == ["a"]
+    assert issuer(new, "vqkd-km-a-tls") == new_ca.ca.cert_path.read_bytes()
+    assert issuer(new, "vqkd-km-b-tls") == issuer(new, "vqkd-km-c-tls") == old_ca, "issued again in their turn"
+    assert [key for key in c.kube.writes[writes:] if key[0] == STATEFULSETS.plural] == [
+        (STATEFULSETS.plural, "vqkd-km-a")], "the syncs while a rolls wrote no StatefulSet"
+    for node in ("b", "c"):
+        configured = c.kube.condition("QKDNode", node, "Configured")
+        assert (configured["status"], configured["reason"]) == ("False", "RollPending")
+    # Emulated modules are no KMs: their pair restarts at once onto the new CA.
+    assert issuer(new, "vqkd-link-ab-tls") == new_ca.ca.cert_path.read_bytes()
+    module = c.kube.body(DEPLOYMENTS, "vqkd-link-ab")["spec"]["template"]["metadata"]["annotations"]
+    assert module[ANNOTATION_CA_HASH] == new.runtime.ca_hash
+
+    c.kms.restart("a")  # its new pod, with the certificates of the new CA
+    await new.runtime.host.poll()
+    await until(lambda: templates(new)["b"] != before["b"], "the KM of b rolled")
+    assert templates(new)["c"] == before["c"] and issuer(new, "vqkd-km-c-tls") == old_ca
+    c.kms.restart("b")
+    await new.runtime.host.poll()
+    await until(lambda: templates(new)["c"] != before["c"], "the KM of c rolled")
+    c.kms.restart("c")
+    await new.runtime.host.poll()
+    await until(lambda: "KMRolled" in reasons(new, "c"), "the KM of c back")
+    await new.shown()
+    for node in ("a", "b", "c"):
+        assert issuer(new, f"vqkd-km-{node}-tls") == new_ca.ca.cert_path.read_bytes()
+        assert identity.from_pem(base64.b64decode(c.kube.body(SECRETS, f"vqkd-km-{node}-tls")["data"]["tls.crt"])) \
+            == identity.km(node)
+        assert c.kube.condition("QKDNode", node, "Configured")["status"] == "True"
+        assert reasons(new, node).count("KMRolling") == reasons(new, node).count("KMRolled") == 1
+        assert "KMRollTimedOut" not in reasons(new, node)
+    rewritten = [name for plural, name in c.kube.writes[writes:] if plural == STATEFULSETS.plural]
+    assert rewritten == ["vqkd-km-a", "vqkd-km-b", "vqkd-km-c"]
+
+
+async def test_a_km_that_does_not_come_back_holds_the_next_one_back_only_so_long(cluster, restart):
+    c = cluster
+    await c.accept(NODES)
+    await c.runtime.host.poll()
+    before = templates(c)
+    new = await restart(c, control_plane_address="vqkd-control-plane.elsewhere.svc:9443", km_roll_wait_s=0.3)
+    for name in ("a", "b"):
+        await new.operator.workloads.node_changed(name)
+    await until(lambda: templates(new)["b"] != before["b"], "the KM of b rolled after the wait")
+    assert km_config(new, "a").control_plane == km_config(new, "b").control_plane == \
+        "vqkd-control-plane.elsewhere.svc:9443"
+    await new.shown()
+    (timed_out,) = [e for e in c.kube.events("a") if e["reason"] == "KMRollTimedOut"]
+    assert timed_out["type"] == "Warning"
+    assert timed_out["message"].startswith("the KM was not Ready again 0.3 s after its pod template changed (still the "
+                                           "instance it was)")
+    assert "KMRolled" not in reasons(new, "a")
+
+
+async def change_node(c: Cluster, name: str, spec: dict[str, Any]) -> None:
+    """Patch a QKDNode's spec and hand it to its controllers, as kopf would."""
+    c.kube.patch(VQKD["QKDNode"], name, {"spec": spec})
+    await c.operator.nodes.reconcile(c.body("QKDNode", name))
+    await c.runtime.host.topologies.refresh()
+    await c.operator.workloads.node_changed(name)
+
+
+async def test_a_nodes_own_change_rolls_at_once_and_a_new_node_never_waits(cluster):
+    c = cluster
+    await c.accept(NODES)
+    await c.runtime.host.poll()
+    before = templates(c)
+    await change_node(c, "b", {"km": {"resources": {"limits": {"memory": "1Gi"}}}})
+    await until(lambda: templates(c)["b"] != before["b"], "the KM of b rolled")
+    # While b restarts, a change of a waits for it; a new node gets its KM at once.
+    await change_node(c, "a", {"km": {"resources": {"limits": {"memory": "1Gi"}}}})
+    await c.accept(NODE_C)
+    assert c.kube.has(STATEFULSETS, "vqkd-km-c")
+    await c.shown()
+    assert templates(c)["a"] == before["a"]
+    assert c.kube.condition("QKDNode", "a", "Configured")["reason"] == "RollPending"
+    c.kms.restart("b")
+    await c.runtime.host.poll()
+    await until(lambda: templates(c)["a"] != before["a"], "the KM of a rolled once b was back")
+    container = c.kube.body(STATEFULSETS, "vqkd-km-a")["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"memory": "1Gi"}
+    # Writing what leaves the template as it is restarts nothing and waits for nothing.
+    writes = len(c.kube.writes)
+    await c.operator.workloads.node_changed("a")
+    assert [key for key in c.kube.writes[writes:] if key[0] == STATEFULSETS.plural] == []
 
 
 # --- QKDLink ----------------------------------------------------------------------------

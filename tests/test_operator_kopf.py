@@ -4,15 +4,16 @@ One cluster stand-in for the module (see ``operator_harness``): a chain of three
 n0 - n1 - n2 with emulated links, one user owning the three SAEs and a declared KeySession
 from n0 to n2 (relayed through n1). The tests run in order, as the life of one network:
 apply, draw keys, restart the operator, crash a KM, hang a KM, lose a StatefulSet, delete the session,
-refuse invalid resources, grow the running network. The "pods" include those of what the
-network grows into, started from the beginning with their identity only, as a pod waiting
-for its topology.
+refuse invalid resources, grow the running network, shrink it again, and change every KM's pod
+template at once. The "pods" include those of what the network grows into, started from the
+beginning with their identity only, as a pod waiting for its topology.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import signal
 import time
@@ -39,7 +40,7 @@ from vqkd.operator.kopf.kube import CONFIGMAPS, DEPLOYMENTS, EVENTS, SECRETS, SE
 from vqkd.operator.kopf.runtime import OperatorOptions
 from vqkd.operator.kopf.manifests import (
     ANNOTATION_CONFIG_HASH, ANNOTATION_REGISTERED, ANNOTATION_RESTARTED_AT, ANNOTATION_SESSION_ID, LABEL_ORIGIN,
-    ORIGIN_APPLICATION, content_hash,
+    ORIGIN_APPLICATION, content_hash, template_hash,
 )
 from vqkd.operator.local.processes import LocalNetwork
 from vqkd.operator.resources.loader import load_text
@@ -635,3 +636,53 @@ async def test_shrinking_it_again_removes_the_link_and_the_node_from_the_kms_and
     assert {name: after[name] for name in after} == {name: before[name] for name in after}
     assert {node: c.km_stats(node).incarnation for node in NODES} == incarnations, "no KM restarted"
     assert {node: link_ends(c, node) for node in NODES} == kept, "the other link ends kept as they were"
+
+
+def test_an_operator_wide_change_rolls_the_kms_one_at_a_time(cluster):
+    """The operator started again with another control-plane address for its KMs changes every
+    KM's pod template (the address is in each KM's ConfigMap, whose hash the template carries):
+    the StatefulSets are rewritten one at a time, by name, each only once the KM rewritten
+    before it is back Ready as a new instance."""
+    c = cluster
+    port = c.options.control_plane_address.rsplit(":", 1)[1]
+    moved = dataclasses.replace(c.options, control_plane_address=f"localhost:{port}")  # the same listener
+    written = {node: template_hash(c.kube.get(STATEFULSETS, f"vqkd-km-{node}")) for node in NODES}
+    incarnations = {node: c.km_stats(node).incarnation for node in NODES}
+    writes, restarts = len(c.api.emulator.statefulset_writes), len(c.kubelet.restarts)
+    c.operator.stop()
+    c.operator = InProcessOperator(moved)
+    started = time.monotonic()
+    c.operator.start()
+
+    def rolled(node: str) -> bool:
+        config = KMConfig.model_validate_json(c.kube.get(CONFIGMAPS, f"vqkd-km-{node}")["data"]["km.json"])
+        if config.control_plane != moved.control_plane_address or c.status("QKDNode", node).get("ready") is not True \
+                or "KMRolled" not in {event["reason"] for event in c.events(node)}:
+            return False
+        try:
+            return c.km_stats(node).incarnation != incarnations[node]
+        except grpc.RpcError:  # the channel to the KM's previous process
+            return False
+
+    wait_for(lambda: all(rolled(node) for node in NODES), timeout=60, what="every KM rolled and Ready again")
+    rolled_s = time.monotonic() - started
+    # The first write of each StatefulSet with its new template (a KM replaced meanwhile gets
+    # only a restartedAt stamp, which leaves the recorded template as it is).
+    rewrites: dict[str, float] = {}
+    for at, name, statefulset in c.api.emulator.statefulset_writes[writes:]:
+        node = name.removeprefix("vqkd-km-")
+        if template_hash(statefulset) != written[node]:
+            rewrites.setdefault(node, at)
+    assert sorted(rewrites, key=rewrites.get) == list(NODES), rewrites
+    answered: dict[str, float] = {}  # when each KM's new process answered, after its StatefulSet was rewritten
+    for process, at in c.kubelet.restarts[restarts:]:
+        node = process.removeprefix("km-")
+        if node in rewrites and at > rewrites[node]:
+            answered.setdefault(node, at)
+    assert set(answered) == set(NODES)
+    for previous, node in zip(NODES, NODES[1:]):
+        assert answered[previous] < rewrites[node], f"{node} rewritten before the KM of {previous} was back"
+    assert not any(event["reason"] == "KMRollTimedOut" for node in NODES for event in c.events(node))
+    gaps = ", ".join(f"{node} {rewrites[node] - answered[previous]:.2f} s" for previous, node in zip(NODES, NODES[1:]))
+    print(f"\nevery KM's pod template changed -> all {len(NODES)} rolled one at a time and Ready again in "
+          f"{rolled_s:.1f} s from the operator's start; from a KM back to the next rewrite: {gaps}")

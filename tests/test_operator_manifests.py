@@ -134,7 +134,7 @@ def test_km_statefulset_runs_one_km_from_its_configmap_and_secret(network):
     node = network.nodes["alice"]
     configmap = manifests.build_km_configmap("alice", km_config(network, "alice"))
     digest = manifests.content_hash(configmap["data"])
-    sts = manifests.build_km_statefulset(node, digest)
+    sts = manifests.build_km_statefulset(node, digest, "ca")
     spec = sts["spec"]
     template = spec["template"]
     pod = template["spec"]
@@ -160,7 +160,7 @@ def test_km_statefulset_runs_one_km_from_its_configmap_and_secret(network):
 
 
 def test_a_km_on_a_device_link_mounts_the_device_credentials(network):
-    sts = manifests.build_km_statefulset(network.nodes["bob"], "0", {"bob-carol": "qkd-b-creds"})
+    sts = manifests.build_km_statefulset(network.nodes["bob"], "0", "ca", {"bob-carol": "qkd-b-creds"})
     pod = sts["spec"]["template"]["spec"]
     assert {"name": "module-0", "secret": {"secretName": "qkd-b-creds", "defaultMode": 0o440}} in pod["volumes"]
     assert {"name": "module-0", "mountPath": "/etc/vqkd/modules/bob-carol", "readOnly": True} in \
@@ -169,7 +169,7 @@ def test_a_km_on_a_device_link_mounts_the_device_credentials(network):
 
 def test_km_service_selects_the_km_pod_and_exposes_its_named_ports(network):
     service = manifests.build_km_service("alice")
-    sts = manifests.build_km_statefulset(network.nodes["alice"], "0")
+    sts = manifests.build_km_statefulset(network.nodes["alice"], "0", "ca")
     assert service["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
     container_ports = {port["name"] for port in sts["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert {port["targetPort"] for port in service["spec"]["ports"]} == container_ports
@@ -178,7 +178,7 @@ def test_km_service_selects_the_km_pod_and_exposes_its_named_ports(network):
 
 
 def test_module_deployment_runs_one_pair_and_never_two(network):
-    deployment = manifests.build_module_deployment("alice-bob", "registry.example/vqkd:1.2", "abc")
+    deployment = manifests.build_module_deployment("alice-bob", "registry.example/vqkd:1.2", "abc", "ca")
     service = manifests.build_module_service("alice-bob")
     spec = deployment["spec"]
     (container,) = spec["template"]["spec"]["containers"]
@@ -201,6 +201,22 @@ def test_spec_hash_changes_with_the_manifest_only(network):
     other = manifests.build_km_configmap("alice", km_config(changed, "alice"))
     key = manifests.ANNOTATION_SPEC_HASH
     assert other["metadata"]["annotations"][key] != first["metadata"]["annotations"][key]
+
+
+def test_a_km_statefulset_names_the_pod_template_it_carries_and_the_ca_is_part_of_it(network):
+    node = network.nodes["alice"]
+    sts = manifests.build_km_statefulset(node, "config", "ca-1")
+    template = sts["spec"]["template"]
+    assert template["metadata"]["annotations"][manifests.ANNOTATION_CA_HASH] == "ca-1"
+    assert manifests.template_hash(sts) == manifests.content_hash(template)
+    assert manifests.template_hash(manifests.build_km_statefulset(node, "config", "ca-1")) == manifests.template_hash(sts)
+    for other in (manifests.build_km_statefulset(node, "config", "ca-2"),
+                  manifests.build_km_statefulset(node, "other config", "ca-1"),
+                  manifests.build_km_statefulset(network.nodes["bob"], "config", "ca-1")):
+        assert manifests.template_hash(other) != manifests.template_hash(sts)
+    assert manifests.template_hash({"metadata": {"name": "written-before-the-annotation"}}) is None
+    module = manifests.build_module_deployment("alice-bob", "image", "config", "ca-1")
+    assert module["spec"]["template"]["metadata"]["annotations"][manifests.ANNOTATION_CA_HASH] == "ca-1"
 
 
 def test_tls_secret_and_application_session_manifests():

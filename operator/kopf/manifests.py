@@ -49,6 +49,13 @@ ORIGIN_APPLICATION = "application"
 ANNOTATION_SPEC_HASH = "vqkd.io/spec-hash"
 # On a pod template: the configuration the pod runs, so a new configuration rolls it out.
 ANNOTATION_CONFIG_HASH = "vqkd.io/config-hash"
+# On a pod template: the CA its TLS Secret is issued from, so a new CA rolls the pod onto
+# certificates the new CA issued.
+ANNOTATION_CA_HASH = "vqkd.io/ca-hash"
+# On a KM's StatefulSet: the hash of the pod template as the operator wrote it (the API
+# server adds defaults to what it returns), so a write that would restart the KM is told
+# apart from one that would not.
+ANNOTATION_TEMPLATE_HASH = "vqkd.io/template-hash"
 # On a pod template: set when the operator replaces an unhealthy KM (as `kubectl rollout restart`).
 ANNOTATION_RESTARTED_AT = "vqkd.io/restartedAt"
 # On a KeySession the operator created for a session an application opened at a KM.
@@ -265,7 +272,8 @@ def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
             "failureThreshold": failures}
 
 
-def build_km_statefulset(node: QKDNode, config_hash: str, module_secrets: Mapping[str, str] = {}) -> dict[str, Any]:
+def build_km_statefulset(node: QKDNode, config_hash: str, ca_hash: str,
+                         module_secrets: Mapping[str, str] = {}) -> dict[str, Any]:
     """The KM's StatefulSet; ``module_secrets`` maps link -> Secret with that link's device credentials."""
     name = node.name
     labels = node_labels(name)
@@ -298,27 +306,37 @@ def build_km_statefulset(node: QKDNode, config_hash: str, module_secrets: Mappin
         "securityContext": _CONTAINER_SECURITY,
         "volumeMounts": mounts,
     }
+    template = {
+        "metadata": {"labels": labels,
+                     "annotations": {ANNOTATION_CONFIG_HASH: config_hash, ANNOTATION_CA_HASH: ca_hash}},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": 10,
+            "securityContext": _POD_SECURITY,
+            "containers": [container],
+            "volumes": volumes,
+        },
+    }
+    metadata = _meta(km_name(name), labels)
+    metadata["annotations"] = {ANNOTATION_TEMPLATE_HASH: content_hash(template)}
     return with_spec_hash({
-        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(km_name(name), labels),
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": metadata,
         "spec": {
             "replicas": 1,
             "serviceName": km_name(name),
             "selector": {"matchLabels": _selector(labels)},
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "RollingUpdate"},
-            "template": {
-                "metadata": {"labels": labels, "annotations": {ANNOTATION_CONFIG_HASH: config_hash}},
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "terminationGracePeriodSeconds": 10,
-                    "securityContext": _POD_SECURITY,
-                    "containers": [container],
-                    "volumes": volumes,
-                },
-            },
+            "template": template,
         },
     })
+
+
+def template_hash(statefulset: Mapping[str, Any]) -> str | None:
+    """The pod template a KM's StatefulSet was written with, as ``build_km_statefulset`` hashed
+    it; None for one written without (by an operator before the annotation)."""
+    return statefulset.get("metadata", {}).get("annotations", {}).get(ANNOTATION_TEMPLATE_HASH)
 
 
 def build_module_configmap(link: str, config: EmulatedLinkConfig) -> dict[str, Any]:
@@ -341,7 +359,7 @@ def build_module_service(link: str) -> dict[str, Any]:
     })
 
 
-def build_module_deployment(link: str, image: str, config_hash: str) -> dict[str, Any]:
+def build_module_deployment(link: str, image: str, config_hash: str, ca_hash: str) -> dict[str, Any]:
     """The emulated module pair: one replica only (two would produce different keys), replaced
     by Recreate so that old and new never run side by side."""
     labels = link_labels(link)
@@ -371,7 +389,8 @@ def build_module_deployment(link: str, image: str, config_hash: str) -> dict[str
             "selector": {"matchLabels": _selector(labels)},
             "strategy": {"type": "Recreate"},
             "template": {
-                "metadata": {"labels": labels, "annotations": {ANNOTATION_CONFIG_HASH: config_hash}},
+                "metadata": {"labels": labels,
+                             "annotations": {ANNOTATION_CONFIG_HASH: config_hash, ANNOTATION_CA_HASH: ca_hash}},
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,

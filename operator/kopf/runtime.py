@@ -25,7 +25,7 @@ from vqkd.operator.host import ControlPlaneHost
 from vqkd.operator.kopf.endpoints import EndpointResolver
 from vqkd.operator.kopf.kube import Kube
 from vqkd.operator.kopf.manifests import (
-    CONTROL_PLANE_PORT, DEFAULT_MODULE_IMAGE, ClusterAddressing, control_plane_address,
+    CONTROL_PLANE_PORT, DEFAULT_MODULE_IMAGE, ClusterAddressing, content_hash, control_plane_address,
 )
 from vqkd.operator.kopf.metrics import OperatorMetrics
 from vqkd.operator.kopf.status import StatusWriter
@@ -54,6 +54,7 @@ class OperatorOptions:
     counts_interval_s: float = 30.0  # how often keys delivered are written to KeySession and UserProfile status
     replace_after_s: float = 15.0  # a KM unreachable this long gets its pod replaced
     workload_check_s: float = 10.0  # how often each node's workload is compared with the wish
+    km_roll_wait_s: float = 120.0  # how long a KM whose pod template changed may take to be Ready before the next rolls
     retry_delay_s: float = 10.0  # before retrying a resource that waits for another one
     watch_timeout_s: float = 300.0
     admission: AdmissionSettings = AdmissionSettings()
@@ -141,3 +142,8 @@ class Runtime:
     @property
     def namespace(self) -> str:
         return self.options.namespace
+
+    @property
+    def ca_hash(self) -> str:
+        """The CA as the pod templates of the KMs and modules carry it: a new CA changes them."""
+        return content_hash(self.ca.cert_path.read_text())

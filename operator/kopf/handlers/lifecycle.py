@@ -137,7 +137,8 @@ def assemble(options: OperatorOptions, kube: Kube, endpoints: EndpointResolver, 
         sessions=SessionHandler(runtime, applications), applications=applications, workloads=Workloads(runtime),
         km_health=KMHealth(runtime),
     )
-    host.plug(replacer=operator.km_health, listeners=[operator.km_health, Measurements(runtime, applications)])
+    host.plug(replacer=operator.km_health,
+              listeners=[operator.km_health, operator.workloads.rollout, Measurements(runtime, applications)])
     # Each status in the parts of the concerns owning them; a later part reads what an earlier one wrote.
     status.show("QKDNode", in_parts(QKDNodeStatus, operator.nodes.show, operator.workloads.show_node,
                                     operator.km_health.show))

@@ -131,7 +131,8 @@ def module_children(runtime: Runtime, link: QKDLink) -> tuple[dict[str, Any], ..
     else:
         configmap = build_module_configmap(link.name, module_config(link, ClusterAddressing(runtime.namespace)))
         children = (configmap, build_module_service(link.name),
-                    build_module_deployment(link.name, runtime.options.module_image, content_hash(configmap["data"])))
+                    build_module_deployment(link.name, runtime.options.module_image, content_hash(configmap["data"]),
+                                            runtime.ca_hash))
     owner = nodes.owner_of(runtime, KIND, link.name)
     if owner is not None:
         kopf.adopt(list(children), owner=owner)

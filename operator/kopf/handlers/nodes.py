@@ -5,8 +5,9 @@ conflicting one with a condition saying why. ``desired_children`` renders the no
 a one-replica StatefulSet with its Service and ConfigMap (the workloads controller applies
 them). The ConfigMap holds the KM's identity only; its topology (links, the network's SAEs,
 key limits) is pushed live by the host. So the pod template, which carries the ConfigMap's
-hash, changes only with what needs a new process: the node's own KM spec, and the device
-Secrets mounted for its ``etsi014`` links.
+hash, changes only with what needs a new process: the node's own KM spec, the device
+Secrets mounted for its ``etsi014`` links, and the operator's own inputs (its manifests, the
+control plane's address, its CA).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def desired_children(runtime: Runtime, node: QKDNode) -> tuple[dict[str, Any], .
         for name, link in runtime.resources.links.items()
         if link.spec.etsi014 is not None and node.name in link.spec.nodes
     }
-    statefulset = build_km_statefulset(node, content_hash(configmap["data"]), device_secrets)
+    statefulset = build_km_statefulset(node, content_hash(configmap["data"]), runtime.ca_hash, device_secrets)
     children = (configmap, build_km_service(node.name), statefulset)
     owner = owner_of(runtime, KIND, node.name)
     if owner is not None:

@@ -1,23 +1,28 @@
 """The workloads controller: the children the operator runs for QKDNodes and QKDLinks.
 
 Each QKDNode gets its KM (StatefulSet, Service, ConfigMap rendered by
-``nodes.desired_children``, and a TLS Secret issued once from the operator's CA and never
-rewritten); each emulated QKDLink its module pair (Deployment, Service, ConfigMap rendered
-by ``links.module_children``, and a TLS Secret with both ends' identities). A link to real
-devices gets no workload of its own: its KMs are pointed at the devices.
+``nodes.desired_children``, and a TLS Secret issued from the operator's CA); each emulated
+QKDLink its module pair (Deployment, Service, ConfigMap rendered by
+``links.module_children``, and a TLS Secret with both ends' identities). A link to real
+devices gets no workload of its own: its KMs are pointed at the devices. A TLS Secret is
+issued once, and again only when the operator's CA is no longer the one it was issued from;
+the pod templates carry the CA, so the pods then restart onto the new certificates.
 
 Children are applied once the resource handler has accepted the resource. A KM's workload
 holds its identity only, so other nodes, links and SAEs never change it (the host pushes
 the KMs their topologies); only a link to devices does, at its two nodes, whose KMs mount
-its device Secrets. Children are removed with their resource (owner references let a
-cluster's garbage collector do this too; doing it here makes deletion complete without
-one). A daemon per QKDNode guards its StatefulSet: a missing one is created again. The
-controller owns the ``Configured`` condition of both kinds.
+its device Secrets. A change of a KM's pod template restarts the KM, so it is written in
+the KM's turn of the ``Rollout`` (one KM at a time); a new KM, and a change that leaves the
+template as it is, are written at once. Children are removed with their resource (owner
+references let a cluster's garbage collector do this too; doing it here makes deletion
+complete without one). A daemon per QKDNode guards its StatefulSet: a missing one is
+created again. The controller owns the ``Configured`` condition of both kinds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from collections import defaultdict
@@ -27,12 +32,15 @@ from typing import Any
 import kopf
 
 from vqkd.km import identity
+from vqkd.km.pki import DevCA
 from vqkd.operator.kopf.handlers.common import Problems
 from vqkd.operator.kopf.handlers.links import module_children
 from vqkd.operator.kopf.handlers.nodes import desired_children, owner_of
+from vqkd.operator.kopf.handlers.rollout import Rollout
 from vqkd.operator.kopf.kube import CONFIGMAPS, DEPLOYMENTS, SECRETS, SERVICES, STATEFULSETS, Kube, KubeError
 from vqkd.operator.kopf.manifests import (
     build_tls_secret, km_name, km_tls_secret, link_labels, module_name, module_tls_secret, node_labels, service_hosts,
+    template_hash,
 )
 from vqkd.operator.kopf.runtime import Runtime
 from vqkd.operator.kopf.status import Key
@@ -49,6 +57,7 @@ class Workloads:
         self.applied: set[Key] = set()  # resources whose children are applied as their spec says
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._link_ends: dict[str, tuple[str, ...]] = {}  # link -> the nodes whose KMs it was rendered into
+        self.rollout = Rollout(runtime, self._queue_template_changes, self._roll)
 
     # --- QKDNode ------------------------------------------------------------------------
 
@@ -66,9 +75,11 @@ class Workloads:
                                       delay=self.runtime.options.retry_delay_s) from None
         self.applied.discard((NODE, name))
         self.problems[NODE].forget(name)
+        self.rollout.withdraw(name)
 
     async def sync_kms(self, names: Iterable[str]) -> None:
-        """Apply the KM workload of each named node as its spec and its device links now say.
+        """Apply the KM workload of each named node as its spec and its device links now say;
+        one whose pod template changes waits for its turn in the rollout.
 
         One node at a time under its lock, rendering inside the lock: of two syncs racing, the
         later one writes last and from the newer state.
@@ -82,6 +93,10 @@ class Workloads:
                 children = desired_children(runtime, node)
                 secret_owner = owner_of(runtime, NODE, name)
                 try:
+                    if await asyncio.to_thread(_restarts_km, runtime.kube, children):
+                        self._await_turn(name)
+                        continue
+                    self.rollout.withdraw(name)
                     await asyncio.to_thread(_apply_km, runtime, name, children, secret_owner)
                 except (KubeError, OSError) as e:
                     runtime.metrics.errors(NODE).inc()
@@ -90,6 +105,46 @@ class Workloads:
                                              f"QKDNode {name}: applying its KM workload failed: {e}")
                 self.applied.add((NODE, name))
                 self.problems[NODE].solved(name)
+
+    def _await_turn(self, name: str) -> None:
+        self.applied.discard((NODE, name))
+        self.problems[NODE].note(name, "RollPending", f"QKDNode {name}: its KM's pod template changes; the KMs "
+                                 "restart one at a time, and this one waits its turn", permanent=False)
+        self.rollout.request(name)
+
+    async def _queue_template_changes(self) -> None:
+        """The rollout's survey: every KM whose pod template changes waits its turn."""
+        runtime = self.runtime
+        for name, node in sorted(runtime.resources.nodes.items()):
+            if runtime.status.ref(NODE, name) is None:
+                continue
+            try:
+                if await asyncio.to_thread(_restarts_km, runtime.kube, desired_children(runtime, node)):
+                    self._await_turn(name)
+            except (KubeError, OSError) as e:
+                log.warning("QKDNode %s: reading its StatefulSet failed; its next sync rolls it if it must: %s", name, e)
+
+    async def _roll(self, name: str) -> bool:
+        """The rollout's turn of the KM of ``name``: its workload as its node now asks; True when
+        its pod template changed, so that the KM restarts."""
+        runtime = self.runtime
+        async with self._locks[name]:
+            node = runtime.resources.nodes.get(name)
+            if node is None or runtime.status.ref(NODE, name) is None:
+                return False
+            children = desired_children(runtime, node)
+            try:
+                restarts = await asyncio.to_thread(_restarts_km, runtime.kube, children)
+                await asyncio.to_thread(_apply_km, runtime, name, children, owner_of(runtime, NODE, name))
+            except (KubeError, OSError) as e:
+                runtime.metrics.errors(NODE).inc()
+                self.applied.discard((NODE, name))
+                self.problems[NODE].note(name, "WorkloadNotApplied",
+                                         f"QKDNode {name}: applying its KM workload failed: {e}", permanent=False)
+                raise
+            self.applied.add((NODE, name))
+            self.problems[NODE].solved(name)
+            return restarts
 
     async def guard(self, name: str, stopped: kopf.DaemonStopped, logger: logging.Logger) -> None:
         """The kopf daemon of one QKDNode: its StatefulSet exists, or is created again."""
@@ -187,23 +242,45 @@ class Workloads:
 # --- the calls, in worker threads ---------------------------------------------------------
 
 
+def _restarts_km(kube: Kube, children: tuple[dict[str, Any], ...]) -> bool:
+    """Whether applying a KM's ``children`` changes the pod template of a StatefulSet there is."""
+    statefulset = children[-1]
+    actual = kube.get(STATEFULSETS, statefulset["metadata"]["name"])
+    return actual is not None and template_hash(actual) != template_hash(statefulset)
+
+
 def _apply_km(runtime: Runtime, name: str, children: tuple[dict[str, Any], ...],
               owner: dict[str, Any] | None) -> None:
     kube = runtime.kube
-    if kube.get(SECRETS, km_tls_secret(name)) is None:
+    secret = kube.get(SECRETS, km_tls_secret(name))
+    if secret is None or _stale(secret, runtime.ca):
         hosts = service_hosts(km_name(name), runtime.namespace)
         issued = runtime.ca.issue(identity.km(name), f"cluster-km-{name}", server_names=hosts)
-        secret = build_tls_secret(km_tls_secret(name), node_labels(name), {
+        _write_tls_secret(kube, secret, build_tls_secret(km_tls_secret(name), node_labels(name), {
             "ca.crt": runtime.ca.cert_path.read_bytes(), "tls.crt": issued.cert.read_bytes(),
             "tls.key": issued.key.read_bytes(),
-        })
-        if owner is not None:
-            kopf.adopt(secret, owner=owner)
-        kube.ensure(SECRETS, secret, create_only=True)
+        }), owner)
     configmap, service, statefulset = children
     kube.ensure(CONFIGMAPS, configmap)
     kube.ensure(SERVICES, service)
     kube.ensure(STATEFULSETS, statefulset)
+
+
+def _stale(secret: dict[str, Any], ca: DevCA) -> bool:
+    """Whether a TLS Secret was issued from another CA than the operator's."""
+    issued_by = (secret.get("data") or {}).get("ca.crt")
+    return issued_by is None or base64.b64decode(issued_by) != ca.cert_path.read_bytes()
+
+
+def _write_tls_secret(kube: Kube, actual: dict[str, Any] | None, secret: dict[str, Any],
+                      owner: dict[str, Any] | None) -> None:
+    """Create ``secret``, or put its files in place of the stale ones of ``actual``."""
+    if actual is not None:
+        kube.patch(SECRETS, secret["metadata"]["name"], {"data": secret["data"]})
+        return
+    if owner is not None:
+        kopf.adopt(secret, owner=owner)
+    kube.ensure(SECRETS, secret, create_only=True)
 
 
 def _delete_km(kube: Kube, name: str) -> None:
@@ -215,17 +292,16 @@ def _delete_km(kube: Kube, name: str) -> None:
 def _apply_modules(runtime: Runtime, link: QKDLink, children: tuple[dict[str, Any], ...],
                    owner: dict[str, Any] | None) -> None:
     kube = runtime.kube
-    if kube.get(SECRETS, module_tls_secret(link.name)) is None:
+    secret = kube.get(SECRETS, module_tls_secret(link.name))
+    if secret is None or _stale(secret, runtime.ca):
         hosts = service_hosts(module_name(link.name), runtime.namespace)
         files = {"ca.crt": runtime.ca.cert_path.read_bytes()}
         for end in ("a", "b"):
             issued = runtime.ca.issue(identity.module(link.name, end), f"cluster-module-{link.name}-{end}",
                                       server_names=hosts)
             files[f"{end}.crt"], files[f"{end}.key"] = issued.cert.read_bytes(), issued.key.read_bytes()
-        secret = build_tls_secret(module_tls_secret(link.name), link_labels(link.name), files)
-        if owner is not None:
-            kopf.adopt(secret, owner=owner)
-        kube.ensure(SECRETS, secret, create_only=True)
+        _write_tls_secret(kube, secret, build_tls_secret(module_tls_secret(link.name), link_labels(link.name), files),
+                          owner)
     configmap, service, deployment = children
     kube.ensure(CONFIGMAPS, configmap)
     kube.ensure(SERVICES, service)
