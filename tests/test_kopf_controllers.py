@@ -335,7 +335,7 @@ async def test_a_link_gets_its_module_pair_and_both_kms_are_pointed_at_it(cluste
     await c.accept(NODES + "---" + LINK)
     assert c.kube.has(DEPLOYMENTS, "vqkd-link-ab") and c.kube.has(SECRETS, "vqkd-link-ab-tls")
     assert [link.name for link in c.kms.topology("a").links] == ["ab"]
-    assert c.kms.topology("a").links[0].peer_grpc == f"vqkd-km-b.{NAMESPACE}.svc:9443"
+    assert c.kms.topology("a").links[0].peer_grpc == f"vqkd-km-b-0.vqkd-km-b-dns.{NAMESPACE}.svc:9443"
     await c.runtime.host.poll()
     await c.shown()
     status = c.kube.status("QKDLink", "ab")
@@ -470,3 +470,16 @@ async def test_a_link_its_kms_report_down_shows_the_devices_words_and_the_bits_t
     assert (status["state"], status["reason"], status["burnedBits"]) == ("Down", failing, 2048)
     link_up = c.kube.condition("QKDLink", "ab", "LinkUp")
     assert (link_up["status"], link_up["reason"]) == ("False", "DeviceUnavailable")
+
+
+async def test_a_replica_of_several_that_stops_answering_gets_only_its_own_pod_replaced(cluster):
+    c = cluster
+    await c.accept(NODES.replace("spec: {saeIds: [sae-a]}", "spec: {saeIds: [sae-a], km: {replicas: 2}}"))
+    assert c.kube.body(STATEFULSETS, "vqkd-km-a")["spec"]["replicas"] == 2
+    for replica in (0, 1):
+        c.kube.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"vqkd-km-a-{replica}"}})
+    await c.operator.km_health.replace("a", 1)
+    assert c.kube.has(PODS, "vqkd-km-a-0") and not c.kube.has(PODS, "vqkd-km-a-1")
+    # Restamping the template would restart the healthy replica too.
+    template = c.kube.body(STATEFULSETS, "vqkd-km-a")["spec"]["template"]["metadata"]
+    assert ANNOTATION_RESTARTED_AT not in template["annotations"]

@@ -32,7 +32,8 @@ from vqkd.operator.kopf.handlers.links import module_children
 from vqkd.operator.kopf.handlers.nodes import desired_children, owner_of
 from vqkd.operator.kopf.kube import CONFIGMAPS, DEPLOYMENTS, SECRETS, SERVICES, STATEFULSETS, Kube, KubeError
 from vqkd.operator.kopf.manifests import (
-    build_tls_secret, km_name, km_tls_secret, link_labels, module_name, module_tls_secret, node_labels, service_hosts,
+    build_tls_secret, km_name, km_replicas_service, km_server_names, km_tls_secret, link_labels, module_name,
+    module_tls_secret, node_labels, service_hosts,
 )
 from vqkd.operator.kopf.runtime import Runtime
 from vqkd.operator.kopf.status import Key
@@ -191,7 +192,7 @@ def _apply_km(runtime: Runtime, name: str, children: tuple[dict[str, Any], ...],
               owner: dict[str, Any] | None) -> None:
     kube = runtime.kube
     if kube.get(SECRETS, km_tls_secret(name)) is None:
-        hosts = service_hosts(km_name(name), runtime.namespace)
+        hosts = km_server_names(name, runtime.namespace)
         issued = runtime.ca.issue(identity.km(name), f"cluster-km-{name}", server_names=hosts)
         secret = build_tls_secret(km_tls_secret(name), node_labels(name), {
             "ca.crt": runtime.ca.cert_path.read_bytes(), "tls.crt": issued.cert.read_bytes(),
@@ -200,15 +201,16 @@ def _apply_km(runtime: Runtime, name: str, children: tuple[dict[str, Any], ...],
         if owner is not None:
             kopf.adopt(secret, owner=owner)
         kube.ensure(SECRETS, secret, create_only=True)
-    configmap, service, statefulset = children
+    configmap, service, replicas_service, statefulset = children
     kube.ensure(CONFIGMAPS, configmap)
     kube.ensure(SERVICES, service)
+    kube.ensure(SERVICES, replicas_service)
     kube.ensure(STATEFULSETS, statefulset)
 
 
 def _delete_km(kube: Kube, name: str) -> None:
-    for kind, child in ((STATEFULSETS, km_name(name)), (SERVICES, km_name(name)), (CONFIGMAPS, km_name(name)),
-                        (SECRETS, km_tls_secret(name))):
+    for kind, child in ((STATEFULSETS, km_name(name)), (SERVICES, km_name(name)), (SERVICES, km_replicas_service(name)),
+                        (CONFIGMAPS, km_name(name)), (SECRETS, km_tls_secret(name))):
         kube.delete(kind, child)
 
 
