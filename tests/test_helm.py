@@ -505,6 +505,8 @@ def test_rbac_allows_every_call_the_operator_makes():
     for owner in ("qkdnodes", "qkdlinks"):  # children carry blockOwnerDeletion owner references
         assert "update" in allowed[("vqkd.io", f"{owner}/finalizers")]
     assert allowed[("", "events")] == {"create"}
+    # kopf watches the KM StatefulSets (main.km_statefulset_event) for the replicas they report.
+    assert {"list", "watch"} <= allowed[("apps", "statefulsets")]
     # Read-only where the operator only reads: it never lists or watches Secrets or Pods.
     assert not {"list", "watch", "update"} & allowed[("", "secrets")]
     assert not {"list", "watch", "update", "patch", "create"} & allowed[("", "pods")]

@@ -209,6 +209,7 @@ def test_each_km_replica_has_a_dns_name_of_its_own_and_the_saes_one_address(netw
     assert {"vqkd-km-alice.qkd.svc", "*.vqkd-km-alice-dns.qkd.svc", "*.vqkd-km-alice-dns.qkd.svc.cluster.local"} <= \
         set(names)
     assert manifests.km_selector("alice") == "app.kubernetes.io/instance=alice,app.kubernetes.io/name=vqkd-km"
+    assert manifests.build_km_autoscaler(network.nodes["alice"]) is None, "no autoscaling asked for, no autoscaler"
 
 
 def test_module_deployment_runs_one_pair_and_never_two(network):

@@ -30,7 +30,7 @@ from typing import Any
 
 from vqkd.km.config import EmulatedLinkConfig, KMConfig, TLSPaths
 from vqkd.operator.plan import End, KMAddress, ModuleAddress
-from vqkd.operator.resources.models import DEFAULT_KM_IMAGE, QKDNode
+from vqkd.operator.resources.models import API_VERSION, DEFAULT_KM_IMAGE, QKDNode
 
 # --- names, labels, ports -----------------------------------------------------------
 
@@ -63,6 +63,9 @@ ANNOTATION_SESSION_ID = "vqkd.io/session-id"
 # or both, comma-separated), so a restarted operator restores a session still waiting for its
 # peer as waiting.
 ANNOTATION_REGISTERED = "vqkd.io/registered"
+
+# The Pods metric a custom-metrics adapter serves from the KMs' vqkd_km_responses_total (helm/vqkd/README.md).
+KM_REQUESTS_METRIC = "vqkd_km_responses_per_second"
 
 KM_ETSI014_PORT = 8443
 KM_GRPC_PORT = 9443
@@ -368,6 +371,36 @@ def build_km_statefulset(node: QKDNode, config_hash: str, module_secrets: Mappin
                     "volumes": volumes,
                 },
             },
+        },
+    })
+
+
+def build_km_autoscaler(node: QKDNode) -> dict[str, Any] | None:
+    """The HorizontalPodAutoscaler of ``spec.km.autoscaling``, or None without it.
+
+    It targets the QKDNode, not the StatefulSet: it scales through the QKDNode's scale
+    subresource (``spec.km.replicas``), so the node's spec stays the one source of its replicas
+    and the operator renders the StatefulSet from it as from any other change.
+    """
+    autoscaling = node.spec.km.autoscaling
+    if autoscaling is None:
+        return None
+    target = autoscaling.target
+    if target.cpu_utilization is not None:
+        metric = {"type": "Resource", "resource": {
+            "name": "cpu", "target": {"type": "Utilization", "averageUtilization": target.cpu_utilization}}}
+    else:
+        metric = {"type": "Pods", "pods": {
+            "metric": {"name": KM_REQUESTS_METRIC},
+            "target": {"type": "AverageValue", "averageValue": str(target.requests_per_second)}}}
+    return with_spec_hash({
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(km_autoscaler(node.name), node_labels(node.name)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": API_VERSION, "kind": "QKDNode", "name": node.name},
+            "minReplicas": autoscaling.min_replicas,
+            "maxReplicas": autoscaling.max_replicas,
+            "metrics": [metric],
         },
     })
 
