@@ -1,8 +1,8 @@
 """The operator's own calls to the Kubernetes API, on plain dicts, with the official client.
 
 kopf watches and patches the vqkd resources itself; this client creates and updates the
-children (StatefulSets, Services, ConfigMaps, Secrets, Deployments, HorizontalPodAutoscalers), writes status and
-Events, and lists resources at startup. The official client is synchronous: every method
+children (StatefulSets, Services, ConfigMaps, Secrets, Deployments, HorizontalPodAutoscalers),
+writes status and Events, and lists resources at startup. The official client is synchronous: every method
 here blocks, so the operator calls them from worker threads (``asyncio.to_thread``), never
 on the event loop.
 

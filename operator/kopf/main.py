@@ -4,8 +4,8 @@ A resource event goes to the resource handler of its kind (into the control core
 QKDNodes and QKDLinks the host then pushes every KM whose topology the change altered
 (after the core rerouted the sessions off a deleted one), and the workloads controller
 applies or removes their workloads (and, for a QKDNode, the replicas controller its
-autoscaler). The KM StatefulSets are watched for the replicas they report. The operator is assembled in ``handlers.lifecycle`` and
-reached through ``memo.operator``.
+autoscaler). The KM StatefulSets are watched for the replicas they report. The operator is
+assembled in ``handlers.lifecycle`` and reached through ``memo.operator``.
 
 Run it with ``vqkd operator`` (see ``operate``) or ``kopf run -m vqkd.operator.kopf.main
 --namespace NS --standalone`` (settings then come from VQKD_* variables).

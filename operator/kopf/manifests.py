@@ -5,9 +5,9 @@ same file ``python -m vqkd.km --config`` reads in the local runtime), a Secret w
 identity, a StatefulSet of ``spec.km.replicas`` pods, the Service its SAEs reach (any
 replica answers), a headless Service giving each replica a DNS name of its own (its peers and
 siblings reach one replica), and, with ``spec.km.autoscaling``, a HorizontalPodAutoscaler
-scaling the QKDNode. A QKDLink with an emulated key source
-becomes the emulated QKD module pair: a ConfigMap (``EmulatedLinkConfig``), a Secret with
-both ends' identities, a Service and a one-replica Deployment. Names derive from the
+scaling the QKDNode. A QKDLink with an emulated key source becomes the emulated QKD module
+pair: a ConfigMap (``EmulatedLinkConfig``), a Secret with both ends' identities, a Service
+and a one-replica Deployment. Names derive from the
 resource names only, so a child is found again after any restart.
 
 The configurations themselves come from the network plan (``vqkd.operator.plan``), the same
@@ -284,8 +284,9 @@ def build_km_service(node: str) -> dict[str, Any]:
 def build_km_replicas_service(node: str) -> dict[str, Any]:
     """The headless Service of the KM's StatefulSet: ``<pod>.<service>.<namespace>.svc`` per replica.
 
-    Not-ready pods are published too: a starting replica is reached by the control plane and
-    its peers before it serves (it is ready only once it holds its topology).
+    Not-ready pods are published too: the control plane reaches a starting replica to push it
+    its topology, and a replica whose readiness probe fails for a moment stays reachable by
+    its peers and siblings, which hold its ends and key copies.
     """
     labels = node_labels(node)
     return with_spec_hash({

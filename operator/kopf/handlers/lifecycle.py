@@ -3,9 +3,9 @@
 The operator is the control-plane host (``vqkd.operator.host``) with the controllers of
 ``handlers/`` plugged in, one per concern: a resource handler per kind (QKDNode, QKDLink,
 UserProfile, KeySession into the control core), the workloads, the KM replicas (autoscaler
-and counts), KM health and replacement, and the records of sessions applications open; ``presentation`` shows what the core and
-monitoring find. They share only the services of ``Runtime`` and coordinate through the
-control core and resource status.
+and counts), KM health and replacement, and the records of sessions applications open;
+``presentation`` shows what the core and monitoring find. They share only the services of
+``Runtime`` and coordinate through the control core and resource status.
 
 At start the control core is empty. Every QKDNode, QKDLink and UserProfile is loaded into
 it, every KM is pushed its topology and polled once, then every KeySession is applied,

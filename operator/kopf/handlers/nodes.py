@@ -3,10 +3,11 @@
 ``NodeHandler`` registers each QKDNode with the control core, or refuses an invalid or
 conflicting one with a condition saying why. ``desired_children`` renders the node's KM as
 a StatefulSet of ``spec.km.replicas`` pods with its ConfigMap, its Service and the headless
-Service naming each replica (the workloads controller applies them). The ConfigMap holds the KM's identity only; its topology (links, the network's SAEs,
-key limits) is pushed live by the host. So the pod template, which carries the ConfigMap's
-hash, changes only with what needs a new process: the node's own KM spec, and the device
-Secrets mounted for its ``etsi014`` links.
+Service naming each replica (the workloads controller applies them). The ConfigMap holds
+the KM's identity only; its topology (links, the network's SAEs, key limits) is pushed live
+by the host. So the pod template, which carries the ConfigMap's hash, changes only with what
+needs a new process: the node's own KM spec, and the device Secrets mounted for its
+``etsi014`` links; the number of replicas is not in the template.
 """
 
 from __future__ import annotations
