@@ -109,7 +109,9 @@ def test_crd_has_what_kubectl_users_expect(kind):
     }
     (version,) = spec["versions"]
     assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
-    assert version["subresources"] == {"status": {}}
+    scale = {"scale": {"specReplicasPath": ".spec.km.replicas", "statusReplicasPath": ".status.replicas",
+                       "labelSelectorPath": ".status.selector"}} if kind == "QKDNode" else {}
+    assert version["subresources"] == {"status": {}, **scale}
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
     assert columns["Age"] == {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
     schema = version["schema"]["openAPIV3Schema"]
@@ -136,7 +138,7 @@ def column_resolves(schema: dict, json_path: str) -> bool:
 
 def test_every_kind_shows_phase_or_state_and_readiness():
     names = {kind: {c.name for c in info.printer_columns} for kind, info in KINDS.items()}
-    assert {"Phase", "Ready"} <= names["QKDNode"]
+    assert {"Phase", "Ready", "Replicas", "Ready-Replicas"} <= names["QKDNode"]
     assert {"State", "Rate", "QBER", "Reserved"} <= names["QKDLink"]
     assert {"Phase", "Path", "Reserved", "Ready"} <= names["KeySession"]
     assert {"Sessions", "Ready"} <= names["UserProfile"]
@@ -158,6 +160,11 @@ def test_cross_field_rules_are_cel_validations():
     assert rules(schema_of("UserProfile")["properties"]["spec"]["properties"]["authentication"])
     km = schema_of("QKDNode")["properties"]["spec"]["properties"]["km"]
     assert "self.minKeySize <= self.keySize && self.keySize <= self.maxKeySize" in rules(km)
+    autoscaling = km["properties"]["autoscaling"]
+    assert rules(autoscaling) == {"self.minReplicas <= self.maxReplicas": "need minReplicas <= maxReplicas"}
+    assert rules(autoscaling["properties"]["target"]) == {
+        "has(self.cpuUtilization) != has(self.requestsPerSecond)":
+            "set exactly one of cpuUtilization and requestsPerSecond"}
 
 
 def test_session_endpoints_and_link_nodes_are_immutable():

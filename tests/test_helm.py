@@ -47,9 +47,9 @@ SUPPORTED = ["1.29", "1.30", "1.31", "1.32", "1.33"]
 NAMESPACE = "qkd"
 # Every optional part switched on, once with each monitor kind (they exclude each other).
 ALL_SERVICE_MONITOR = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true",
-                       "--set", "certManager.enabled=true"]
+                       "--set", "certManager.enabled=true", "--set", "rbac.aggregateToDefaultRoles=true"]
 ALL_POD_MONITOR = ["--set", "metrics.podMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true",
-                   "--set", "certManager.enabled=true", "--set-json",
+                   "--set", "certManager.enabled=true", "--set", "rbac.aggregateToDefaultRoles=true", "--set-json",
                    'certManager.issuerRef={"name":"corporate-ca","kind":"ClusterIssuer","group":"cert-manager.io"}']
 VALUE_SETS = {
     "default": [],
@@ -508,9 +508,25 @@ def test_rbac_allows_every_call_the_operator_makes():
     for owner in ("qkdnodes", "qkdlinks"):  # children carry blockOwnerDeletion owner references
         assert "update" in allowed[("vqkd.io", f"{owner}/finalizers")]
     assert allowed[("", "events")] == {"create"}
+    # kopf watches the KM StatefulSets (main.km_statefulset_event) for the replicas they report.
+    assert {"list", "watch"} <= allowed[("apps", "statefulsets")]
     # Read-only where the operator only reads: it never lists or watches Secrets or Pods.
     assert not {"list", "watch", "update"} & allowed[("", "secrets")]
     assert not {"list", "watch", "update", "patch", "create"} & allowed[("", "pods")]
+
+
+@needs_helm
+def test_users_may_be_given_the_vqkd_resources_and_kubectl_scale_with_their_namespace_roles():
+    docs = render("--set", "rbac.aggregateToDefaultRoles=true")
+    roles = {role["metadata"]["name"]: role for role in of_kind(docs, "ClusterRole")}
+    assert set(roles) == {f"vqkd-{NAMESPACE}-view", f"vqkd-{NAMESPACE}-edit"}
+    view, edit = roles[f"vqkd-{NAMESPACE}-view"], roles[f"vqkd-{NAMESPACE}-edit"]
+    aggregated = "rbac.authorization.k8s.io/aggregate-to-{}"
+    assert all(view["metadata"]["labels"][aggregated.format(r)] == "true" for r in ("view", "edit", "admin"))
+    assert aggregated.format("view") not in edit["metadata"]["labels"]
+    assert {"update", "patch"} <= _allowed(edit)[("vqkd.io", "qkdnodes/scale")]
+    assert _allowed(view)[("vqkd.io", "qkdnodes/scale")] == {"get", "list", "watch"}
+    assert of_kind(docs, "ClusterRoleBinding") == []
 
 
 def test_the_operator_reads_the_ca_secret_the_chart_documents():
@@ -596,7 +612,7 @@ def test_each_alert_links_a_runbook_that_exists():
     alerts = [r for group in rule["spec"]["groups"] for r in group["rules"]]
     names = {r["alert"] for r in alerts}
     assert names == {"VqkdLinkDown", "VqkdQBERAboveThreshold", "VqkdKeyPoolNearEmpty", "VqkdSessionsHeldWithoutRoute",
-                     "VqkdKMReplaced", "VqkdOperatorErrors"}
+                     "VqkdKMReplaced", "VqkdKMReplicasNotReady", "VqkdOperatorErrors"}
     index = (RUNBOOKS / "README.md").read_text()
     for alert in alerts:
         url = alert["annotations"]["runbook_url"]
@@ -628,6 +644,19 @@ def test_alerts_can_be_tuned_and_switched_off():
                                     "(namespace,", "link)", "max", "by", "(namespace,", "link)",
                                     "(vqkd_control_link_qber_threshold)"]
     assert "spec.qberThreshold" in qber["annotations"]["description"]
+
+
+def test_the_adapter_rule_serves_the_metric_the_autoscalers_ask_for():
+    from test_observability import exported_metrics
+
+    values = yaml.safe_load((CHART / "examples" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    assert rule["name"]["as"] == manifests.KM_REQUESTS_METRIC
+    series = re.match(r"^(vqkd_[a-z_]+)\{", rule["seriesQuery"]).group(1)
+    assert re.match(rule["name"]["matches"], series) and series in exported_metrics()
+    # The Prometheus Operator's labels, mapped to the pods an autoscaler's Pods metric is about.
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert "rate(<<.Series>>{<<.LabelMatchers>>}" in rule["metricsQuery"]
 
 
 @needs_helm

@@ -33,7 +33,8 @@ from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.kopf.endpoints import LocalEndpoints
 from vqkd.operator.kopf.handlers.lifecycle import Operator, assemble, restore
 from vqkd.operator.kopf.kube import (
-    CONFIGMAPS, DEPLOYMENTS, EVENTS, PODS, SECRETS, SERVICES, STATEFULSETS, VQKD, Kind, Kube, KubeError,
+    CONFIGMAPS, DEPLOYMENTS, EVENTS, HORIZONTALPODAUTOSCALERS, PODS, SECRETS, SERVICES, STATEFULSETS, VQKD, Kind, Kube,
+    KubeError,
 )
 from vqkd.operator.kopf.manifests import (
     ANNOTATION_CA_HASH, ANNOTATION_REGISTERED, ANNOTATION_RESTARTED_AT, ANNOTATION_SESSION_ID, ClusterAddressing,
@@ -172,6 +173,7 @@ class Cluster:
                 await op.nodes.reconcile(body)
                 await op.runtime.host.topologies.refresh()
                 await op.workloads.node_changed(name)
+                await op.replicas.node_changed(name)
             elif kind == "QKDLink":
                 await op.links.reconcile(body)
                 await op.runtime.host.topologies.refresh()
@@ -505,7 +507,7 @@ async def test_a_link_gets_its_module_pair_and_both_kms_are_pointed_at_it(cluste
     await c.accept(NODES + "---" + LINK)
     assert c.kube.has(DEPLOYMENTS, "vqkd-link-ab") and c.kube.has(SECRETS, "vqkd-link-ab-tls")
     assert [link.name for link in c.kms.topology("a").links] == ["ab"]
-    assert c.kms.topology("a").links[0].peer_grpc == f"vqkd-km-b.{NAMESPACE}.svc:9443"
+    assert c.kms.topology("a").links[0].peer_grpc == f"vqkd-km-b-0.vqkd-km-b-dns.{NAMESPACE}.svc:9443"
     await c.runtime.host.poll()
     await c.shown()
     status = c.kube.status("QKDLink", "ab")
@@ -640,3 +642,93 @@ async def test_a_link_its_kms_report_down_shows_the_devices_words_and_the_bits_t
     assert (status["state"], status["reason"], status["burnedBits"]) == ("Down", failing, 2048)
     link_up = c.kube.condition("QKDLink", "ab", "LinkUp")
     assert (link_up["status"], link_up["reason"]) == ("False", "DeviceUnavailable")
+
+
+async def test_a_replica_of_several_that_stops_answering_gets_only_its_own_pod_replaced(cluster):
+    c = cluster
+    await c.accept(NODES.replace("spec: {saeIds: [sae-a]}", "spec: {saeIds: [sae-a], km: {replicas: 2}}"))
+    assert c.kube.body(STATEFULSETS, "vqkd-km-a")["spec"]["replicas"] == 2
+    for replica in (0, 1):
+        c.kube.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"vqkd-km-a-{replica}"}})
+    await c.operator.km_health.replace("a", 1)
+    assert c.kube.has(PODS, "vqkd-km-a-0") and not c.kube.has(PODS, "vqkd-km-a-1")
+    # Restamping the template would restart the healthy replica too.
+    template = c.kube.body(STATEFULSETS, "vqkd-km-a")["spec"]["template"]["metadata"]
+    assert ANNOTATION_RESTARTED_AT not in template["annotations"]
+
+
+AUTOSCALED = NODES.replace("spec: {saeIds: [sae-a]}", """spec:
+  saeIds: [sae-a]
+  km: {autoscaling: {minReplicas: 2, maxReplicas: 5, target: {cpuUtilization: 70}}}""")
+
+
+async def change(c: Cluster, name: str, spec: dict[str, Any]) -> None:
+    """A change to a node's spec, handled as kopf's update handler does."""
+    body = c.kube.patch(VQKD["QKDNode"], name, {"spec": spec})
+    await c.operator.nodes.reconcile(body)
+    await c.runtime.host.topologies.refresh()
+    await c.operator.workloads.node_changed(name)
+    await c.operator.replicas.node_changed(name)
+
+
+async def test_autoscaling_gets_the_node_a_horizontal_pod_autoscaler_it_owns_until_it_goes(cluster):
+    c = cluster
+    await c.accept(AUTOSCALED)
+    hpa = c.kube.body(HORIZONTALPODAUTOSCALERS, "vqkd-km-a")
+    assert (hpa["apiVersion"], hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == ("autoscaling/v2", 2, 5)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "vqkd.io/v1alpha1", "kind": "QKDNode", "name": "a"}
+    assert hpa["spec"]["metrics"] == [{"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}]
+    owner = hpa["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("QKDNode", c.body("QKDNode", "a")["metadata"]["uid"],
+                                                                 True)
+    assert not c.kube.has(HORIZONTALPODAUTOSCALERS, "vqkd-km-b")
+    # The target changed: the autoscaler follows, on requests per second through the adapter's metric.
+    await change(c, "a", {"km": {"autoscaling": {"maxReplicas": 3, "target": {"cpuUtilization": None,
+                                                                             "requestsPerSecond": 200}}}})
+    hpa = c.kube.body(HORIZONTALPODAUTOSCALERS, "vqkd-km-a")
+    assert hpa["spec"]["maxReplicas"] == 3
+    assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {
+        "metric": {"name": "vqkd_km_responses_per_second"}, "target": {"type": "AverageValue", "averageValue": "200"}}}]
+    # What the autoscaler does, through the scale subresource: the StatefulSet follows spec.km.replicas.
+    await change(c, "a", {"km": {"replicas": 3}})
+    assert c.kube.body(STATEFULSETS, "vqkd-km-a")["spec"]["replicas"] == 3
+    await change(c, "a", {"km": {"autoscaling": None}})
+    assert not c.kube.has(HORIZONTALPODAUTOSCALERS, "vqkd-km-a")
+    assert c.kube.body(STATEFULSETS, "vqkd-km-a")["spec"]["replicas"] == 3, "replicas stay as the autoscaler left them"
+
+
+async def test_a_deleted_node_takes_its_autoscaler_along(cluster):
+    c = cluster
+    await c.accept(AUTOSCALED)
+    await c.operator.nodes.delete(c.body("QKDNode", "a"))
+    await c.operator.workloads.node_deleted("a")
+    await c.operator.replicas.node_deleted("a")
+    assert not c.kube.has(HORIZONTALPODAUTOSCALERS, "vqkd-km-a")
+
+
+async def test_an_autoscaler_that_cannot_be_applied_is_retried_and_counted(cluster):
+    c = cluster
+    c.kube.refused.add(HORIZONTALPODAUTOSCALERS.plural)
+    with pytest.raises(kopf.TemporaryError, match="applying its HorizontalPodAutoscaler failed"):
+        await c.accept(AUTOSCALED)
+    assert c.runtime.metrics.registry.get_sample_value("vqkd_operator_errors_total", {"kind": "QKDNode"}) == 1
+
+
+async def test_the_node_shows_the_replicas_its_statefulset_reports_and_their_selector(cluster):
+    c = cluster
+    await c.accept(NODES)
+    await change(c, "a", {"km": {"replicas": 3}})
+    await c.shown()
+    status = c.kube.status("QKDNode", "a")
+    assert (status["replicas"], status["readyReplicas"]) == (0, 0)
+    assert status["selector"] == "app.kubernetes.io/instance=a,app.kubernetes.io/name=vqkd-km"
+    statefulset = c.kube.patch(STATEFULSETS, "vqkd-km-a", {"status": {"replicas": 3, "readyReplicas": 2}})
+    c.operator.replicas.statefulset_seen("MODIFIED", statefulset)
+    await c.shown()
+    status = c.kube.status("QKDNode", "a")
+    assert (status["replicas"], status["readyReplicas"]) == (3, 2)
+    assert c.kube.status("QKDNode", "b")["replicas"] == 0
+    c.operator.replicas.statefulset_seen("DELETED", statefulset)
+    await c.shown()
+    assert (c.kube.status("QKDNode", "a")["replicas"], c.kube.status("QKDNode", "a")["readyReplicas"]) == (0, 0)

@@ -136,7 +136,7 @@ def test_the_dashboard_has_a_panel_for_each_concern():
     for concern in ("key rate", "QBER", "Key pool", "Link state", "Sessions by phase", "Key requests per KM",
                     "latency per KM", "Relayed key", "Relay rejections", "refusals by reason", "refused at the KMs",
                     "Fallback (PQC) keys", "KM replacements", "Operator errors", "Reconciliations",
-                    "rate per user", "Keys delivered per user"):
+                    "rate per user", "Keys delivered per user", "KM replicas per node", "per KM replica"):
         assert any(concern.lower() in title.lower() for title in titles), f"no panel for {concern}"
     dashboard = json.loads(DASHBOARD.read_text())
     cells: dict[tuple[int, int], str] = {}  # no two panels share a grid cell
@@ -157,7 +157,7 @@ def test_promtool_accepts_the_alert_rules(tmp_path):
     rules.write_text(yaml.safe_dump({"groups": one(render("--set", "metrics.prometheusRule.enabled=true"),
                                                    "PrometheusRule")["spec"]["groups"]}))
     done = subprocess.run([PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0 and "SUCCESS: 6 rules found" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0 and "SUCCESS: 7 rules found" in done.stdout, done.stdout + done.stderr
 
 
 # --- a network, and Prometheus scraping it -----------------------------------------------

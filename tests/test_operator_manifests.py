@@ -76,6 +76,9 @@ def km_config(network, node: str) -> KMConfig:
 def test_children_are_named_after_their_resource_and_too_long_names_are_refused():
     assert (manifests.km_name("n1"), manifests.km_tls_secret("n1"), manifests.km_pod("n1")) == (
         "vqkd-km-n1", "vqkd-km-n1-tls", "vqkd-km-n1-0")
+    assert (manifests.km_replicas_service("n1"), manifests.km_pod("n1", 2)) == ("vqkd-km-n1-dns", "vqkd-km-n1-2")
+    longest = "n" * 51
+    assert max(len(manifests.km_replicas_service(longest)), len(manifests.km_pod(longest, 15))) <= manifests.MAX_NAME
     assert (manifests.module_name("a-b"), manifests.module_tls_secret("a-b")) == ("vqkd-link-a-b", "vqkd-link-a-b-tls")
     assert manifests.name_problem("QKDNode", "n" * 51) is None
     problem = manifests.name_problem("QKDNode", "n" * 52)
@@ -94,11 +97,11 @@ def test_km_config_reaches_peers_and_modules_by_service_name(network):
     emulated, device = config.topology.links
     # bob is the second node of alice-bob: end b of the module pair.
     assert (emulated.name, emulated.peer_node, emulated.peer_kme_id, emulated.peer_grpc) == (
-        "alice-bob", "alice", "alice", "vqkd-km-alice.qkd.svc:9443")
+        "alice-bob", "alice", "alice", "vqkd-km-alice-0.vqkd-km-alice-dns.qkd.svc:9443")
     assert emulated.module_url == "https://vqkd-link-alice-bob.qkd.svc:8444"
     assert (emulated.module_sae_id, emulated.peer_module_sae_id, emulated.block_bits) == ("bob", "alice", 8192)
     assert (device.module_url, device.module_sae_id, device.peer_module_sae_id, device.peer_grpc) == (
-        "https://qkd-b.lab:443/", "KM_B", "KM_C", "vqkd-km-carol.qkd.svc:9443")
+        "https://qkd-b.lab:443/", "KM_B", "KM_C", "vqkd-km-carol-0.vqkd-km-carol-dns.qkd.svc:9443")
     # The device is reached with the credentials of the link's Secret, mounted in the KM's pod.
     assert [str(p) for p in (device.module_tls.ca, device.module_tls.cert, device.module_tls.key)] == [
         "/etc/vqkd/modules/bob-carol/ca.crt", "/etc/vqkd/modules/bob-carol/tls.crt",
@@ -140,7 +143,7 @@ def test_km_statefulset_runs_one_km_from_its_configmap_and_secret(network):
     pod = template["spec"]
     (container,) = pod["containers"]
     assert (sts["kind"], sts["metadata"]["name"], spec["replicas"], spec["serviceName"]) == (
-        "StatefulSet", "vqkd-km-alice", 1, "vqkd-km-alice")
+        "StatefulSet", "vqkd-km-alice", 1, "vqkd-km-alice-dns")
     assert spec["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     assert template["metadata"]["annotations"][manifests.ANNOTATION_CONFIG_HASH] == digest
     assert (container["image"], container["imagePullPolicy"]) == ("registry.example/vqkd:1.2", "Always")
@@ -175,6 +178,38 @@ def test_km_service_selects_the_km_pod_and_exposes_its_named_ports(network):
     assert {port["targetPort"] for port in service["spec"]["ports"]} == container_ports
     assert {port["name"]: port["port"] for port in service["spec"]["ports"]} == {
         "etsi014": 8443, "grpc": 9443, "metrics": 9090}
+
+
+def test_km_statefulset_runs_the_replicas_the_node_asks_for_each_knowing_its_ordinal(network):
+    node = network.nodes["alice"].model_copy(deep=True)
+    node.spec.km.replicas = 3
+    sts = manifests.build_km_statefulset(node, "0", "ca")
+    assert sts["spec"]["replicas"] == 3
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [{"name": "VQKD_KM_REPLICA", "valueFrom": {
+        "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}}]
+    assert sts["metadata"]["annotations"][manifests.ANNOTATION_SPEC_HASH] != \
+        manifests.build_km_statefulset(network.nodes["alice"], "0", "ca")["metadata"]["annotations"][manifests.ANNOTATION_SPEC_HASH]
+
+
+def test_each_km_replica_has_a_dns_name_of_its_own_and_the_saes_one_address(network):
+    headless = manifests.build_km_replicas_service("alice")
+    sts = manifests.build_km_statefulset(network.nodes["alice"], "0", "ca")
+    assert (headless["metadata"]["name"], headless["spec"]["clusterIP"]) == (sts["spec"]["serviceName"], "None")
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert headless["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    assert {p["name"] for p in headless["spec"]["ports"]} == {"grpc", "metrics"}
+    addressing = manifests.ClusterAddressing(NS)
+    second = addressing.km("alice", 1)
+    assert second.grpc == "vqkd-km-alice-1.vqkd-km-alice-dns.qkd.svc:9443"
+    assert second.metrics_url == "http://vqkd-km-alice-1.vqkd-km-alice-dns.qkd.svc:9090/metrics"
+    assert second.etsi014_url == addressing.km("alice", 0).etsi014_url == "https://vqkd-km-alice.qkd.svc:8443"
+    # The KM's certificate names the Service and, by wildcard, every replica's pod.
+    names = manifests.km_server_names("alice", NS)
+    assert {"vqkd-km-alice.qkd.svc", "*.vqkd-km-alice-dns.qkd.svc", "*.vqkd-km-alice-dns.qkd.svc.cluster.local"} <= \
+        set(names)
+    assert manifests.km_selector("alice") == "app.kubernetes.io/instance=alice,app.kubernetes.io/name=vqkd-km"
+    assert manifests.build_km_autoscaler(network.nodes["alice"]) is None, "no autoscaling asked for, no autoscaler"
 
 
 def test_module_deployment_runs_one_pair_and_never_two(network):
@@ -241,9 +276,9 @@ def test_status_merge_patch_removes_what_is_gone_and_keeps_what_is_equal():
 
 def test_endpoints_in_a_cluster_and_from_a_local_runtime():
     cluster = ClusterEndpoints("qkd")
-    assert cluster.km_grpc("n1") == "vqkd-km-n1.qkd.svc:9443"
+    assert cluster.km_grpc("n1") == "vqkd-km-n1-0.vqkd-km-n1-dns.qkd.svc:9443"
     assert cluster.km_etsi014("n1") == "https://vqkd-km-n1.qkd.svc:8443"
-    assert cluster.km_metrics("n1") == "http://vqkd-km-n1.qkd.svc:9090/metrics"
+    assert cluster.km_metrics("n1") == "http://vqkd-km-n1-0.vqkd-km-n1-dns.qkd.svc:9090/metrics"
     assert cluster.module_metrics("l") == "http://vqkd-link-l.qkd.svc:9100/metrics"
     local = LocalEndpoints({"nodes": {"n1": {"grpc": "127.0.0.1:1", "etsi014_url": "https://127.0.0.1:2",
                                              "metrics_url": "http://127.0.0.1:3/metrics"}}, "links": {}})

@@ -115,11 +115,12 @@ def test_cluster_addressing_reaches_every_process_by_its_service_name():
                                                                          "0.0.0.0:9090")
     assert (str(bob.tls.cert), bob.control_plane) == ("/etc/vqkd/tls/tls.crt", "vqkd-control-plane.qkd.svc:9443")
     assert [(link.peer_grpc, link.module_url) for link in plan.topologies["bob"].links] == [
-        ("vqkd-km-alice.qkd.svc:9443", "https://vqkd-link-alice-bob.qkd.svc:8444"),
-        ("vqkd-km-carol.qkd.svc:9443", "https://vqkd-link-bob-carol.qkd.svc:8443"),
+        ("vqkd-km-alice-0.vqkd-km-alice-dns.qkd.svc:9443", "https://vqkd-link-alice-bob.qkd.svc:8444"),
+        ("vqkd-km-carol-0.vqkd-km-carol-dns.qkd.svc:9443", "https://vqkd-link-bob-carol.qkd.svc:8443"),
     ]
     assert plan.km_endpoints["bob"] == KMEndpoints("KME-BOB", "https://vqkd-km-bob.qkd.svc:8443",
-                                                   "vqkd-km-bob.qkd.svc:9443", "http://vqkd-km-bob.qkd.svc:9090/metrics")
+                                                   "vqkd-km-bob-0.vqkd-km-bob-dns.qkd.svc:9443",
+                                                   "http://vqkd-km-bob-0.vqkd-km-bob-dns.qkd.svc:9090/metrics")
     assert plan.module_endpoints["alice-bob"].control_url == "http://vqkd-link-alice-bob.qkd.svc:9100/control"
 
 
@@ -196,7 +197,7 @@ def test_a_device_link_in_the_cluster_uses_the_device_and_the_credentials_mounte
     alice = plan_network(network(NETWORK + DEVICE_LINK), cluster_addressing()).topologies["alice"]
     device = next(link for link in alice.links if link.name == "alice-carol")
     assert (device.module_url, device.module_sae_id, device.peer_module_sae_id, device.peer_grpc) == (
-        "https://qkd-a.lab:443/", "KM_A", "KM_C", "vqkd-km-carol.qkd.svc:9443")
+        "https://qkd-a.lab:443/", "KM_A", "KM_C", "vqkd-km-carol-0.vqkd-km-carol-dns.qkd.svc:9443")
     assert [str(p) for p in (device.module_tls.ca, device.module_tls.cert, device.module_tls.key)] == [
         "/etc/vqkd/modules/alice-carol/ca.crt", "/etc/vqkd/modules/alice-carol/tls.crt",
         "/etc/vqkd/modules/alice-carol/tls.key"]

@@ -184,6 +184,25 @@ def test_effective_qos_takes_session_then_user_then_vqkd_defaults():
             "or 1G (got 'lots')",
         ),
         (
+            doc("QKDNode", "a", {"km": {"autoscaling": {"minReplicas": 4, "maxReplicas": 2,
+                                                        "target": {"cpuUtilization": 70}}}}),
+            "QKDNode a: spec.km.autoscaling.minReplicas: must not exceed maxReplicas, got 4 > 2",
+        ),
+        (
+            doc("QKDNode", "a", {"km": {"autoscaling": {"maxReplicas": 3, "target": {
+                "cpuUtilization": 70, "requestsPerSecond": 100}}}}),
+            "QKDNode a: spec.km.autoscaling.target: set exactly one of cpuUtilization and requestsPerSecond, got both",
+        ),
+        (
+            doc("QKDNode", "a", {"km": {"autoscaling": {"maxReplicas": 3, "target": {}}}}),
+            "QKDNode a: spec.km.autoscaling.target: set exactly one of cpuUtilization and requestsPerSecond, "
+            "got neither",
+        ),
+        (
+            doc("QKDNode", "a", {"km": {"replicas": 17}}),
+            "QKDNode a: spec.km.replicas: Input should be less than or equal to 16 (got 17)",
+        ),
+        (
             doc("UserProfile", "u", {"saeIds": []}),
             "UserProfile u: spec.saeIds: List should have at least 1 item after validation, not 0 (got [])",
         ),

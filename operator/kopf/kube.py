@@ -1,8 +1,8 @@
 """The operator's own calls to the Kubernetes API, on plain dicts, with the official client.
 
 kopf watches and patches the vqkd resources itself; this client creates and updates the
-children (StatefulSets, Services, ConfigMaps, Secrets, Deployments), writes status and
-Events, and lists resources at startup. The official client is synchronous: every method
+children (StatefulSets, Services, ConfigMaps, Secrets, Deployments, HorizontalPodAutoscalers),
+writes status and Events, and lists resources at startup. The official client is synchronous: every method
 here blocks, so the operator calls them from worker threads (``asyncio.to_thread``), never
 on the event loop.
 
@@ -56,6 +56,7 @@ PODS = Kind("", "v1", "pods", "Pod")
 EVENTS = Kind("", "v1", "events", "Event")
 STATEFULSETS = Kind("apps", "v1", "statefulsets", "StatefulSet")
 DEPLOYMENTS = Kind("apps", "v1", "deployments", "Deployment")
+HORIZONTALPODAUTOSCALERS = Kind("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
 VQKD = {kind: Kind(API_GROUP, API_VERSION_NAME, info.plural, kind) for kind, info in KINDS.items()}
 
 

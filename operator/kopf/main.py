@@ -3,8 +3,9 @@
 A resource event goes to the resource handler of its kind (into the control core). For
 QKDNodes and QKDLinks the host then pushes every KM whose topology the change altered
 (after the core rerouted the sessions off a deleted one), and the workloads controller
-applies or removes their workloads. The operator is assembled in ``handlers.lifecycle`` and
-reached through ``memo.operator``.
+applies or removes their workloads (and, for a QKDNode, the replicas controller its
+autoscaler). The KM StatefulSets are watched for the replicas they report. The operator is
+assembled in ``handlers.lifecycle`` and reached through ``memo.operator``.
 
 Run it with ``vqkd operator`` (see ``operate``) or ``kopf run -m vqkd.operator.kopf.main
 --namespace NS --standalone`` (settings then come from VQKD_* variables).
@@ -20,12 +21,13 @@ import kopf
 
 from vqkd.operator.kopf.handlers import lifecycle
 from vqkd.operator.kopf.handlers.lifecycle import Operator
-from vqkd.operator.kopf.manifests import LABEL_ORIGIN, ORIGIN_APPLICATION
+from vqkd.operator.kopf.manifests import LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_ORIGIN, MANAGED_BY, ORIGIN_APPLICATION
 from vqkd.operator.kopf.runtime import OperatorOptions
 from vqkd.operator.resources.models import API_GROUP, API_VERSION_NAME
 
 QKDNODES = (API_GROUP, API_VERSION_NAME, "qkdnodes")
 QKDLINKS = (API_GROUP, API_VERSION_NAME, "qkdlinks")
+KM_STATEFULSETS = ("apps", "v1", "statefulsets")
 USERPROFILES = (API_GROUP, API_VERSION_NAME, "userprofiles")
 KEYSESSIONS = (API_GROUP, API_VERSION_NAME, "keysessions")
 APPLICATION_SESSION_GC_S = 60.0
@@ -74,6 +76,7 @@ async def node_changed(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) ->
         await operator.nodes.reconcile(body)
         await operator.runtime.host.topologies.refresh()
         await operator.workloads.node_changed(name)
+        await operator.replicas.node_changed(name)
 
 
 @kopf.on.delete(*QKDNODES)
@@ -83,12 +86,18 @@ async def node_deleted(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) ->
         await operator.nodes.delete(body)
         await operator.runtime.host.topologies.refresh()
         await operator.workloads.node_deleted(name)
+        await operator.replicas.node_deleted(name)
 
 
 @kopf.daemon(*QKDNODES, cancellation_timeout=5.0)
 async def node_guard(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, logger: logging.Logger,
                      **_: Any) -> None:
     await memo.operator.workloads.guard(name, stopped, logger)
+
+
+@kopf.on.event(*KM_STATEFULSETS, labels={LABEL_COMPONENT: "key-manager", LABEL_MANAGED_BY: MANAGED_BY})
+async def km_statefulset_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.operator.replicas.statefulset_seen(event.get("type"), event["object"])
 
 
 # --- QKDLink --------------------------------------------------------------------------

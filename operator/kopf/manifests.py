@@ -2,9 +2,12 @@
 
 A QKDNode becomes its KM: a ConfigMap with the KM's configuration (``KMConfig`` JSON, the
 same file ``python -m vqkd.km --config`` reads in the local runtime), a Secret with its TLS
-identity, a Service and a one-replica StatefulSet. A QKDLink with an emulated key source
-becomes the emulated QKD module pair: a ConfigMap (``EmulatedLinkConfig``), a Secret with
-both ends' identities, a Service and a one-replica Deployment. Names derive from the
+identity, a StatefulSet of ``spec.km.replicas`` pods, the Service its SAEs reach (any
+replica answers), a headless Service giving each replica a DNS name of its own (its peers and
+siblings reach one replica), and, with ``spec.km.autoscaling``, a HorizontalPodAutoscaler
+scaling the QKDNode. A QKDLink with an emulated key source becomes the emulated QKD module
+pair: a ConfigMap (``EmulatedLinkConfig``), a Secret with both ends' identities, a Service
+and a one-replica Deployment. Names derive from the
 resource names only, so a child is found again after any restart.
 
 The configurations themselves come from the network plan (``vqkd.operator.plan``), the same
@@ -26,8 +29,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from vqkd.km.config import EmulatedLinkConfig, KMConfig, TLSPaths
-from vqkd.operator.plan import End, KMAddress, ModuleAddress, PlanError
-from vqkd.operator.resources.models import DEFAULT_KM_IMAGE, QKDNode
+from vqkd.operator.plan import End, KMAddress, ModuleAddress
+from vqkd.operator.resources.models import API_VERSION, DEFAULT_KM_IMAGE, QKDNode
 
 # --- names, labels, ports -----------------------------------------------------------
 
@@ -58,12 +61,18 @@ ANNOTATION_CA_HASH = "vqkd.io/ca-hash"
 ANNOTATION_TEMPLATE_HASH = "vqkd.io/template-hash"
 # On a pod template: set when the operator replaces an unhealthy KM (as `kubectl rollout restart`).
 ANNOTATION_RESTARTED_AT = "vqkd.io/restartedAt"
+# Set by the StatefulSet controller on each pod: the pod's ordinal, which is the KM's replica.
+LABEL_POD_INDEX = "apps.kubernetes.io/pod-index"
+REPLICA_ENV = "VQKD_KM_REPLICA"
 # On a KeySession the operator created for a session an application opened at a KM.
 ANNOTATION_SESSION_ID = "vqkd.io/session-id"
 # On the same KeySession: the ends whose applications have opened it ("source", "destination"
 # or both, comma-separated), so a restarted operator restores a session still waiting for its
 # peer as waiting.
 ANNOTATION_REGISTERED = "vqkd.io/registered"
+
+# The Pods metric a custom-metrics adapter serves from the KMs' vqkd_km_responses_total (helm/vqkd/README.md).
+KM_REQUESTS_METRIC = "vqkd_km_responses_per_second"
 
 KM_ETSI014_PORT = 8443
 KM_GRPC_PORT = 9443
@@ -90,6 +99,16 @@ def km_tls_secret(node: str) -> str:
     return f"{km_name(node)}-tls"
 
 
+def km_replicas_service(node: str) -> str:
+    """The headless Service governing the KM's StatefulSet: a DNS name per replica."""
+    return f"{km_name(node)}-dns"
+
+
+def km_autoscaler(node: str) -> str:
+    """The HorizontalPodAutoscaler of a node with ``spec.km.autoscaling``."""
+    return km_name(node)
+
+
 def module_name(link: str) -> str:
     """Deployment, Service and ConfigMap of a link's emulated module pair."""
     return f"{LINK_PREFIX}{link}"
@@ -99,15 +118,15 @@ def module_tls_secret(link: str) -> str:
     return f"{module_name(link)}-tls"
 
 
-def km_pod(node: str) -> str:
-    """The one pod of a KM's StatefulSet."""
-    return f"{km_name(node)}-0"
+def km_pod(node: str, replica: int = 0) -> str:
+    """The pod of one KM replica: its StatefulSet's pod of that ordinal."""
+    return f"{km_name(node)}-{replica}"
 
 
 def name_problem(kind: str, name: str) -> str | None:
     """Why ``name`` cannot name a vqkd resource whose children carry a prefix, or None."""
     prefix = KM_PREFIX if kind == "QKDNode" else LINK_PREFIX
-    longest = MAX_NAME - len(prefix) - len("-tls")
+    longest = MAX_NAME - len(prefix) - len("-tls")  # as long as "-dns", and longer than a pod's "-15"
     if len(name) > longest:
         return (f"{kind} {name}: metadata.name must be at most {longest} characters (its children are named "
                 f"{prefix}{name}-…, and Kubernetes names are at most {MAX_NAME}), got {len(name)}")
@@ -122,6 +141,23 @@ def service_hosts(service: str, namespace: str, cluster_domain: str = "cluster.l
 
 def service_host(service: str, namespace: str) -> str:
     return f"{service}.{namespace}.svc"
+
+
+def km_replica_host(node: str, replica: int, namespace: str) -> str:
+    """The DNS name of one KM replica's pod, from the headless Service."""
+    return f"{km_pod(node, replica)}.{service_host(km_replicas_service(node), namespace)}"
+
+
+def km_server_names(node: str, namespace: str, cluster_domain: str = "cluster.local") -> tuple[str, ...]:
+    """Every name a node's KM is reached by, for its certificate: its Service's names and any replica's."""
+    replicas = km_replicas_service(node)
+    return service_hosts(km_name(node), namespace, cluster_domain) + (
+        f"*.{service_host(replicas, namespace)}", f"*.{service_host(replicas, namespace)}.{cluster_domain}")
+
+
+def km_selector(node: str) -> str:
+    """The label selector of a node's KM pods in its string form (the scale subresource's)."""
+    return ",".join(f"{key}={value}" for key, value in sorted(_selector(node_labels(node)).items()))
 
 
 def control_plane_address(namespace: str) -> str:
@@ -173,19 +209,20 @@ def _tls_paths(ca: str, cert: str, key: str) -> TLSPaths:
 @dataclass(frozen=True)
 class ClusterAddressing:
     """The network plan's addressing in a cluster: each process behind its Service's DNS name at the
-    fixed ports of the manifests below, with the TLS files of the Secrets its pod mounts."""
+    fixed ports of the manifests below, with the TLS files of the Secrets its pod mounts. A node's
+    SAEs reach its KMs through the node's Service (any replica answers); the control plane, the
+    peers and the siblings reach one replica at its pod's own DNS name."""
 
     namespace: str
     control_plane: str | None = None
 
     def km(self, node: str, replica: int = 0) -> KMAddress:
-        if replica:
-            raise PlanError(f"node {node}: this runtime runs one KM per node, not replica {replica}")
-        host = service_host(km_name(node), self.namespace)
+        service = service_host(km_name(node), self.namespace)
+        pod = km_replica_host(node, replica, self.namespace)
         return KMAddress(
             etsi014_listen=_listen(KM_ETSI014_PORT), grpc_listen=_listen(KM_GRPC_PORT),
-            metrics_listen=_listen(KM_METRICS_PORT), etsi014_url=f"https://{host}:{KM_ETSI014_PORT}",
-            grpc=f"{host}:{KM_GRPC_PORT}", metrics_url=f"http://{host}:{KM_METRICS_PORT}/metrics",
+            metrics_listen=_listen(KM_METRICS_PORT), etsi014_url=f"https://{service}:{KM_ETSI014_PORT}",
+            grpc=f"{pod}:{KM_GRPC_PORT}", metrics_url=f"http://{pod}:{KM_METRICS_PORT}/metrics",
         )
 
     def module(self, link: str) -> ModuleAddress:
@@ -235,20 +272,34 @@ def build_km_configmap(node: str, config: KMConfig) -> dict[str, Any]:
     return build_configmap(km_name(node), node_labels(node), {KM_CONFIG_FILE: config_json(config)})
 
 
+_KM_PORTS = [
+    {"name": "etsi014", "port": KM_ETSI014_PORT, "targetPort": "etsi014", "protocol": "TCP"},
+    {"name": "grpc", "port": KM_GRPC_PORT, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
+    {"name": "metrics", "port": KM_METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+]
+
+
 def build_km_service(node: str) -> dict[str, Any]:
+    """The node's one KME address: its SAEs' ETSI 014 calls spread over every ready replica."""
     labels = node_labels(node)
     return with_spec_hash({
         "apiVersion": "v1", "kind": "Service", "metadata": _meta(km_name(node), labels),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": _selector(labels),
-            "ports": [
-                {"name": "etsi014", "port": KM_ETSI014_PORT, "targetPort": "etsi014", "protocol": "TCP"},
-                {"name": "grpc", "port": KM_GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
-                 "appProtocol": "grpc"},
-                {"name": "metrics", "port": KM_METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
-            ],
-        },
+        "spec": {"type": "ClusterIP", "selector": _selector(labels), "ports": [dict(p) for p in _KM_PORTS]},
+    })
+
+
+def build_km_replicas_service(node: str) -> dict[str, Any]:
+    """The headless Service of the KM's StatefulSet: ``<pod>.<service>.<namespace>.svc`` per replica.
+
+    Not-ready pods are published too: the control plane reaches a starting replica to push it
+    its topology, and a replica whose readiness probe fails for a moment stays reachable by
+    its peers and siblings, which hold its ends and key copies.
+    """
+    labels = node_labels(node)
+    return with_spec_hash({
+        "apiVersion": "v1", "kind": "Service", "metadata": _meta(km_replicas_service(node), labels),
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": _selector(labels),
+                 "ports": [dict(p) for p in _KM_PORTS if p["name"] != "etsi014"]},
     })
 
 
@@ -274,7 +325,8 @@ def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
 
 def build_km_statefulset(node: QKDNode, config_hash: str, ca_hash: str,
                          module_secrets: Mapping[str, str] = {}) -> dict[str, Any]:
-    """The KM's StatefulSet; ``module_secrets`` maps link -> Secret with that link's device credentials."""
+    """The KM's StatefulSet, ``spec.km.replicas`` pods; ``module_secrets`` maps link -> Secret with that
+    link's device credentials."""
     name = node.name
     labels = node_labels(name)
     mounts = [
@@ -294,6 +346,9 @@ def build_km_statefulset(node: QKDNode, config_hash: str, ca_hash: str,
         "image": node.spec.km.image,
         "imagePullPolicy": node.spec.km.image_pull_policy,
         "command": ["python", "-P", "-m", "vqkd.km", "--config", str(CONFIG_DIR / KM_CONFIG_FILE)],
+        # Every replica runs the same configuration; its ordinal is its pod's.
+        "env": [{"name": REPLICA_ENV,
+                 "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{LABEL_POD_INDEX}']"}}}],
         "ports": [
             {"name": "etsi014", "containerPort": KM_ETSI014_PORT, "protocol": "TCP"},
             {"name": "grpc", "containerPort": KM_GRPC_PORT, "protocol": "TCP"},
@@ -323,8 +378,8 @@ def build_km_statefulset(node: QKDNode, config_hash: str, ca_hash: str,
     return with_spec_hash({
         "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": metadata,
         "spec": {
-            "replicas": 1,
-            "serviceName": km_name(name),
+            "replicas": node.spec.km.replicas,
+            "serviceName": km_replicas_service(name),
             "selector": {"matchLabels": _selector(labels)},
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "RollingUpdate"},
@@ -337,6 +392,36 @@ def template_hash(statefulset: Mapping[str, Any]) -> str | None:
     """The pod template a KM's StatefulSet was written with, as ``build_km_statefulset`` hashed
     it; None for one written without (by an operator before the annotation)."""
     return statefulset.get("metadata", {}).get("annotations", {}).get(ANNOTATION_TEMPLATE_HASH)
+
+
+def build_km_autoscaler(node: QKDNode) -> dict[str, Any] | None:
+    """The HorizontalPodAutoscaler of ``spec.km.autoscaling``, or None without it.
+
+    It targets the QKDNode, not the StatefulSet: it scales through the QKDNode's scale
+    subresource (``spec.km.replicas``), so the node's spec stays the one source of its replicas
+    and the operator renders the StatefulSet from it as from any other change.
+    """
+    autoscaling = node.spec.km.autoscaling
+    if autoscaling is None:
+        return None
+    target = autoscaling.target
+    if target.cpu_utilization is not None:
+        metric = {"type": "Resource", "resource": {
+            "name": "cpu", "target": {"type": "Utilization", "averageUtilization": target.cpu_utilization}}}
+    else:
+        metric = {"type": "Pods", "pods": {
+            "metric": {"name": KM_REQUESTS_METRIC},
+            "target": {"type": "AverageValue", "averageValue": str(target.requests_per_second)}}}
+    return with_spec_hash({
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(km_autoscaler(node.name), node_labels(node.name)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": API_VERSION, "kind": "QKDNode", "name": node.name},
+            "minReplicas": autoscaling.min_replicas,
+            "maxReplicas": autoscaling.max_replicas,
+            "metrics": [metric],
+        },
+    })
 
 
 def build_module_configmap(link: str, config: EmulatedLinkConfig) -> dict[str, Any]:

@@ -141,12 +141,21 @@ def build_crd(info: ResourceKind) -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "schema": {"openAPIV3Schema": schema},
-                    "subresources": {"status": {}},
+                    "subresources": _subresources(info),
                     "additionalPrinterColumns": [_column(c) for c in info.printer_columns],
                 }
             ],
         },
     }
+
+
+def _subresources(info: ResourceKind) -> dict[str, Any]:
+    subresources: dict[str, Any] = {"status": {}}
+    if info.scale is not None:
+        subresources["scale"] = {"specReplicasPath": info.scale.spec_replicas_path,
+                                 "statusReplicasPath": info.scale.status_replicas_path,
+                                 "labelSelectorPath": info.scale.label_selector_path}
+    return subresources
 
 
 def _column(column: PrinterColumn) -> dict[str, Any]:

@@ -227,6 +227,56 @@ class KMResources(_Wire):
     limits: ComputeResources = ComputeResources(memory="512Mi")
 
 
+MAX_KM_REPLICAS = 16
+
+
+class AutoscalingTarget(_Wire):
+    """What the HorizontalPodAutoscaler holds each KM replica to: exactly one of the two."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            ("has(self.cpuUtilization) != has(self.requestsPerSecond)",
+             "set exactly one of cpuUtilization and requestsPerSecond"),
+        )
+    )
+
+    cpu_utilization: int | None = Field(
+        None, ge=1, le=1000,
+        description="average CPU use of the KM replicas, percent of their CPU request (spec.km.resources.requests.cpu)")
+    requests_per_second: int | None = Field(
+        None, ge=1,
+        description="average ETSI 014 and 004 requests each KM replica answers per second (the Pods metric "
+                    "vqkd_km_responses_per_second, served by a Prometheus custom-metrics adapter rule; see the chart)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AutoscalingTarget:
+        if (self.cpu_utilization is None) == (self.requests_per_second is None):
+            raise _invalid((), "autoscaling_target",
+                           "set exactly one of cpuUtilization and requestsPerSecond, got "
+                           + ("both" if self.cpu_utilization is not None else "neither"))
+        return self
+
+
+class KMAutoscaling(_Wire):
+    """An autoscaling/v2 HorizontalPodAutoscaler the operator creates for this node, scaling
+    spec.km.replicas through the QKDNode's scale subresource."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(("self.minReplicas <= self.maxReplicas", "need minReplicas <= maxReplicas"))
+    )
+
+    min_replicas: int = Field(1, ge=1, le=MAX_KM_REPLICAS)
+    max_replicas: int = Field(ge=1, le=MAX_KM_REPLICAS)
+    target: AutoscalingTarget
+
+    @model_validator(mode="after")
+    def _ordered(self) -> KMAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise _invalid(("minReplicas",), "replica_range",
+                           f"must not exceed maxReplicas, got {self.min_replicas} > {self.max_replicas}")
+        return self
+
+
 class KMSpec(_Wire):
     """The key manager run for this node and the key sizes it offers over ETSI 014."""
 
@@ -241,9 +291,12 @@ class KMSpec(_Wire):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     resources: KMResources = _nested_defaults(KMResources)
     replicas: int = Field(
-        1, ge=1, le=16,
+        1, ge=1, le=MAX_KM_REPLICAS,
         description="KM instances serving this node as one KME (the CRD's scale subresource sets it); each has its "
                     "own link pools and draws from the node's QKD module ends")
+    autoscaling: KMAutoscaling | None = Field(
+        None, description="scale replicas with demand: the operator creates and owns a HorizontalPodAutoscaler "
+                          "targeting this QKDNode; without it, replicas stays as set")
     key_size: int = Field(_KM_LIMITS.key_size, gt=0, multiple_of=8, description="default key size, bits")
     min_key_size: int = Field(_KM_LIMITS.min_key_size, gt=0, multiple_of=8, description="bits")
     max_key_size: int = Field(_KM_LIMITS.max_key_size, gt=0, multiple_of=8, description="bits")
@@ -304,6 +357,10 @@ class QKDNodeStatus(_Status):
     phase: NodePhase | None = None
     ready: bool = False
     endpoints: NodeEndpoints = Field(default_factory=NodeEndpoints)
+    # The scale subresource reads these two: what the KM's StatefulSet reports.
+    replicas: int = Field(0, ge=0, description="KM pods of the node's StatefulSet")
+    ready_replicas: int = Field(0, ge=0, description="KM pods ready")
+    selector: str | None = Field(None, description="label selector of the KM pods, for the scale subresource")
 
 
 # --- QKDLink -------------------------------------------------------------------------
@@ -696,6 +753,15 @@ READY = PrinterColumn("Ready", "string", '.status.conditions[?(@.type=="Ready")]
 
 
 @dataclass(frozen=True)
+class ScaleSubresource:
+    """Where the CRD's ``scale`` subresource (``kubectl scale``, a HorizontalPodAutoscaler) reads and writes."""
+
+    spec_replicas_path: str
+    status_replicas_path: str
+    label_selector_path: str
+
+
+@dataclass(frozen=True)
 class ResourceKind:
     model: type[_Resource]
     plural: str
@@ -703,6 +769,7 @@ class ResourceKind:
     short_names: tuple[str, ...]
     printer_columns: tuple[PrinterColumn, ...]
     categories: tuple[str, ...] = (CATEGORY,)
+    scale: ScaleSubresource | None = None
     group: ClassVar[str] = API_GROUP
     version: ClassVar[str] = API_VERSION_NAME
 
@@ -727,11 +794,14 @@ KINDS: dict[str, ResourceKind] = {
             (
                 PrinterColumn("Phase", "string", ".status.phase"),
                 PrinterColumn("Ready", "boolean", ".status.ready"),
+                PrinterColumn("Replicas", "integer", ".spec.km.replicas", "KM replicas wanted"),
+                PrinterColumn("Ready-Replicas", "integer", ".status.readyReplicas", "KM replicas ready"),
                 PrinterColumn("SAEs", "string", ".spec.saeIds", "SAE IDs attached to the node"),
                 PrinterColumn("ETSI014", "string", ".status.endpoints.etsi014", priority=1),
                 PrinterColumn("Image", "string", ".spec.km.image", priority=1),
                 AGE,
             ),
+            scale=ScaleSubresource(".spec.km.replicas", ".status.replicas", ".status.selector"),
         ),
         ResourceKind(
             QKDLink, "qkdlinks", "qkdlink", ("ql",),

@@ -29,10 +29,12 @@ class KMHealth(HostListener):
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
 
-    async def replace(self, node: str) -> None:
-        """The host's ``KMReplacer``: a new pod for a KM that stopped answering."""
+    async def replace(self, node: str, replica: int = 0) -> None:
+        """The host's ``KMReplacer``: a new pod for a KM replica that stopped answering."""
+        declared = self.runtime.resources.nodes.get(node)
+        only = declared is None or declared.spec.km.replicas == 1
         try:
-            await asyncio.to_thread(replace_pod, self.runtime.kube, node)
+            await asyncio.to_thread(replace_pod, self.runtime.kube, node, replica, restamp=only)
         except (KubeError, OSError) as e:
             self.runtime.metrics.errors(KIND).inc()
             log.warning("replacing the KM pod of QKDNode %s failed; trying again later: %s", node, e)
@@ -90,10 +92,14 @@ class KMHealth(HostListener):
         return {"kms": len(nodes), "answering": sum(1 for node in nodes if self.runtime.host.liveness(node).ok)}
 
 
-def replace_pod(kube: Kube, name: str) -> None:
-    """Replace a KM's pod: force-delete it (a pod on a lost machine otherwise stays Terminating
-    and its StatefulSet never starts another) and stamp the template, as `kubectl rollout restart`."""
-    kube.delete(PODS, km_pod(name), grace_period_s=0)
+def replace_pod(kube: Kube, name: str, replica: int = 0, *, restamp: bool = True) -> None:
+    """Replace one KM replica's pod: force-delete it (a pod on a lost machine otherwise stays
+    Terminating and its StatefulSet never starts another) and, with ``restamp``, stamp the
+    template, as `kubectl rollout restart`. A node with several replicas is not restamped: that
+    would restart its healthy replicas too, one after the other."""
+    kube.delete(PODS, km_pod(name, replica), grace_period_s=0)
+    if not restamp:
+        return
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     kube.patch(STATEFULSETS, km_name(name),
                {"spec": {"template": {"metadata": {"annotations": {ANNOTATION_RESTARTED_AT: stamp}}}}})

@@ -2,10 +2,10 @@
 
 The operator is the control-plane host (``vqkd.operator.host``) with the controllers of
 ``handlers/`` plugged in, one per concern: a resource handler per kind (QKDNode, QKDLink,
-UserProfile, KeySession into the control core), the workloads, KM health and replacement,
-and the records of sessions applications open; ``presentation`` shows what the core and
-monitoring find. They share only the services of ``Runtime`` and coordinate through the
-control core and resource status.
+UserProfile, KeySession into the control core), the workloads, the KM replicas (autoscaler
+and counts), KM health and replacement, and the records of sessions applications open;
+``presentation`` shows what the core and monitoring find. They share only the services of
+``Runtime`` and coordinate through the control core and resource status.
 
 At start the control core is empty. Every QKDNode, QKDLink and UserProfile is loaded into
 it, every KM is pushed its topology and polled once, then every KeySession is applied,
@@ -42,6 +42,7 @@ from vqkd.operator.kopf.handlers.km_health import KMHealth
 from vqkd.operator.kopf.handlers.links import LinkHandler
 from vqkd.operator.kopf.handlers.nodes import NodeHandler
 from vqkd.operator.kopf.handlers.presentation import Measurements, Transitions
+from vqkd.operator.kopf.handlers.replicas import Replicas
 from vqkd.operator.kopf.handlers.sessions import SessionHandler
 from vqkd.operator.kopf.handlers.users import Tokens, UserHandler
 from vqkd.operator.kopf.handlers.workloads import Workloads
@@ -89,6 +90,7 @@ class Operator:
     sessions: SessionHandler
     applications: ApplicationSessions
     workloads: Workloads
+    replicas: Replicas
     km_health: KMHealth
 
     @contextmanager
@@ -135,13 +137,13 @@ def assemble(options: OperatorOptions, kube: Kube, endpoints: EndpointResolver, 
     operator = Operator(
         runtime=runtime, nodes=NodeHandler(runtime), links=LinkHandler(runtime), users=UserHandler(runtime, tokens),
         sessions=SessionHandler(runtime, applications), applications=applications, workloads=Workloads(runtime),
-        km_health=KMHealth(runtime),
+        replicas=Replicas(runtime), km_health=KMHealth(runtime),
     )
     host.plug(replacer=operator.km_health,
               listeners=[operator.km_health, operator.workloads.rollout, Measurements(runtime, applications)])
     # Each status in the parts of the concerns owning them; a later part reads what an earlier one wrote.
     status.show("QKDNode", in_parts(QKDNodeStatus, operator.nodes.show, operator.workloads.show_node,
-                                    operator.km_health.show))
+                                    operator.km_health.show, operator.replicas.show))
     status.show("QKDLink", in_parts(QKDLinkStatus, operator.links.show_state, operator.workloads.show_link,
                                     operator.links.show_ready))
     status.show("UserProfile", in_parts(UserProfileStatus, operator.users.show))

@@ -2,12 +2,13 @@
 
 ``NodeHandler`` registers each QKDNode with the control core, or refuses an invalid or
 conflicting one with a condition saying why. ``desired_children`` renders the node's KM as
-a one-replica StatefulSet with its Service and ConfigMap (the workloads controller applies
-them). The ConfigMap holds the KM's identity only; its topology (links, the network's SAEs,
-key limits) is pushed live by the host. So the pod template, which carries the ConfigMap's
-hash, changes only with what needs a new process: the node's own KM spec, the device
-Secrets mounted for its ``etsi014`` links, and the operator's own inputs (its manifests, the
-control plane's address, its CA).
+a StatefulSet of ``spec.km.replicas`` pods with its ConfigMap, its Service and the headless
+Service naming each replica (the workloads controller applies them). The ConfigMap holds
+the KM's identity only; its topology (links, the network's SAEs, key limits) is pushed live
+by the host. So the pod template, which carries the ConfigMap's hash, changes only with what
+needs a new process: the node's own KM spec, the device Secrets mounted for its ``etsi014``
+links, and the operator's own inputs (its manifests, the control plane's address, its CA);
+the number of replicas is not in the template.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from vqkd.operator.control.errors import ControlError
 from vqkd.operator.kopf.handlers.common import Problems, validated
 from vqkd.operator.kopf.runtime import Runtime
 from vqkd.operator.kopf.manifests import (
-    ClusterAddressing, build_km_configmap, build_km_service, build_km_statefulset, content_hash, with_spec_hash,
+    ClusterAddressing, build_km_configmap, build_km_replicas_service, build_km_service, build_km_statefulset,
+    content_hash, with_spec_hash,
 )
 from vqkd.operator.plan import km_config
 from vqkd.operator.resources.models import API_VERSION, ConditionType, NodePhase, QKDNode, QKDNodeStatus
@@ -81,7 +83,7 @@ def owner_of(runtime: Runtime, kind: str, name: str) -> dict[str, Any] | None:
 
 
 def desired_children(runtime: Runtime, node: QKDNode) -> tuple[dict[str, Any], ...]:
-    """ConfigMap, Service and StatefulSet of the node's KM, owned by the node."""
+    """ConfigMap, Service, headless Service and StatefulSet of the node's KM, owned by the node."""
     addressing = ClusterAddressing(runtime.namespace, runtime.options.km_control_plane)
     configmap = build_km_configmap(node.name, km_config(runtime.resources, node.name, addressing))
     device_secrets = {
@@ -90,7 +92,7 @@ def desired_children(runtime: Runtime, node: QKDNode) -> tuple[dict[str, Any], .
         if link.spec.etsi014 is not None and node.name in link.spec.nodes
     }
     statefulset = build_km_statefulset(node, content_hash(configmap["data"]), runtime.ca_hash, device_secrets)
-    children = (configmap, build_km_service(node.name), statefulset)
+    children = (configmap, build_km_service(node.name), build_km_replicas_service(node.name), statefulset)
     owner = owner_of(runtime, KIND, node.name)
     if owner is not None:
         kopf.adopt(list(children), owner=owner)

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import kopf
+from cryptography import x509
 
 from vqkd.km import identity
 from vqkd.km.pki import DevCA
@@ -39,8 +40,8 @@ from vqkd.operator.kopf.handlers.nodes import desired_children, owner_of
 from vqkd.operator.kopf.handlers.rollout import Rollout
 from vqkd.operator.kopf.kube import CONFIGMAPS, DEPLOYMENTS, SECRETS, SERVICES, STATEFULSETS, Kube, KubeError
 from vqkd.operator.kopf.manifests import (
-    build_tls_secret, km_name, km_tls_secret, link_labels, module_name, module_tls_secret, node_labels, service_hosts,
-    template_hash,
+    build_tls_secret, km_name, km_replicas_service, km_server_names, km_tls_secret, link_labels, module_name,
+    module_tls_secret, node_labels, service_hosts, template_hash,
 )
 from vqkd.operator.kopf.runtime import Runtime
 from vqkd.operator.kopf.status import Key
@@ -253,16 +254,17 @@ def _apply_km(runtime: Runtime, name: str, children: tuple[dict[str, Any], ...],
               owner: dict[str, Any] | None) -> None:
     kube = runtime.kube
     secret = kube.get(SECRETS, km_tls_secret(name))
-    if secret is None or _stale(secret, runtime.ca):
-        hosts = service_hosts(km_name(name), runtime.namespace)
+    hosts = km_server_names(name, runtime.namespace)
+    if secret is None or _stale(secret, runtime.ca) or not _names_all(secret, hosts):
         issued = runtime.ca.issue(identity.km(name), f"cluster-km-{name}", server_names=hosts)
         _write_tls_secret(kube, secret, build_tls_secret(km_tls_secret(name), node_labels(name), {
             "ca.crt": runtime.ca.cert_path.read_bytes(), "tls.crt": issued.cert.read_bytes(),
             "tls.key": issued.key.read_bytes(),
         }), owner)
-    configmap, service, statefulset = children
+    configmap, service, replicas_service, statefulset = children
     kube.ensure(CONFIGMAPS, configmap)
     kube.ensure(SERVICES, service)
+    kube.ensure(SERVICES, replicas_service)
     kube.ensure(STATEFULSETS, statefulset)
 
 
@@ -270,6 +272,20 @@ def _stale(secret: dict[str, Any], ca: DevCA) -> bool:
     """Whether a TLS Secret was issued from another CA than the operator's."""
     issued_by = (secret.get("data") or {}).get("ca.crt")
     return issued_by is None or base64.b64decode(issued_by) != ca.cert_path.read_bytes()
+
+
+def _names_all(secret: dict[str, Any], hosts: Iterable[str]) -> bool:
+    """Whether a TLS Secret's certificate names every one of ``hosts`` (one issued before the KM
+    had replicas lacks their names, and gets issued again)."""
+    cert = (secret.get("data") or {}).get("tls.crt")
+    if cert is None:
+        return False
+    try:
+        names = x509.load_pem_x509_certificate(base64.b64decode(cert)).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return set(hosts) <= set(names)
 
 
 def _write_tls_secret(kube: Kube, actual: dict[str, Any] | None, secret: dict[str, Any],
@@ -284,8 +300,8 @@ def _write_tls_secret(kube: Kube, actual: dict[str, Any] | None, secret: dict[st
 
 
 def _delete_km(kube: Kube, name: str) -> None:
-    for kind, child in ((STATEFULSETS, km_name(name)), (SERVICES, km_name(name)), (CONFIGMAPS, km_name(name)),
-                        (SECRETS, km_tls_secret(name))):
+    for kind, child in ((STATEFULSETS, km_name(name)), (SERVICES, km_name(name)), (SERVICES, km_replicas_service(name)),
+                        (CONFIGMAPS, km_name(name)), (SECRETS, km_tls_secret(name))):
         kube.delete(kind, child)
 
 
