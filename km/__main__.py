@@ -25,7 +25,8 @@ def load(path: str, environ=os.environ) -> config.KMConfig:
     try:
         return config.KMConfig.model_validate({**loaded.model_dump(), "replica": replica})
     except ValidationError as e:
-        raise SystemExit(f"{REPLICA_ENV}={replica!r} is no replica ordinal for {path}: {e.errors()[0]['msg']}") from None
+        problem = e.errors()[0]["msg"]
+        raise SystemExit(f"{REPLICA_ENV}={replica!r} is no replica ordinal for {path}: {problem}") from None
 
 
 def main() -> None:

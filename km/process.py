@@ -1,14 +1,15 @@
 """Assembles one KM process from its configuration and runs it until told to stop.
 
 ``KMProcess`` builds the domain (key manager, sessions, relay, key exchange), plugs in its
-transports (the control-plane client; per link a module client, a gRPC ``PeerClient`` and
-the module feed) and serves. Listeners: the application API (ETSI 014 and ETSI 004 over
-HTTPS, mutual TLS), gRPC (KM <-> KM, KeyManagerControl for the control plane and the
+transports (the control-plane client; per link end — one per KM replica of the peer node —
+a module client, a gRPC ``PeerClient`` and the module feed) and serves. Listeners: the
+application API (ETSI 014 and ETSI 004 over HTTPS, mutual TLS; with ``etsi014_reuse_port``
+shared with the node's other replicas on the host), gRPC (KM <-> KM, KeyManagerControl for the control plane and the
 standard health service, mutual TLS), and plain HTTP for /metrics, the /healthz probe and
 the /events log.
 
-A topology pushed by the control plane is applied live (``apply_topology``): the links it
-adds get their transports at once, the links it removes lose theirs, and every other link
+A topology pushed by the control plane is applied live (``apply_topology``): the link ends
+it adds get their transports at once, the ends it removes lose theirs, and every other end
 goes on as it was.
 """
 

@@ -110,7 +110,8 @@ def test_key_for_a_hop_goes_over_the_ends_holding_enough_in_turn_else_over_the_f
 
 def test_status_towards_a_node_counts_the_keys_of_all_its_ends():
     topology = KMTopology(saes={"sae-a": "a", "sae-b": "b"}, limits=KeyLimits(key_size=256),
-                          links=[end("a", "b", 0, pool_target_bits=1 << 16), end("a", "b", 1, pool_target_bits=1 << 17)])
+                          links=[end("a", "b", 0, pool_target_bits=1 << 16),
+                                 end("a", "b", 1, pool_target_bits=1 << 17)])
     km = KeyManager(config("a", topology=topology))
     fill(km.links["a-b", 0], 2048)
     fill(km.links["a-b", 1], 1024)
