@@ -1,11 +1,18 @@
-"""Prometheus metrics of a KM process (prefix ``vqkd_km_``, labels of bounded cardinality)."""
+"""Prometheus metrics of a KM process (prefix ``vqkd_km_``, labels of bounded cardinality).
+
+Every series is exposed with the KM's ``replica`` ordinal (``KMMetrics.exposed``), so the
+replicas of one node are told apart; the metrics are defined without it. A KM holds one end
+of a link per KM replica of the peer node: its per-link series sum those ends (the state is
+the worst of them).
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from vqkd.km.domain import errors
 from vqkd.km.domain.devices import BURN_REASONS
@@ -81,10 +88,32 @@ class KMMetrics:
         self.fallback_keys(node)
         self.node = node
         r.register(_PoolCollector(km))
+        self.exposed = CollectorRegistry()  # what /metrics serves: every series with the replica label
+        self.exposed.register(_WithReplica(r, km.replica))
 
     def forget_link(self, link: str) -> None:
-        """The link end is gone: its series go with it (the collector's follow ``km.links``)."""
+        """The link's last end is gone: its series go with it (the collector's follow ``km.links``)."""
         self._link_drawn_bits.remove(self.node, link)
+
+
+class _WithReplica:
+    """The series of a registry, each with the ``replica`` label added at exposition."""
+
+    def __init__(self, registry: CollectorRegistry, replica: int):
+        self.registry = registry
+        self.replica = str(replica)
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        for family in self.registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [s._replace(labels={**s.labels, "replica": self.replica}) for s in family.samples]
+            yield labelled
+
+
+_WORST_FIRST = (LinkState.DOWN, LinkState.DEGRADED, LinkState.UP)
 
 
 class _PoolCollector:
@@ -122,19 +151,24 @@ class _PoolCollector:
             "vqkd_km_module_seconds_per_key", "Time this KM's QKD module end takes per key to answer dec_keys",
             labels=["node", "link"])
         node = self.km.node
+        ends_of = defaultdict(list)
         for link in self.km.links.values():
-            pool.add_metric([node, link.name, "outgoing"], link.outgoing.available_bits)
-            pool.add_metric([node, link.name, "incoming"], link.incoming.available_bits)
-            peer.add_metric([node, link.name], link.peer_restarts)
-            taken.add_metric([node, link.name], link.module_drawn_bits)
+            ends_of[link.name].append(link)
+        for name, ends in ends_of.items():
+            pool.add_metric([node, name, "outgoing"], sum(link.outgoing.available_bits for link in ends))
+            pool.add_metric([node, name, "incoming"], sum(link.incoming.available_bits for link in ends))
+            peer.add_metric([node, name], sum(link.peer_restarts for link in ends))
+            taken.add_metric([node, name], sum(link.module_drawn_bits for link in ends))
             for reason in BURN_REASONS:
-                burned.add_metric([node, link.name, reason], link.burned_bits.get(reason, 0))
-            verdict = link.devices.health.verdict()
+                burned.add_metric([node, name, reason], sum(link.burned_bits.get(reason, 0) for link in ends))
+            states = {link.devices.health.verdict().state for link in ends}
+            worst = next(s for s in _WORST_FIRST if s in states)
             for s in LinkState:
-                state.add_metric([node, link.name, s.value], float(s is verdict.state))
-            block.add_metric([node, link.name], link.devices.block_bits or 0)
-            latency.add_metric([node, link.name], link.devices.seconds_per_key or 0.0)
-            awaiting.add_metric([node, link.name], link.devices.awaiting_peer_bits)
+                state.add_metric([node, name, s.value], float(s is worst))
+            # All ends draw from the same module end: its block size and latency are the largest seen.
+            block.add_metric([node, name], max(link.devices.block_bits or 0 for link in ends))
+            latency.add_metric([node, name], max(link.devices.seconds_per_key or 0.0 for link in ends))
+            awaiting.add_metric([node, name], sum(link.devices.awaiting_peer_bits for link in ends))
         for reason, bits in self.km.flushed_bits().items():
             flushed.add_metric([node, reason], bits)
         store = GaugeMetricFamily("vqkd_km_stored_key_bits", "Key bits waiting for slave SAEs", labels=["node"])

@@ -335,7 +335,7 @@ class PeerKeyCollector:
             self._chunks.append(_Chunk(new[i:i + size], incarnation, now, next_try_at=now))
         self._collecting.update(new)
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"collect-{self.link.name}")
+            self._task = asyncio.create_task(self._run(), name=f"collect-{self.link.name}-{self.link.peer_replica}")
 
     def abandon(self, key_ids: list[str]) -> None:
         """The peer gave these keys up: stop collecting them and drop those already held."""

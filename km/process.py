@@ -1,14 +1,15 @@
 """Assembles one KM process from its configuration and runs it until told to stop.
 
 ``KMProcess`` builds the domain (key manager, sessions, relay, key exchange), plugs in its
-transports (the control-plane client; per link a module client, a gRPC ``PeerClient`` and
-the module feed) and serves. Listeners: the application API (ETSI 014 and ETSI 004 over
-HTTPS, mutual TLS), gRPC (KM <-> KM, KeyManagerControl for the control plane and the
+transports (the control-plane client; per link end — one per KM replica of the peer node —
+a module client, a gRPC ``PeerClient`` and the module feed) and serves. Listeners: the
+application API (ETSI 014 and ETSI 004 over HTTPS, mutual TLS; with ``etsi014_reuse_port``
+shared with the node's other replicas on the host), gRPC (KM <-> KM, KeyManagerControl for the control plane and the
 standard health service, mutual TLS), and plain HTTP for /metrics, the /healthz probe and
 the /events log.
 
-A topology pushed by the control plane is applied live (``apply_topology``): the links it
-adds get their transports at once, the links it removes lose theirs, and every other link
+A topology pushed by the control plane is applied live (``apply_topology``): the link ends
+it adds get their transports at once, the ends it removes lose theirs, and every other end
 goes on as it was.
 """
 
@@ -28,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from vqkd.km import tls
 from vqkd.km.config import KMConfig, KMTopology, split_host_port
 from vqkd.km.domain.exchange import KeyExchange
-from vqkd.km.domain.keymanager import KeyManager
+from vqkd.km.domain.keymanager import End, KeyManager
 from vqkd.km.domain.links import Link
 from vqkd.km.domain.relay import RelayService
 from vqkd.km.domain.sessions import SessionTable
@@ -91,12 +92,12 @@ class KMProcess:
         self.control_plane: GrpcControlPlane | None = None
         if config.control_plane:
             channel = grpc.aio.secure_channel(config.control_plane, self._channel_credentials, options=CHANNEL_OPTIONS)
-            self.control_plane = GrpcControlPlane(config.node, channel)
+            self.control_plane = GrpcControlPlane(config.node, channel, self.km.replica)
         self.exchange = KeyExchange(self.km, self.sessions, self.relays, self.control_plane)
-        self.modules: dict[str, ETSI014Client] = {}  # link -> its module end
-        # link -> what collects, as slave, the keys the peer KM drew from the module as master
-        self.collectors: dict[str, PeerKeyCollector] = {}
-        self._links: dict[str, LinkTransport] = {}
+        self.modules: dict[End, ETSI014Client] = {}  # link end -> its module end
+        # link end -> what collects, as slave, the keys the peer KM drew from the module as master
+        self.collectors: dict[End, PeerKeyCollector] = {}
+        self._links: dict[End, LinkTransport] = {}
         self._tasks: list[asyncio.Task] = []
         self._runners: list[web.AppRunner] = []
         self._grpc: grpc.aio.Server | None = None
@@ -112,6 +113,11 @@ class KMProcess:
     async def _expire_sessions(self) -> None:
         while True:
             await asyncio.sleep(SESSION_SWEEP_S)
+            if self.km.siblings:
+                # A session's requests spread over the node's replicas: one that sees none would
+                # end a session its siblings serve. The control plane's timer, fed by every
+                # replica's key-request signals, ends it instead.
+                continue
             for session in self.sessions.expired():
                 self.sessions.terminate(session.session_id, "inactivity timer expired")
                 if self.control_plane is not None:
@@ -125,8 +131,8 @@ class KMProcess:
         self._tasks.append(asyncio.create_task(self._expire_sessions(), name="session-timers"))
         await self._start_http()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("KM %s (KME %s) serving: ETSI 014 https://%s, gRPC %s, metrics http://%s/metrics; %s",
-                 self.km.node, self.km.kme_id, self.config.etsi014_listen, self.config.grpc_listen,
+        log.info("KM %s replica %d (KME %s) serving: ETSI 014 https://%s, gRPC %s, metrics http://%s/metrics; %s",
+                 self.km.node, self.km.replica, self.km.kme_id, self.config.etsi014_listen, self.config.grpc_listen,
                  self.config.metrics_listen,
                  "awaiting its topology from the control plane" if self.km.topology is None
                  else f"{len(self.km.links)} links, {len(self.km.saes)} SAEs known")
@@ -153,21 +159,22 @@ class KMProcess:
         cfg = link.config
         module = ETSI014Client(cfg.module_url, cfg.module_tls.files() if cfg.module_tls else self.tls_files)
         channel = grpc.aio.secure_channel(cfg.peer_grpc, self._channel_credentials, options=CHANNEL_OPTIONS)
-        link.peer = PeerClient(link, channel)
-        self.modules[link.name] = module
+        link.peer = PeerClient(link, channel, self.km.replica)
+        self.modules[link.end] = module
         collector = PeerKeyCollector(self.km.node, link, module, draw_target_s=DRAW_TARGET_S)
-        self.collectors[link.name] = collector
+        self.collectors[link.end] = collector
         feed = asyncio.create_task(
             LinkFeed(self.km.node, link, module, draw_target_s=DRAW_TARGET_S, on_drawn=self._drawn).run(),
-            name=f"feed-{link.name}")
-        self._links[link.name] = LinkTransport(module, channel, collector, feed)
+            name=f"feed-{link.name}-{link.peer_replica}")
+        self._links[link.end] = LinkTransport(module, channel, collector, feed)
 
     def _detach(self, link: Link) -> LinkTransport:
-        transport = self._links.pop(link.name)
-        del self.modules[link.name]
-        del self.collectors[link.name]
+        transport = self._links.pop(link.end)
+        del self.modules[link.end]
+        del self.collectors[link.end]
         transport.feed.cancel()
-        self.metrics.forget_link(link.name)
+        if link.name not in {end.name for end in self.km.links.values()}:
+            self.metrics.forget_link(link.name)
         return transport
 
     async def _close(self, transports: list[LinkTransport]) -> None:
@@ -194,7 +201,10 @@ class KMProcess:
         ETSI004Routes(ETSI004Service(self.km, self.sessions, self.exchange, self.control_plane),
                       self.metrics).add_to(api)
         host, port = split_host_port(self.config.etsi014_listen)
-        await self._serve(api, host, port, tls.server_context(self.tls_files))
+        # With reuse_port the node's replicas on one host share the port: the kernel spreads
+        # the SAEs' connections over them.
+        await self._serve(api, host, port, tls.server_context(self.tls_files),
+                          reuse_port=self.config.etsi014_reuse_port)
 
         admin = web.Application()
         admin.router.add_get("/metrics", self._metrics)
@@ -203,14 +213,14 @@ class KMProcess:
         host, port = split_host_port(self.config.metrics_listen)
         await self._serve(admin, host, port, None)
 
-    async def _serve(self, app: web.Application, host: str, port: int, ssl_context) -> None:
+    async def _serve(self, app: web.Application, host: str, port: int, ssl_context, reuse_port: bool = False) -> None:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024, reuse_port=reuse_port).start()
         self._runners.append(runner)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(self.metrics.exposed), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         # Live as soon as it serves, with or without a topology: a KM awaiting its topology
@@ -239,7 +249,7 @@ class KMProcess:
 
 
 def _names(links: tuple[Link, ...]) -> str:
-    return ", ".join(link.name for link in links) or "none"
+    return ", ".join(f"{link.name} (to replica {link.peer_replica})" for link in links) or "none"
 
 
 async def serve(config: KMConfig) -> None:

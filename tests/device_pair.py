@@ -53,14 +53,15 @@ class DevicePair:
             return json.loads(resp.read())
 
     def metrics(self, node: str) -> dict[tuple[str, ...], float]:
-        """The KM's samples of link ``ab``, keyed by name and the labels other than node and link."""
+        """The KM's samples of link ``ab``, keyed by name and the labels other than node, link and replica."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['met-' + node]}/metrics", timeout=5) as resp:
             text = resp.read().decode()
         samples = {}
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 if s.labels.get("link") == LINK:
-                    rest = tuple(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("node", "link"))
+                    rest = tuple(f"{k}={v}" for k, v in sorted(s.labels.items())
+                                 if k not in ("node", "link", "replica"))
                     samples[(s.name, *rest)] = s.value
         return samples
 

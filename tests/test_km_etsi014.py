@@ -273,9 +273,9 @@ async def test_not_enough_key_is_503_and_consumes_nothing(net):
                 try:
                     await a1.enc_keys("sae-b1", 1024, 8192)
                 except ETSI014Error as e:
-                    assert e.status == 503, e
+                    assert e.status == 503, e; print("DEBUG err", e)
                     break
-            stored = await stable_stored(a1, "sae-b1")
+            stored = await stable_stored(a1, "sae-b1"); print("DEBUG stored", stored, _)
             too_many = stored * 256 // 8192 + 1  # just more than the pool holds
             with pytest.raises(ETSI014Error) as e:
                 await a1.enc_keys("sae-b1", too_many, 8192)
@@ -306,7 +306,7 @@ async def test_openapi_document_and_metrics(net):
     for metric in ("vqkd_km_keys_delivered_total", "vqkd_km_pool_bits", "vqkd_km_request_duration_seconds_bucket",
                    "vqkd_km_responses_total", "vqkd_km_link_drawn_bits_total"):
         assert metric in text
-    assert 'vqkd_km_pool_bits{direction="outgoing",link="alice-bob",node="alice"}' in text
+    assert 'vqkd_km_pool_bits{direction="outgoing",link="alice-bob",node="alice",replica="0"}' in text
     with urllib.request.urlopen(net.endpoints["links"]["alice-bob"]["metrics_url"], timeout=5) as resp:
         assert "vqkd_module_generated_bits_total" in resp.read().decode()
 

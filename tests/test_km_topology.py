@@ -48,15 +48,15 @@ def fill(link, bits: int = 8192) -> None:
 
 
 def test_links_are_told_apart_by_name_and_settings_taken_in_place_are_retuned():
-    held = {link.name: link for link in (end("b"), end("c"), end("d"), end("e"))}
+    held = {link.end: link for link in (end("b"), end("c"), end("d"), end("e"))}
     wanted = [end("b"), end("c", block_bits=256, pool_target_bits=1 << 20, peer_kme_id="KME-C"),
               end("d", module_url="https://elsewhere:8443"), end("f")]
     diff = diff_links(held, wanted)
     assert [link.name for link in diff.added] == ["a-f"]
-    assert diff.removed == ("a-e",)
+    assert diff.removed == (("a-e", 0),)
     assert [link.name for link in diff.retuned] == ["a-c"]
     assert [link.name for link in diff.replaced] == ["a-d"]
-    assert diff.unchanged == ("a-b",)
+    assert diff.unchanged == (("a-b", 0),)
 
 
 @pytest.mark.parametrize("setting, value", [
@@ -64,7 +64,7 @@ def test_links_are_told_apart_by_name_and_settings_taken_in_place_are_retuned():
     ("module_tls", TLS), ("peer_node", "z"),
 ])
 def test_a_change_of_peer_module_or_credentials_makes_another_link_end(setting, value):
-    diff = diff_links({"a-b": end("b")}, [end("b", **{setting: value})])
+    diff = diff_links({("a-b", 0): end("b")}, [end("b", **{setting: value})])
     assert [link.name for link in diff.replaced] == ["a-b"] and not diff.retuned
 
 
@@ -80,23 +80,23 @@ def test_a_km_started_with_its_identity_only_serves_nobody_until_it_holds_a_topo
     assert change.applied and [link.name for link in change.added] == ["a-b"]
     manager.check_configured()
     assert (manager.topology_version, manager.node_of("sae-b"), manager.is_local("sae-a")) == (1, "b", True)
-    assert manager.link_to["b"].incarnation == manager.incarnation
+    assert manager.link_to["b"][0].incarnation == manager.incarnation
 
 
 def test_an_initial_topology_counts_as_version_0_and_any_push_supersedes_it():
     manager = km(topology(0, end("b")))
-    assert manager.topology_version == 0 and list(manager.links) == ["a-b"]
+    assert manager.topology_version == 0 and list(manager.links) == [("a-b", 0)]
     assert manager.apply_topology(topology(1, end("b"))).applied
 
 
 def test_untouched_links_keep_their_pools_peer_and_everything_else():
     manager = km(topology(0, end("b"), end("c")))
-    ab, ac = manager.links["a-b"], manager.links["a-c"]
+    ab, ac = manager.links["a-b", 0], manager.links["a-c", 0]
     fill(ab)
     ab.peer_incarnation, ab.peer = "peer-b", object()
     change = manager.apply_topology(topology(1, end("b"), end("c", block_bits=1024), end("d"),
                                              saes={"sae-a": "a", "sae-d": "d"}, key_size=512))
-    assert manager.links["a-b"] is ab and manager.links["a-c"] is ac
+    assert manager.links["a-b", 0] is ab and manager.links["a-c", 0] is ac
     assert (ab.outgoing.available_bits, ab.incoming.available_bits, ab.peer_incarnation) == (8192, 8192, "peer-b")
     assert [link.name for link in change.retuned] == ["a-c"] and ac.config.block_bits == 1024
     assert [link.name for link in change.added] == ["a-d"] and not change.removed
@@ -109,24 +109,24 @@ def test_untouched_links_keep_their_pools_peer_and_everything_else():
 def test_a_push_not_newer_than_the_topology_held_changes_nothing():
     manager = km()
     manager.apply_topology(topology(5, end("b")))
-    link = manager.links["a-b"]
+    link = manager.links["a-b", 0]
     fill(link)
     for version in (5, 4):
         change = manager.apply_topology(topology(version, end("c"), saes={"sae-x": "a"}))
         assert (change.applied, change.version, change.added, change.removed) == (False, 5, (), ())
-    assert manager.links == {"a-b": link} and link.outgoing.available_bits == 8192
+    assert manager.links == {("a-b", 0): link} and link.outgoing.available_bits == 8192
     assert manager.node_of("sae-b") == "b" and manager.node_of("sae-x") is None
 
 
 def test_a_removed_link_has_its_pools_wiped_and_counted_and_leaves_the_forwarding_view():
     manager = km(topology(0, end("b"), end("c")))
-    ab = manager.links["a-b"]
+    ab = manager.links["a-b", 0]
     fill(ab, 16384)
     ab.flushed_bits = 1000  # dropped earlier because the peer restarted: stays counted
     change = manager.apply_topology(topology(1, end("c")))
     assert change.removed == (ab,) and not change.added
     assert (ab.outgoing.available_bits, ab.incoming.available_bits) == (0, 0)
-    assert "a-b" not in manager.links and "b" not in manager.link_to
+    assert ("a-b", 0) not in manager.links and "b" not in manager.link_to
     assert manager.kme_id_of("b") == "b"  # no longer known as a neighbour
     assert manager.flushed_bits() == {"peer_restarted": 1000, "link_removed": 32768, "link_reconfigured": 0}
 
@@ -135,13 +135,13 @@ def test_a_recreated_link_end_presents_a_new_incarnation_so_the_peer_drops_what_
     a = km(topology(0, end("b")))
     b = KeyManager(KMConfig(node="b", kme_id="b", etsi014_listen="127.0.0.1:1", grpc_listen="127.0.0.1:2",
                             metrics_listen="127.0.0.1:3", tls=TLS, topology=topology(0, end("a", node="b"))))
-    old = a.links["a-b"]
+    old = a.links["a-b", 0]
     fill(old)
-    b_end = b.links["a-b"]
+    b_end = b.links["a-b", 0]
     fill(b_end)
     b_end.observe_peer(old.incarnation)
     change = a.apply_topology(topology(1, end("b", module_url="https://new-module:8443")))
-    new = a.links["a-b"]
+    new = a.links["a-b", 0]
     assert change.removed == (old,) and change.added == (new,) and new is not old
     assert new.incarnation != old.incarnation and new.incarnation.startswith(a.incarnation)
     assert a.flushed_bits()["link_reconfigured"] == 2 * 8192
@@ -151,13 +151,13 @@ def test_a_recreated_link_end_presents_a_new_incarnation_so_the_peer_drops_what_
     # Removed and added again later: yet another incarnation.
     a.apply_topology(topology(2))
     a.apply_topology(topology(3, end("b")))
-    assert a.links["a-b"].incarnation not in (old.incarnation, new.incarnation)
+    assert a.links["a-b", 0].incarnation not in (old.incarnation, new.incarnation)
 
 
 def test_a_removed_link_leaves_the_metrics_but_what_it_dropped_stays_counted():
     manager = km(topology(0, end("b"), end("c")))
     metrics = KMMetrics(manager)
-    fill(manager.links["a-b"])
+    fill(manager.links["a-b", 0])
     metrics.link_drawn_bits("a", "a-b").inc(8192)
     metrics.link_drawn_bits("a", "a-c").inc(4096)
     value = metrics.registry.get_sample_value

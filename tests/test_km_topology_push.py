@@ -248,7 +248,7 @@ async def test_links_are_added_and_removed_live_and_nothing_else_moves(net):
     for n in "abc":
         assert flushed(net.km_metrics(n)) == 0, f"KM {n} dropped key material"
         assert (await net.stats(n)).incarnation == incarnations[n]
-    peer_restarts = net.km_metrics("b")[("vqkd_km_peer_restarts_total", frozenset({("node", "b"), ("link", "a-b")}))]
+    peer_restarts = net.km_metrics("b")[("vqkd_km_peer_restarts_total", frozenset({("node", "b"), ("link", "a-b"), ("replica", "0")}))]
     assert peer_restarts == 0
     await keys_flow(net, "sae-b", "sae-c", "b", "c")
     await keys_flow(net, "sae-a", "sae-b", "a", "b")

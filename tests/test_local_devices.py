@@ -170,7 +170,8 @@ def scrape(metrics_url: str, **labels: str) -> dict[tuple[str, ...], float]:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if all(s.labels.get(k) == v for k, v in labels.items()):
-                rest = tuple(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in labels and k != "node")
+                rest = tuple(f"{k}={v}" for k, v in sorted(s.labels.items())
+                             if k not in labels and k not in ("node", "replica"))
                 samples[(s.name, *rest)] = s.value
     return samples
 

@@ -43,7 +43,7 @@ class WirePeer:
         if self.tamper:
             self.tamper(pb)
             self.tamper = None
-        link_in = self.there.km.links[self.link_name]
+        link_in = self.there.km.links[self.link_name, 0]
         try:
             await self.there.relays.receive(link_in, fields_from_pb(pb), pb.tag)
         except (RelayRejected, errors.KMError) as e:
@@ -52,7 +52,7 @@ class WirePeer:
     async def commit(self, link, session_id, relay_id):
         if self.fail_commit:
             raise errors.PeerUnavailable("connection lost")
-        link_in = self.there.km.links[self.link_name]
+        link_in = self.there.km.links[self.link_name, 0]
         try:
             await self.there.relays.commit(link_in, session_id, relay_id)
         except RelayRejected as e:
@@ -86,7 +86,7 @@ def chain(n, bits_per_link=1 << 20):
     nodes = {x: Node(x, [y for y in names if abs(names.index(y) - names.index(x)) == 1], saes, clock)
              for x in names}
     for a, b in zip(names, names[1:]):
-        la, lb = nodes[a].km.link_to[b], nodes[b].km.link_to[a]
+        la, lb = nodes[a].km.link_to[b][0], nodes[b].km.link_to[a][0]
         # Each direction's material, as the two KMs would hold after AgreeKeys.
         for owner, other in ((la, lb), (lb, la)):
             blocks = [(os.urandom(16).hex(), os.urandom(1024)) for _ in range(bits_per_link // 8192)]
@@ -113,7 +113,7 @@ def configure(nodes, path, session_id="s-1", version=1, rate_bps=1e9, bucket_bit
 
 
 def link_bits(nodes, names):
-    return {(a, b): nodes[a].km.link_to[b].outgoing.available_bits for a, b in zip(names, names[1:])}
+    return {(a, b): nodes[a].km.link_to[b][0].outgoing.available_bits for a, b in zip(names, names[1:])}
 
 
 @pytest.mark.parametrize("hops", [1, 2, 5])
@@ -145,7 +145,7 @@ async def test_non_adjacent_keys_are_not_sent_in_the_clear():
     nodes, names, _ = chain(3)
     configure(nodes, names)
     keys = (await nodes["n0"].exchange.issue("sae-n0", ["sae-n2"], 1, 256)).keys
-    wire = b"".join(nodes["n0"].km.link_to["n1"].peer.sent + nodes["n1"].km.link_to["n2"].peer.sent)
+    wire = b"".join(nodes["n0"].km.link_to["n1"][0].peer.sent + nodes["n1"].km.link_to["n2"][0].peer.sent)
     assert keys[0][1] not in wire
 
 
@@ -169,7 +169,7 @@ async def test_tampering_on_any_hop_is_detected_and_nobody_gets_the_key(field):
         else:
             pb.index += 1
 
-    nodes["n1"].km.link_to["n2"].peer.tamper = flip  # on the second hop
+    nodes["n1"].km.link_to["n2"][0].peer.tamper = flip  # on the second hop
     with pytest.raises(errors.PeerUnavailable, match="tampered"):
         await nodes["n0"].exchange.issue("sae-n0", ["sae-n2"], 1, 256)
     assert nodes["n2"].rejected == ["tampered"]
@@ -181,9 +181,9 @@ async def test_a_replayed_relay_message_is_refused():
     configure(nodes, names)
     await nodes["n0"].exchange.issue("sae-n0", ["sae-n1"], 1, 256)
     from vqkd.km.v1 import km_pb2
-    pb = km_pb2.RelayRequest.FromString(nodes["n0"].km.link_to["n1"].peer.sent[0])
+    pb = km_pb2.RelayRequest.FromString(nodes["n0"].km.link_to["n1"][0].peer.sent[0])
     with pytest.raises(RelayRejected) as e:
-        await nodes["n1"].relays.receive(nodes["n1"].km.link_to["n0"], fields_from_pb(pb), pb.tag)
+        await nodes["n1"].relays.receive(nodes["n1"].km.link_to["n0"][0], fields_from_pb(pb), pb.tag)
     assert e.value.reason == "replayed"
 
 
@@ -191,8 +191,8 @@ async def test_a_replayed_relay_message_is_refused():
 async def test_a_relay_naming_another_link_or_incarnation_is_refused_before_any_material_is_used(field, value):
     nodes, names, _ = chain(3)
     configure(nodes, names)
-    nodes["n0"].km.link_to["n1"].peer.tamper = lambda pb: setattr(pb, field, value)
-    link_in = nodes["n1"].km.link_to["n0"]
+    nodes["n0"].km.link_to["n1"][0].peer.tamper = lambda pb: setattr(pb, field, value)
+    link_in = nodes["n1"].km.link_to["n0"][0]
     before = link_in.incoming.available_bits
     with pytest.raises(errors.PeerUnavailable, match="malformed"):
         await nodes["n0"].exchange.issue("sae-n0", ["sae-n2"], 1, 256)
@@ -202,7 +202,7 @@ async def test_a_relay_naming_another_link_or_incarnation_is_refused_before_any_
 async def test_a_lost_commit_delivers_to_neither_end():
     nodes, names, clock = chain(3)
     configure(nodes, names)
-    nodes["n1"].km.link_to["n2"].peer.fail_commit = True  # the path breaks after the relay
+    nodes["n1"].km.link_to["n2"][0].peer.fail_commit = True  # the path breaks after the relay
     with pytest.raises(errors.PeerUnavailable):
         await nodes["n0"].exchange.issue("sae-n0", ["sae-n2"], 2, 256)
     assert len(nodes["n2"].km.store) == 0  # held as pending, never released to the slave
@@ -268,7 +268,7 @@ async def test_short_key_is_served_by_priority_then_first_come_first_served():
         nodes["n0"].sessions.get(sid).config = dataclasses.replace(
             nodes["n0"].sessions.get(sid).config, priority=priority, request_timeout_s=5)
     # one SAE pair per session
-    link = nodes["n0"].km.link_to["n1"]
+    link = nodes["n0"].km.link_to["n1"][0]
     drain(link)
     served: list[str] = []
 
@@ -283,7 +283,7 @@ async def test_short_key_is_served_by_priority_then_first_come_first_served():
     for _ in range(3):  # key for exactly one request at a time
         blocks = [(os.urandom(16).hex(), os.urandom(64))]
         link.outgoing.add(blocks)
-        nodes["n1"].km.link_to["n0"].incoming.add(blocks)
+        nodes["n1"].km.link_to["n0"][0].incoming.add(blocks)
         link.queue.notify()
         await asyncio.sleep(0.01)
     await asyncio.gather(*tasks)
@@ -293,7 +293,7 @@ async def test_short_key_is_served_by_priority_then_first_come_first_served():
 async def test_waiting_for_key_is_bounded_by_the_session_timeout():
     nodes, names, _ = chain(2)
     configure(nodes, names)
-    drain(nodes["n0"].km.link_to["n1"])
+    drain(nodes["n0"].km.link_to["n1"][0])
     with pytest.raises(errors.InsufficientKey, match="within its timeout of 0.5 s"):
         await nodes["n0"].exchange.issue("sae-n0", ["sae-n1"], 1, 256)
 

@@ -22,6 +22,7 @@ from vqkd.km.domain.keyids import new_key_ids
 from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.domain.keypool import Span, SpanError
 from vqkd.km.domain.keystore import StoreFull
+from vqkd.km.domain.links import Link
 from vqkd.km.domain.relay import RelayService
 from vqkd.km.domain.sessions import Session, SessionTable
 from vqkd.km.domain.vocabulary import Endpoint, QoS
@@ -73,8 +74,8 @@ class KeyExchange:
             session = await self._open_implicit(master, Endpoint(slave_node, slaves[0]))
         if session is not None:
             return await self._in_session(session, master, slaves, number, size_bits)
-        link = km.link_to.get(slave_node)
-        if link is None or link.peer is None:
+        link = km.end_towards(slave_node, number * size_bytes * 8)
+        if link is None:
             raise errors.NoPath(f"node {km.node} has no QKD link to node {slave_node}, where {slaves[0]} is attached")
         try:
             material, spans = link.outgoing.take(number * size_bytes)
@@ -148,18 +149,17 @@ class KeyExchange:
         self.sessions.key_exchange_done(session, number, bits)
         return Issued(keys, extension)
 
-    def accept(self, link_name: str, master: str, slaves: list[str], key_ids: list[str],
+    def accept(self, link: Link, master: str, slaves: list[str], key_ids: list[str],
                size_bits: int, spans: list[Span]) -> int:
-        """Store keys a peer KM made from shared link material, all of ``size_bits``; returns the
-        bits stored."""
+        """Store keys the peer KM of ``link`` made from shared link material, all of ``size_bits``;
+        returns the bits stored."""
         km = self.km
-        link = km.links[link_name]
         if not key_ids:
             raise errors.DeliveryRefused("a delivery needs at least one key")
         try:
             material = link.incoming.consume(spans)
         except SpanError as e:
-            raise errors.DeliveryRefused(f"link {link_name}: {e}") from None
+            raise errors.DeliveryRefused(f"link {link.name}: {e}") from None
         # The material is consumed from here on: whatever is refused below is lost on both
         # sides (the sender dropped it too), never used for something else.
         if size_bits <= 0 or size_bits % 8 or len(key_ids) * size_bits != len(material) * 8:

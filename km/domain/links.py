@@ -1,4 +1,7 @@
-"""The KM's view of one QKD link: its two pools and what it knows of the peer KM.
+"""The KM's view of one end of a QKD link: its two pools and what it knows of the peer KM.
+
+A KM has one end of a link per KM replica of the peer node; each end pairs with one replica,
+with pools of its own.
 
 Keeping the pools consistent with the peer hinges on *incarnations*: each end of a link
 presents a random ID, drawn when the KM process starts (and a new one when a topology
@@ -24,6 +27,8 @@ class Link:
         self.config = config
         self.name = config.name
         self.peer_node = config.peer_node
+        self.peer_replica = config.peer_replica
+        self.end = config.end
         self.incarnation = incarnation  # what this end presents to the peer KM
         self.outgoing = OutgoingPool()
         self.incoming = IncomingPool()
@@ -56,8 +61,9 @@ class Link:
             return False
         if self.peer_incarnation is not None:
             self.peer_restarts += 1
-            log.warning("link %s: the KM of %s restarted or recreated its end of the link; dropping key "
-                        "material shared with its previous incarnation", self.name, self.peer_node)
+            log.warning("link %s: the KM of %s (replica %d) restarted or recreated its end of the link; dropping "
+                        "key material shared with its previous incarnation", self.name, self.peer_node,
+                        self.peer_replica)
         self.flush()
         self.peer_incarnation = incarnation
         return True

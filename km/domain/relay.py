@@ -92,12 +92,13 @@ class RelayService:
 
     # -- source ------------------------------------------------------------------------
 
-    def next_link(self, session: Session, master: str) -> tuple[Link, bool]:
-        """The link towards the slave's node, and whether the slave's KM is at its far end."""
+    def next_link(self, session: Session, master: str, nbytes: int) -> tuple[Link, bool]:
+        """The link end towards the slave's node for ``nbytes`` of keys, and whether the slave's
+        KM is at its far end."""
         towards = session.config.peer_sae(master).node
         hop = session.config.hop_towards(towards)
-        link = self.km.link_to.get(hop)
-        if link is None or link.peer is None:
+        link = self.km.end_towards(hop, (nbytes + MAC_KEY_BYTES) * 8)
+        if link is None:
             raise errors.NoPath(f"session {session.session_id}: node {self.km.node} has no link to next hop {hop!r}")
         return link, hop == towards
 
@@ -122,8 +123,8 @@ class RelayService:
                    stream: bool = False, index: int = 0) -> tuple[list[tuple[str, bytes]], dict | None]:
         """Relay new keys to the slaves' KM; returns them (and their key extension) once the
         destination committed. With ``stream`` they are ETSI 004 chunks from ``index`` on."""
-        link, direct = self.next_link(session, master)
         nbytes = number * size_bits // 8
+        link, direct = self.next_link(session, master, nbytes)
         try:
             mac_key, mac_spans, pad, pad_spans = await self._take(link, session, nbytes)
         except errors.InsufficientKey:
@@ -209,7 +210,7 @@ class RelayService:
         except ValueError as e:
             raise self._reject("malformed", f"the keys do not match the relayed material: {e}") from None
 
-        link_out = self._onward(session, link_in)
+        link_out = self._onward(session, link_in, (len(plain) + MAC_KEY_BYTES) * 8)
         self.sessions.note(session, "relayed key received", f"{len(plain) * 8} bits from {link_in.peer_node}")
         if link_out is None:
             keys = list(zip(fields.key_ids, relay_crypto.split_keys(plain, len(fields.key_ids), fields.key_size_bits)))
@@ -234,8 +235,9 @@ class RelayService:
         self.forwarded[fields.relay_id] = Forwarded(link_out, self.clock() + COMMIT_WAIT_S)
         self.on_relayed("intermediate", len(plain) * 8)
 
-    def _onward(self, session: Session, link_in: Link) -> Link | None:
-        """The link a message from ``link_in`` goes on to, or None when it arrived."""
+    def _onward(self, session: Session, link_in: Link, need_bits: int = 0) -> Link | None:
+        """The link end a message from ``link_in`` goes on to, taking ``need_bits`` of its key,
+        or None when it arrived."""
         c = session.config
         if c is None:
             raise self._reject("unknown_session", f"session {session.session_id} has no route at {self.km.node} yet")
@@ -246,8 +248,8 @@ class RelayService:
         if c.role is (Role.DESTINATION if towards_destination else Role.SOURCE):
             return None
         hop = c.next_hop if towards_destination else c.prev_hop
-        link_out = self.km.link_to.get(hop)
-        if link_out is None or link_out.peer is None or c.role is not Role.INTERMEDIATE:
+        link_out = self.km.end_towards(hop, need_bits)
+        if link_out is None or c.role is not Role.INTERMEDIATE:
             raise self._reject("no_route", f"session {c.session_id}: no hop from {self.km.node} towards {hop!r}")
         return link_out
 

@@ -41,10 +41,10 @@ class ETSI014Service:
         self._caller_here(caller)
         node = self._peer_sae(slave, "slave", caller)
         limits = self.km.limits
-        link = self.km.link_to.get(node)
-        if link is not None:
-            stored = link.outgoing.available_bits // limits.key_size
-            max_count = link.config.pool_target_bits // limits.key_size
+        ends = self.km.link_to.get(node)
+        if ends:  # one end per KM replica of the node: what they hold together
+            stored = sum(link.outgoing.available_bits for link in ends) // limits.key_size
+            max_count = sum(link.config.pool_target_bits for link in ends) // limits.key_size
         else:  # keys for an SAE on this node are made on demand; a node with no link has none
             stored = max_count = limits.max_key_per_request if node == self.km.node else 0
         return {

@@ -34,8 +34,10 @@ def qos_from_pb(q: km_pb2.QoS) -> QoS:
 
 
 class GrpcControlPlane:
-    def __init__(self, node: str, channel: grpc.aio.Channel, signal_interval_s: float = SIGNAL_INTERVAL_S):
+    def __init__(self, node: str, channel: grpc.aio.Channel, replica: int = 0,
+                 signal_interval_s: float = SIGNAL_INTERVAL_S):
         self.node = node
+        self.replica = replica  # this KM's ordinal among the node's replicas, named in every call
         self.stub = km_pb2_grpc.ControlPlaneStub(channel)
         self.signal_interval_s = signal_interval_s
         self._signals: set[asyncio.Task] = set()
@@ -49,6 +51,7 @@ class GrpcControlPlane:
                 source=km_pb2.Endpoint(node=request.source.node, sae_id=request.source.sae_id),
                 destination=km_pb2.Endpoint(node=request.destination.node, sae_id=request.destination.sae_id),
                 qos=qos_to_pb(request.qos), session_id=request.session_id, implicit=request.implicit,
+                replica=self.replica,
             ), timeout=RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             raise errors.Unavailable(f"control plane unreachable: {e.code().name}: {e.details()}") from None
@@ -60,7 +63,7 @@ class GrpcControlPlane:
         async def send():
             try:
                 await call(km_pb2.SessionSignal(node=self.node, session_id=session_id, reason=reason,
-                                                requests=requests), timeout=RPC_TIMEOUT_S)
+                                                requests=requests, replica=self.replica), timeout=RPC_TIMEOUT_S)
             except grpc.aio.AioRpcError as e:
                 log.warning("control plane did not take a signal for session %s: %s", session_id, e.code().name)
         task = asyncio.create_task(send())

@@ -166,6 +166,7 @@ class KeyManagerControlService(km_pb2_grpc.KeyManagerControlServicer):
         await self._authorize(context)
         return km_pb2.Stats(
             node=self.km.node, incarnation=self.km.incarnation, topology_version=self.km.topology_version or 0,
+            replica=self.km.replica,
             sessions=len(self.sessions.sessions),
             keys_delivered_total=sum(s.keys_delivered for s in self.sessions.sessions.values()),
             delivered=[km_pb2.SessionDelivered(session_id=s.session_id, keys=s.keys_delivered, bits=s.bits_delivered)
@@ -182,5 +183,5 @@ def link_stats(link: Link) -> km_pb2.LinkStats:
         relayed_bits_total=link.relayed_bits, state=verdict.state.value, reason=verdict.reason,
         message=verdict.message, module_drawn_bits_total=link.module_drawn_bits,
         burned_bits_total=link.burned_bits, block_bits=link.devices.block_bits or 0, incarnation=link.incarnation,
-        pool_full=link.pool_full,
+        pool_full=link.pool_full, peer_replica=link.peer_replica,
     )

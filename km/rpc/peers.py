@@ -23,7 +23,7 @@ from vqkd.km.rpc.credentials import peer_identity
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
 
 if TYPE_CHECKING:
-    from vqkd.km.domain.keymanager import KeyManager
+    from vqkd.km.domain.keymanager import End, KeyManager
     from vqkd.km.etsi014.client import ETSI014Client
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ MAX_RELAYED_KEYS_PER_REQUEST = 4096
 
 
 class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
-    def __init__(self, km: KeyManager, exchange: KeyExchange, collectors: dict[str, PeerKeyCollector],
+    def __init__(self, km: KeyManager, exchange: KeyExchange, collectors: dict[End, PeerKeyCollector],
                  relays: RelayService):
         self.km = km
         self.exchange = exchange
@@ -49,9 +49,10 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
         self.relays = relays
 
     async def _link(self, request, context) -> Link:
-        link = self.km.links.get(request.link)
+        link = self.km.links.get((request.link, request.sender_replica))
         if link is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"node {self.km.node} has no link {request.link!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"node {self.km.node} has no end of link {request.link!r} "
+                                                           f"towards replica {request.sender_replica} of its peer")
         caller = peer_identity(context)
         if caller != identity.km(link.peer_node):
             await context.abort(
@@ -84,7 +85,7 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
         await self._check_incarnations(link, request, context)
         if not request.key_ids and not request.abandoned_key_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AgreeKeys names no key ID")
-        collector = self.collectors[link.name]
+        collector = self.collectors[link.end]
         collector.abandon(list(request.abandoned_key_ids))
         key_ids = list(request.key_ids)
         try:
@@ -115,7 +116,7 @@ class LinkPeerService(km_pb2_grpc.LinkPeerServicer):
         for d in request.deliveries:  # one by one, each whole or not at all
             spans = [Span(s.block_id, s.offset, s.length) for s in d.material]
             try:
-                self.exchange.accept(link.name, d.master_sae_id, list(d.slave_sae_ids), list(d.key_ids), d.size_bits,
+                self.exchange.accept(link, d.master_sae_id, list(d.slave_sae_ids), list(d.key_ids), d.size_bits,
                                      spans)
             except errors.DeliveryRefused as e:
                 refused.append(str(e) or "refused")
@@ -281,8 +282,9 @@ class PeerClient:
     """The domain's ``Peer`` over gRPC: calls the peer KM of one link, every call with a deadline,
     and maps failures to KM errors."""
 
-    def __init__(self, link: Link, channel: grpc.aio.Channel):
+    def __init__(self, link: Link, channel: grpc.aio.Channel, replica: int):
         self.link = link
+        self.replica = replica  # this KM's, named in every request: the peer's end is picked by it
         self.stub = km_pb2_grpc.LinkPeerStub(channel)
         self._deliveries = self._batches(
             "deliver", "delivery", MAX_KEYS_PER_DELIVER,
@@ -298,7 +300,7 @@ class PeerClient:
     @property
     def peer(self) -> str:
         """The peer KM, as errors name it."""
-        return f"KM of node {self.link.peer_node} (link {self.link.name})"
+        return f"KM replica {self.link.peer_replica} of node {self.link.peer_node} (link {self.link.name})"
 
     def _batches(self, kind: str, item: str, max_weight: int, send, on_idle: Callable[[], None] = lambda: None,
                  name: str = "") -> _Batches:
@@ -308,8 +310,8 @@ class PeerClient:
     async def hello(self) -> None:
         try:
             reply = await self.stub.Hello(
-                km_pb2.HelloRequest(link=self.link.name, incarnation=self.link.incarnation), timeout=RPC_TIMEOUT_S
-            )
+                km_pb2.HelloRequest(link=self.link.name, incarnation=self.link.incarnation,
+                                    sender_replica=self.replica), timeout=RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             raise errors.PeerUnavailable(f"{self.peer}: {e.code().name}: {e.details()}") from None
         self.link.observe_peer(reply.incarnation)
@@ -334,7 +336,7 @@ class PeerClient:
         try:
             reply, _ = await self._call(method, lambda inc: request_type(
                 link=self.link.name, sender_incarnation=self.link.incarnation, receiver_incarnation=inc,
-                **{field: items},
+                sender_replica=self.replica, **{field: items},
             ))
         except errors.KMError as e:
             return [errors.PeerUnavailable(str(e)) for _ in items]
@@ -349,14 +351,14 @@ class PeerClient:
         (which it holds) and the peer incarnation that answered."""
         return await self._call(self.stub.AgreeKeys, lambda inc: km_pb2.AgreeKeysRequest(
             link=self.link.name, sender_incarnation=self.link.incarnation, receiver_incarnation=inc,
-            key_ids=key_ids, abandoned_key_ids=abandoned,
+            key_ids=key_ids, abandoned_key_ids=abandoned, sender_replica=self.replica,
         ))
 
     async def device_status(self) -> km_pb2.DeviceEnd:
         """The peer's module end as the peer last read it."""
         try:
-            return await self.stub.DeviceStatus(km_pb2.DeviceStatusRequest(link=self.link.name),
-                                                timeout=RPC_TIMEOUT_S)
+            return await self.stub.DeviceStatus(
+                km_pb2.DeviceStatusRequest(link=self.link.name, sender_replica=self.replica), timeout=RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             raise errors.PeerUnavailable(f"{self.peer}: {e.code().name}: {e.details()}") from None
 
@@ -383,8 +385,8 @@ class PeerClient:
     async def hybrid(self, m: HybridMessage) -> bytes:
         reply, _ = await self._call(self.stub.Hybrid, lambda inc: km_pb2.HybridRequest(
             link=m.link, sender_incarnation=self.link.incarnation, receiver_incarnation=inc,
-            session_id=m.session_id, relay_id=m.relay_id, index=m.index, master_sae_id=m.master_sae_id,
-            slave_sae_ids=m.slave_sae_ids, key_ids=m.key_ids, key_size_bits=m.size_bits,
+            sender_replica=self.replica, session_id=m.session_id, relay_id=m.relay_id, index=m.index,
+            master_sae_id=m.master_sae_id, slave_sae_ids=m.slave_sae_ids, key_ids=m.key_ids, key_size_bits=m.size_bits,
             stream=m.stream, offer=m.offer,
         ))
         return reply.reply

@@ -445,7 +445,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LinkStats(_message.Message):
-    __slots__ = ("link", "peer_node", "outgoing_bits", "incoming_bits", "drawn_bits_total", "relayed_bits_total", "state", "reason", "message", "module_drawn_bits_total", "burned_bits_total", "block_bits", "incarnation", "pool_full")
+    __slots__ = ("link", "peer_node", "outgoing_bits", "incoming_bits", "drawn_bits_total", "relayed_bits_total", "state", "reason", "message", "module_drawn_bits_total", "burned_bits_total", "block_bits", "incarnation", "pool_full", "peer_replica")
     class BurnedBitsTotalEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -467,6 +467,7 @@ class LinkStats(_message.Message):
     BLOCK_BITS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     POOL_FULL_FIELD_NUMBER: _ClassVar[int]
+    PEER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     link: str
     peer_node: str
     outgoing_bits: int
@@ -481,7 +482,8 @@ class LinkStats(_message.Message):
     block_bits: int
     incarnation: str
     pool_full: bool
-    def __init__(self, link: _Optional[str] = ..., peer_node: _Optional[str] = ..., outgoing_bits: _Optional[int] = ..., incoming_bits: _Optional[int] = ..., drawn_bits_total: _Optional[int] = ..., relayed_bits_total: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., module_drawn_bits_total: _Optional[int] = ..., burned_bits_total: _Optional[_Mapping[str, int]] = ..., block_bits: _Optional[int] = ..., incarnation: _Optional[str] = ..., pool_full: _Optional[bool] = ...) -> None: ...
+    peer_replica: int
+    def __init__(self, link: _Optional[str] = ..., peer_node: _Optional[str] = ..., outgoing_bits: _Optional[int] = ..., incoming_bits: _Optional[int] = ..., drawn_bits_total: _Optional[int] = ..., relayed_bits_total: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., module_drawn_bits_total: _Optional[int] = ..., burned_bits_total: _Optional[_Mapping[str, int]] = ..., block_bits: _Optional[int] = ..., incarnation: _Optional[str] = ..., pool_full: _Optional[bool] = ..., peer_replica: _Optional[int] = ...) -> None: ...
 
 class SessionDelivered(_message.Message):
     __slots__ = ("session_id", "keys", "bits")
