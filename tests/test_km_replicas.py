@@ -162,6 +162,18 @@ async def test_only_a_slave_of_the_key_takes_it_at_either_replica(net):
     assert await dec_keys(net, "s1", [sent[0][0]]) == sent
 
 
+async def test_node_replicas_serves_the_nodes_own_km_identity_only(net):
+    sent = await issue(net, 1)
+    for stranger in (identity.km("m"), identity.controller(), identity.sae("sae-s")):
+        credentials = grpc_channel_credentials(net.pki.files(stranger))
+        async with grpc.aio.secure_channel(net.at("grpc-s0"), credentials) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await km_pb2_grpc.NodeReplicasStub(channel).TakeKeys(km_pb2.TakeKeysRequest(
+                    sender_replica=1, caller_sae_id="sae-s", master_sae_id="sae-m", key_ids=[sent[0][0]]), timeout=5)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await dec_keys(net, "s1", [sent[0][0]]) == sent
+
+
 def owned_by(replica: int) -> str:
     return next(s for s in (str(uuid.uuid4()) for _ in range(100)) if stream_owner(s, [0, 1]) == replica)
 

@@ -145,9 +145,10 @@ class KeyStore:
         if None in numbers or any(deliveries[number][_MASTER] != master for number in numbers):
             raise KeysNotFound(next(key_id for key_id, number in zip(key_ids, found)
                                     if number is None or deliveries[number][_MASTER] != master))
-        if any(deliveries[number][_EXPIRES] <= self._clock() for number in numbers):
+        now = self._clock()
+        if any(deliveries[number][_EXPIRES] <= now for number in numbers):
             raise KeysNotFound(next(key_id for key_id, number in zip(key_ids, found)
-                                    if deliveries[number][_EXPIRES] <= self._clock()))
+                                    if deliveries[number][_EXPIRES] <= now))
         if any(caller not in deliveries[number][_SLAVES] for number in numbers):
             raise NotASlave(caller)
         pop = self._keys.pop
