@@ -21,8 +21,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Processes, free_port, wait_for_port
+from conftest import Processes, wait_for_port
 from test_km_etsi014 import enc_keys_retrying, wait_stored
+from test_km_topology_push import free_ports
 from vqkd.km import identity
 from vqkd.km.domain.replicas import stream_owner
 from vqkd.km.etsi014.client import ETSI014Client, ETSI014Error
@@ -38,8 +39,8 @@ KMS = ("m", "s0", "s1")
 class ReplicaNetwork:
     def __init__(self, pki, processes: Processes):
         self.pki, self.processes = pki, processes
-        self.ports = {f"{kind}-{km}": free_port() for km in KMS for kind in ("api", "grpc", "met")}
-        self.ports |= {"a": free_port(), "b": free_port(), "admin": free_port(), "nowhere": free_port()}
+        names = [f"{kind}-{km}" for km in KMS for kind in ("api", "grpc", "met")] + ["a", "b", "admin", "nowhere"]
+        self.ports = dict(zip(names, free_ports(len(names))))
         self.procs = {}
         processes.start("vqkd.km.emulator", {
             "link": LINK, "key_rate_bps": 4_000_000, "qber": 0.0, "admin_listen": self.at("admin"),
@@ -53,7 +54,7 @@ class ReplicaNetwork:
         self.start_km("s1", "s", 1, [self.link_end("s", "m", "grpc-m", "nowhere", name="m-s-r1")], replicas)
         for port in self.ports.values():
             if port != self.ports["nowhere"]:
-                wait_for_port(port)
+                wait_for_port(port, timeout=60)  # four processes starting on a shared, busy machine
         self.controller = grpc_channel_credentials(pki.files(identity.controller()))
 
     def at(self, name: str) -> str:
