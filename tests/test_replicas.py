@@ -17,7 +17,7 @@ from vqkd.km.config import KMConfig, KMTopology, TLSPaths
 from vqkd.km.domain import errors
 from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.domain.keystore import NotASlave
-from vqkd.km.domain.replicas import NodeReplicas, SiblingUnavailable, sibling_addresses, stream_owner
+from vqkd.km.domain.replicas import NodeReplicas, SiblingTimedOut, SiblingUnavailable, sibling_addresses, stream_owner
 from vqkd.km.domain.sessions import Session
 from vqkd.km.domain.vocabulary import Endpoint
 
@@ -28,7 +28,8 @@ SLAVES = frozenset({"sae-b"})
 
 
 class WireSibling:
-    """Replica ``ordinal`` as another replica of the node calls it."""
+    """Replica ``ordinal`` as another replica of the node calls it: down (connections refused) or
+    slow (reached, no answer in time) as the node says."""
 
     def __init__(self, node: "Node", ordinal: int, caller: int):
         self.node, self.ordinal, self.caller = node, ordinal, caller
@@ -38,6 +39,8 @@ class WireSibling:
         replica = self.node.replicas.get(self.ordinal)
         if replica is None or self.ordinal in self.node.down:
             raise SiblingUnavailable(f"replica {self.ordinal}: UNAVAILABLE")
+        if self.ordinal in self.node.slow:
+            raise SiblingTimedOut(f"replica {self.ordinal}: DEADLINE_EXCEEDED")
         return replica
 
     async def incarnation(self):
@@ -66,6 +69,7 @@ class Node:
     def __init__(self, n: int = 3):
         self.clock = Clock()
         self.down: set[int] = set()
+        self.slow: set[int] = set()
         self.replicas: dict[int, NodeReplicas] = {}
         self.held_once: dict[int, int] = {}
         self.promoted: dict[int, int] = {}
@@ -151,10 +155,10 @@ async def test_a_copy_is_refused_while_its_primary_is_alive_in_its_incarnation()
     node = Node(3)
     await node[0].hold("sae-a", SLAVES, keys("k1"), None)
     # Asked directly, the copy holder refuses: the primary answers in the copy's incarnation.
-    assert await node[1].give(2, node[2].km.incarnation, "sae-b", "sae-a", ["k1"]) == []
+    assert await node[1].give(2, node[2].km.incarnation, "sae-b", "sae-a", ["k1"]) == ([], False)
     # Asked by the primary itself, which does not hold the key (it is being handed out there).
     taken = node[0].store.take("sae-b", "sae-a", ["k1"])
-    assert await node[1].give(0, node[0].km.incarnation, "sae-b", "sae-a", ["k1"]) == []
+    assert await node[1].give(0, node[0].km.incarnation, "sae-b", "sae-a", ["k1"]) == ([], False)
     assert len(node[1].copies) == 1 and node.promoted == {}
     node[0]._put_back(node[0].store, taken)
 
@@ -173,6 +177,18 @@ async def test_the_copy_is_promoted_once_its_primary_is_gone(how):
     assert node.promoted == {1: 2} and node.copies() == 0
     with pytest.raises(errors.KeysNotFound if how == "restarted" else errors.Unavailable):
         await take(node[2], "k1")
+
+
+async def test_a_copy_waits_while_its_primary_is_reached_but_slow_to_answer():
+    node = Node(3)
+    await node[0].hold("sae-a", SLAVES, keys("k1"), None)
+    node.slow.add(0)  # maybe alive and handing the key out: the copy must not go too
+    assert await node[1].give(2, node[2].km.incarnation, "sae-b", "sae-a", ["k1"]) == ([], True)
+    with pytest.raises(errors.Unavailable):
+        await take(node[2], "k1")
+    assert node.promoted == {} and len(node[1].copies) == 1
+    node.slow.clear()
+    assert await take(node[2], "k1") == keys("k1")
 
 
 async def test_racing_takes_of_one_key_at_every_replica_deliver_it_once():

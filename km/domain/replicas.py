@@ -11,14 +11,17 @@ dec_keys may reach any replica. So:
   copy holder before it answers, and asks every sibling at once for the others.
 - A copy is handed out only when its primary is gone: the copy holder asks the primary for
   its incarnation. A primary answering in the incarnation the copy records is authoritative
-  and the copy is refused; one that does not answer, or answers in another incarnation, lost
-  its keys, and the copy is promoted (``on_promoted``).
+  and the copy is refused; one that cannot be reached (its connection refused), or answers
+  in another incarnation, lost its keys, and the copy is promoted (``on_promoted``). One that
+  is reached but does not answer in time may be alive: the copy waits, and the dec_keys is
+  answered "retry".
 
 Each key is therefore delivered once, also when dec_keys for it race at two replicas: a
 store hands out a key without an await in between, and a copy leaves only once its primary
-is gone. The hole: a replica alive but unreachable from a sibling — a primary its copy
-holder cannot reach while others can, or a copy holder that missed the primary's drop and
-later sees the primary gone — lets a copy out of a key handed out by its primary too.
+is gone. The hole: a replica alive that refuses a sibling's connections while others reach
+it — a primary its copy holder cannot connect to, or a copy holder that missed the
+primary's drop and later sees the primary gone — lets a copy out of a key handed out by its
+primary too.
 
 All or none per request: keys collected from siblings for a request that fails in another
 part are held again at the replica that collected them (with a copy of their own), not lost.
@@ -74,6 +77,10 @@ class SiblingUnavailable(Exception):
     """A sibling replica did not answer, or refused; the message says which and why."""
 
 
+class SiblingTimedOut(SiblingUnavailable):
+    """A sibling replica was reached but did not answer in time: it may well be alive."""
+
+
 @dataclass(frozen=True, slots=True)
 class HeldKeys:
     """Keys held for slave SAEs that share a master, slaves, a key extension and a time left."""
@@ -96,9 +103,11 @@ class Sibling(Protocol):
 
     async def drop_copies(self, key_ids: list[str]) -> None: ...
 
-    async def take_keys(self, incarnation: str, caller: str, master: str, key_ids: list[str]) -> list[HeldKeys]:
-        """The named keys the sibling held for ``master``; it holds them no more. Raises
-        ``NotASlave`` (nothing taken) if ``caller`` is not a slave of one of them."""
+    async def take_keys(self, incarnation: str, caller: str, master: str,
+                        key_ids: list[str]) -> tuple[list[HeldKeys], bool]:
+        """The named keys the sibling held for ``master`` (it holds them no more), and whether
+        it holds copies of others it could not hand out yet (their primary did not answer in
+        time). Raises ``NotASlave`` (nothing taken) if ``caller`` is not a slave of one of them."""
 
     async def hand_chunks(self, session_id: str, index: int, chunks: list[tuple[str, bytes]]) -> None: ...
 
@@ -260,7 +269,10 @@ class NodeReplicas:
             elif isinstance(answer, BaseException):
                 raise answer
             else:
-                collected.extend(answer)
+                held, undecided = answer
+                collected.extend(held)
+                if undecided:
+                    unanswered.append(ordinal)
         return collected, unanswered, refused
 
     # -- served to siblings ------------------------------------------------------------
@@ -282,16 +294,18 @@ class NodeReplicas:
                                  if ordinal == primary])
 
     async def give(self, requester: int, requester_incarnation: str, caller: str, master: str,
-                   key_ids: list[str]) -> list[HeldKeys]:
+                   key_ids: list[str]) -> tuple[list[HeldKeys], bool]:
         """TakeKeys from replica ``requester``: the named keys held here as primary (their
-        copies dropped first) and the copies whose primary is gone; ``NotASlave`` and
-        nothing taken if ``caller`` is not a slave of one of them."""
+        copies dropped first) and the copies whose primary is gone, and whether copies are
+        held whose primary did not answer in time; ``NotASlave`` and nothing taken if
+        ``caller`` is not a slave of one of them."""
         by_primary: dict[tuple[int, str], list[str]] = {}
         for key_id, primary in self.copies.held(key_ids).items():
             by_primary.setdefault(primary, []).append(key_id)
         gone = await asyncio.gather(*(self._gone(ordinal, incarnation, requester, requester_incarnation)
                                       for ordinal, incarnation in by_primary))
         promotable = [key_id for ids, is_gone in zip(by_primary.values(), gone) if is_gone for key_id in ids]
+        undecided = None in gone
         # From here to the takes, no await: what is taken is taken once.
         promoted = self.copies.take_held(caller, master, promotable) if promotable else []
         try:
@@ -305,10 +319,11 @@ class NodeReplicas:
                      self.replica, len(promoted))
         await self._drop_copies_of(primary)
         now = self.clock()
-        return _held(primary, now) + _held(promoted, now)
+        return _held(primary, now) + _held(promoted, now), undecided
 
-    async def _gone(self, ordinal: int, incarnation: str, requester: int, requester_incarnation: str) -> bool:
-        """Whether replica ``ordinal`` no longer runs in ``incarnation`` (then it lost its keys)."""
+    async def _gone(self, ordinal: int, incarnation: str, requester: int, requester_incarnation: str) -> bool | None:
+        """Whether replica ``ordinal`` no longer runs in ``incarnation`` (then it lost its
+        keys); None when it did not answer in time, so nobody knows."""
         if ordinal == requester:  # it asks for keys it does not hold: authoritative, unless restarted
             return requester_incarnation != incarnation
         sibling = self.siblings.get(ordinal)
@@ -316,6 +331,8 @@ class NodeReplicas:
             return True
         try:
             return await sibling.incarnation() != incarnation
+        except SiblingTimedOut:
+            return None
         except SiblingUnavailable:
             return True
 

@@ -14,7 +14,7 @@ import grpc
 from vqkd.km import identity
 from vqkd.km.domain import errors
 from vqkd.km.domain.keystore import NotASlave, StoreFull
-from vqkd.km.domain.replicas import HeldKeys, NodeReplicas, SiblingUnavailable
+from vqkd.km.domain.replicas import HeldKeys, NodeReplicas, SiblingTimedOut, SiblingUnavailable
 from vqkd.km.etsi004.service import GetKeyResult, Status
 from vqkd.km.rpc.credentials import peer_identity
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
@@ -24,9 +24,6 @@ if TYPE_CHECKING:
     from vqkd.km.domain.sessions import SessionTable
     from vqkd.km.etsi004.service import ETSI004Service
 
-# Also how long a copy holder waits for the primary's incarnation before it lets a copy out:
-# a primary slower than this counts as gone (the hole the domain's docstring names), so it is
-# no shorter than any other call between the replicas.
 RPC_TIMEOUT_S = 2.0
 # Forwarded GET_KEY calls wait at the owner up to the session's request timeout.
 FORWARD_MARGIN_S = 2.0
@@ -80,11 +77,12 @@ class NodeReplicasService(km_pb2_grpc.NodeReplicasServicer):
     async def TakeKeys(self, request, context):
         await self._from_sibling(context)
         try:
-            held = await self.replicas.give(request.sender_replica, request.sender_incarnation, request.caller_sae_id,
-                                            request.master_sae_id, list(request.key_ids))
+            held, undecided = await self.replicas.give(request.sender_replica, request.sender_incarnation,
+                                                       request.caller_sae_id, request.master_sae_id,
+                                                       list(request.key_ids))
         except NotASlave:
             return km_pb2.TakeKeysReply(not_a_slave=True)
-        return km_pb2.TakeKeysReply(held=[held_to_pb(h) for h in held])
+        return km_pb2.TakeKeysReply(held=[held_to_pb(h) for h in held], undecided=undecided)
 
     async def ForwardGetKey(self, request, context):
         await self._from_sibling(context)
@@ -130,7 +128,10 @@ class SiblingClient:
         try:
             return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            raise SiblingUnavailable(f"KM replica {self.ordinal}: {e.code().name}: {e.details()}") from None
+            # Out of time, the sibling may be alive and working: not the same as one that
+            # cannot be reached (connection refused, gone from the network).
+            error = SiblingTimedOut if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else SiblingUnavailable
+            raise error(f"KM replica {self.ordinal}: {e.code().name}: {e.details()}") from None
         except grpc.aio.UsageError:  # the channel was closed: a topology change removed the replica
             raise SiblingUnavailable(f"KM replica {self.ordinal} is no longer one of this node") from None
 
@@ -145,13 +146,14 @@ class SiblingClient:
     async def drop_copies(self, key_ids: list[str]) -> None:
         await self._call(self.stub.DropCopies, km_pb2.DropCopiesRequest(sender_replica=self.replica, key_ids=key_ids))
 
-    async def take_keys(self, incarnation: str, caller: str, master: str, key_ids: list[str]) -> list[HeldKeys]:
+    async def take_keys(self, incarnation: str, caller: str, master: str,
+                        key_ids: list[str]) -> tuple[list[HeldKeys], bool]:
         reply = await self._call(self.stub.TakeKeys, km_pb2.TakeKeysRequest(
             sender_replica=self.replica, sender_incarnation=incarnation, caller_sae_id=caller, master_sae_id=master,
             key_ids=key_ids))
         if reply.not_a_slave:
             raise NotASlave(caller)
-        return [held_from_pb(h) for h in reply.held]
+        return [held_from_pb(h) for h in reply.held], reply.undecided
 
     async def hand_chunks(self, session_id: str, index: int, chunks: list[tuple[str, bytes]]) -> None:
         await self._call(self.stub.HandChunks, km_pb2.HandChunksRequest(

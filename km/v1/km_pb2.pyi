@@ -660,12 +660,14 @@ class TakeKeysRequest(_message.Message):
     def __init__(self, sender_replica: _Optional[int] = ..., sender_incarnation: _Optional[str] = ..., caller_sae_id: _Optional[str] = ..., master_sae_id: _Optional[str] = ..., key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TakeKeysReply(_message.Message):
-    __slots__ = ("held", "not_a_slave")
+    __slots__ = ("held", "not_a_slave", "undecided")
     HELD_FIELD_NUMBER: _ClassVar[int]
     NOT_A_SLAVE_FIELD_NUMBER: _ClassVar[int]
+    UNDECIDED_FIELD_NUMBER: _ClassVar[int]
     held: _containers.RepeatedCompositeFieldContainer[HeldKeys]
     not_a_slave: bool
-    def __init__(self, held: _Optional[_Iterable[_Union[HeldKeys, _Mapping]]] = ..., not_a_slave: _Optional[bool] = ...) -> None: ...
+    undecided: bool
+    def __init__(self, held: _Optional[_Iterable[_Union[HeldKeys, _Mapping]]] = ..., not_a_slave: _Optional[bool] = ..., undecided: _Optional[bool] = ...) -> None: ...
 
 class ForwardGetKeyRequest(_message.Message):
     __slots__ = ("sender_replica", "caller_sae_id", "key_stream_id", "has_index", "index", "metadata_size")

@@ -938,8 +938,9 @@ class NodeReplicasServicer:
 
     def TakeKeys(self, request, context):
         """Hand the sender the named keys the receiver holds for a slave SAE's dec_keys: those it
-        holds as primary (their copies dropped first), and copies whose primary is gone. They
-        leave the receiver; the sender delivers them or holds them again itself.
+        holds as primary (their copies dropped first), and copies whose primary is gone (cannot
+        be reached, or runs in another incarnation). They leave the receiver; the sender
+        delivers them or holds them again itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
