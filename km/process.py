@@ -1,11 +1,12 @@
 """Assembles one KM process from its configuration and runs it until told to stop.
 
-``KMProcess`` builds the domain (key manager, sessions, relay, key exchange), plugs in its
-transports (the control-plane client; per link a module client, a gRPC ``PeerClient`` and
-the module feed; per sibling KM replica of its node a ``SiblingClient``) and serves. Listeners: the application API (ETSI 014 and ETSI 004 over
-HTTPS, mutual TLS), gRPC (KM <-> KM, NodeReplicas between the node's KM replicas, KeyManagerControl for the control plane and the
-standard health service, mutual TLS), and plain HTTP for /metrics, the /healthz probe and
-the /events log.
+``KMProcess`` builds the domain (key manager, sessions, relay, key exchange, the node's
+replicas), plugs in its transports (the control-plane client; per link a module client, a
+gRPC ``PeerClient`` and the module feed; per other KM replica of its node a
+``SiblingClient``) and serves. Listeners: the application API (ETSI 014 and ETSI 004 over
+HTTPS, mutual TLS), gRPC (KM <-> KM, NodeReplicas between the node's KM replicas,
+KeyManagerControl for the control plane and the standard health service, mutual TLS), and
+plain HTTP for /metrics, the /healthz probe and the /events log.
 
 A topology pushed by the control plane is applied live (``apply_topology``): the links it
 adds get their transports at once, the links it removes lose theirs, and every other link
