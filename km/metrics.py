@@ -77,6 +77,14 @@ class KMMetrics:
         self.relay_seconds = Histogram(
             "vqkd_km_relay_duration_seconds", "From taking link key at the source to the destination's commit",
             ["node", "direct"], buckets=LATENCY_BUCKETS, registry=r).labels
+        self.keys_held_once = Counter(
+            "vqkd_km_keys_held_once", "Keys committed for slave SAEs while no other KM replica of the node answered: "
+            "held by this replica only", ["node"], registry=r).labels
+        self.copies_promoted = Counter(
+            "vqkd_km_copies_promoted", "Copies of keys this KM replica handed out because the replica holding the key "
+            "was gone", ["node"], registry=r).labels
+        self.keys_held_once(node)
+        self.copies_promoted(node)
         for reason in REFUSAL_REASONS:
             self.refusals(node, reason)
         for role in ("source", "intermediate", "destination"):

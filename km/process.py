@@ -1,12 +1,13 @@
 """Assembles one KM process from its configuration and runs it until told to stop.
 
-``KMProcess`` builds the domain (key manager, sessions, relay, key exchange), plugs in its
-transports (the control-plane client; per link end — one per KM replica of the peer node —
-a module client, a gRPC ``PeerClient`` and the module feed) and serves. Listeners: the
-application API (ETSI 014 and ETSI 004 over HTTPS, mutual TLS; with ``etsi014_reuse_port``
-shared with the node's other replicas on the host), gRPC (KM <-> KM, KeyManagerControl for the control plane and the
-standard health service, mutual TLS), and plain HTTP for /metrics, the /healthz probe and
-the /events log.
+``KMProcess`` builds the domain (key manager, sessions, relay, key exchange, the node's
+replicas), plugs in its transports (the control-plane client; per link end — one per KM
+replica of the peer node — a module client, a gRPC ``PeerClient`` and the module feed; per
+other KM replica of its node a ``SiblingClient``) and serves. Listeners: the application API
+(ETSI 014 and ETSI 004 over HTTPS, mutual TLS; with ``etsi014_reuse_port`` shared with the
+node's other replicas on the host), gRPC (KM <-> KM, NodeReplicas between the node's KM
+replicas, KeyManagerControl for the control plane and the standard health service, mutual
+TLS), and plain HTTP for /metrics, the /healthz probe and the /events log.
 
 A topology pushed by the control plane is applied live (``apply_topology``): the link ends
 it adds get their transports at once, the ends it removes lose theirs, and every other end
@@ -32,6 +33,7 @@ from vqkd.km.domain.exchange import KeyExchange
 from vqkd.km.domain.keymanager import End, KeyManager
 from vqkd.km.domain.links import Link
 from vqkd.km.domain.relay import RelayService
+from vqkd.km.domain.replicas import NodeReplicas
 from vqkd.km.domain.sessions import SessionTable
 from vqkd.km.etsi004.routes import ETSI004Routes
 from vqkd.km.etsi004.service import ETSI004Service
@@ -44,6 +46,7 @@ from vqkd.km.rpc.control_plane_client import GrpcControlPlane
 from vqkd.km.rpc.control_service import KeyManagerControlService
 from vqkd.km.rpc.credentials import grpc_channel_credentials, grpc_server_credentials
 from vqkd.km.rpc.peers import RPC_TIMEOUT_S, LinkPeerService, PeerClient
+from vqkd.km.rpc.replicas import NodeReplicasService, SiblingClient
 from vqkd.km.v1 import km_pb2_grpc
 
 log = logging.getLogger("vqkd.km")
@@ -79,6 +82,9 @@ class KMProcess:
         self.km = KeyManager(config)
         self.metrics = KMMetrics(self.km)
         self.sessions = SessionTable(config.node)
+        self.replicas = NodeReplicas(
+            self.km, on_held_once=lambda keys: self.metrics.keys_held_once(self.km.node).inc(keys),
+            on_promoted=lambda keys: self.metrics.copies_promoted(self.km.node).inc(keys))
         self.relays = RelayService(
             self.km, self.sessions,
             on_reject=lambda reason: self.metrics.relay_rejected(self.km.node, reason).inc(),
@@ -86,6 +92,7 @@ class KMProcess:
             on_fallback=lambda keys: self.metrics.fallback_keys(self.km.node).inc(keys),
             on_relay_done=lambda direct, seconds: self.metrics.relay_seconds(
                 self.km.node, "yes" if direct else "no").observe(seconds),
+            replicas=self.replicas,
         )
         self.tls_files = config.tls.files()
         self._channel_credentials = grpc_channel_credentials(self.tls_files)
@@ -94,6 +101,9 @@ class KMProcess:
             channel = grpc.aio.secure_channel(config.control_plane, self._channel_credentials, options=CHANNEL_OPTIONS)
             self.control_plane = GrpcControlPlane(config.node, channel, self.km.replica)
         self.exchange = KeyExchange(self.km, self.sessions, self.relays, self.control_plane)
+        self.etsi004 = ETSI004Service(self.km, self.sessions, self.exchange, self.control_plane,
+                                      owner_of=self._stream_owner)
+        self._siblings: dict[int, tuple[str, grpc.aio.Channel, SiblingClient]] = {}  # by replica ordinal
         self.modules: dict[End, ETSI014Client] = {}  # link end -> its module end
         # link end -> what collects, as slave, the keys the peer KM drew from the module as master
         self.collectors: dict[End, PeerKeyCollector] = {}
@@ -123,10 +133,28 @@ class KMProcess:
                 if self.control_plane is not None:
                     await self.control_plane.session_closed(session.session_id, "inactivity timer expired")
 
+    def _stream_owner(self, key_stream_id: str) -> SiblingClient | None:
+        owner = self.replicas.stream_owner(key_stream_id)
+        return None if owner is None else self.replicas.siblings[owner]
+
+    def _connect_siblings(self) -> list[grpc.aio.Channel]:
+        """Clients of the node's other KM replicas as the topology names them; returns the
+        channels of those gone or moved, to be closed."""
+        wanted = dict(self.km.siblings)
+        gone = [channel for ordinal, (address, channel, _) in self._siblings.items() if wanted.get(ordinal) != address]
+        self._siblings = {ordinal: held for ordinal, held in self._siblings.items() if wanted.get(ordinal) == held[0]}
+        for ordinal, address in wanted.items():
+            if ordinal not in self._siblings:
+                channel = grpc.aio.secure_channel(address, self._channel_credentials, options=CHANNEL_OPTIONS)
+                self._siblings[ordinal] = (address, channel, SiblingClient(self.replicas.replica, ordinal, channel))
+        self.replicas.siblings = {ordinal: client for ordinal, (_, _, client) in self._siblings.items()}
+        return gone
+
     async def start(self) -> None:
         # Transports first: a peer's call may arrive as soon as the gRPC server listens.
         for link in self.km.links.values():
             self._attach(link)
+        self._connect_siblings()
         await self._start_grpc()
         self._tasks.append(asyncio.create_task(self._expire_sessions(), name="session-timers"))
         await self._start_http()
@@ -148,11 +176,14 @@ class KMProcess:
         gone = [self._detach(link) for link in change.removed]
         for link in change.added:
             self._attach(link)
+        siblings_gone = self._connect_siblings()
         if change.applied:
             log.info("KM %s: topology version %d applied: links added %s, removed %s, retuned %s; %d kept as they were",
                      self.km.node, change.version, _names(change.added), _names(change.removed),
                      _names(change.retuned), len(self.km.links) - len(change.added) - len(change.retuned))
         await self._close(gone)
+        for channel in siblings_gone:
+            await channel.close()
         return change.version
 
     def _attach(self, link: Link) -> None:
@@ -188,6 +219,8 @@ class KMProcess:
         server = grpc.aio.server()
         km_pb2_grpc.add_LinkPeerServicer_to_server(
             LinkPeerService(self.km, self.exchange, self.collectors, self.relays), server)
+        km_pb2_grpc.add_NodeReplicasServicer_to_server(
+            NodeReplicasService(self.km, self.replicas, self.sessions, self.etsi004), server)
         km_pb2_grpc.add_KeyManagerControlServicer_to_server(
             KeyManagerControlService(self.km, self.sessions, self.apply_topology), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -197,9 +230,8 @@ class KMProcess:
 
     async def _start_http(self) -> None:
         api = web.Application(client_max_size=MAX_BODY_BYTES)
-        ETSI014Routes(ETSI014Service(self.km, self.exchange), self.metrics).add_to(api)
-        ETSI004Routes(ETSI004Service(self.km, self.sessions, self.exchange, self.control_plane),
-                      self.metrics).add_to(api)
+        ETSI014Routes(ETSI014Service(self.km, self.exchange, self.replicas), self.metrics).add_to(api)
+        ETSI004Routes(self.etsi004, self.metrics).add_to(api)
         host, port = split_host_port(self.config.etsi014_listen)
         # With reuse_port the node's replicas on one host share the port: the kernel spreads
         # the SAEs' connections over them.
@@ -246,6 +278,8 @@ class KMProcess:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         await self._close(transports)
+        for _, channel, _ in self._siblings.values():
+            await channel.close()
 
 
 def _names(links: tuple[Link, ...]) -> str:

@@ -125,3 +125,36 @@ def test_stored_keys_add_no_objects_for_the_garbage_collector():
     gc.collect()
     assert len(s) == 10_000
     assert len(gc.get_objects()) - before < 100
+
+
+def test_take_held_takes_only_what_is_here_for_that_master():
+    s, _ = store()
+    s.put("m", frozenset({"s"}), [("k1", b"a" * 32)], holder=1)
+    s.put("other", frozenset({"s"}), [("k2", b"b" * 32)])
+    taken = s.take_held("s", "m", ["k1", "k2", "elsewhere"])
+    assert [(k, e.holder) for k, e in taken] == [("k1", 1)]
+    assert s.take_held("s", "m", ["k1"]) == [] and len(s) == 1
+    with pytest.raises(NotASlave):
+        s.take_held("intruder", "other", ["k2"])
+    assert len(s) == 1
+
+
+def test_keys_held_again_keep_their_time_left_even_behind_younger_ones():
+    s, clock = store(ttl=10)
+    s.put("m", frozenset({"s"}), [("young", b"a" * 32)])
+    s.put("m", frozenset({"s"}), [("old", b"b" * 32)], ttl_s=2, holder=(0, "inc"))
+    assert s.held(["old", "young", "none"]) == {"old": (0, "inc"), "young": None}
+    clock.now = 3
+    with pytest.raises(KeysNotFound):
+        s.take("s", "m", ["old"])
+    assert s.take_held("s", "m", ["old", "young"])[0][0] == "young"
+    assert s.held(["old"]) == {}
+
+
+def test_drop_forgets_keys_whoever_they_are_for():
+    s, _ = store()
+    s.put("m", frozenset({"s"}), [("k1", b"a" * 32), ("k2", b"b" * 32)])
+    assert s.drop(["k1", "unknown"]) == 1
+    assert len(s) == 1 and s.bits == 256
+    assert s.drop(["k2"]) == 1
+    assert len(s) == 0 and s.bits == 0 and s.expire() == 0

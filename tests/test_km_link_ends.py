@@ -115,7 +115,7 @@ def test_status_towards_a_node_counts_the_keys_of_all_its_ends():
     km = KeyManager(config("a", topology=topology))
     fill(km.links["a-b", 0], 2048)
     fill(km.links["a-b", 1], 1024)
-    status = ETSI014Service(km, exchange=None).status("sae-a", "sae-b")
+    status = ETSI014Service(km, exchange=None, replicas=None).status("sae-a", "sae-b")
     assert (status["stored_key_count"], status["max_key_count"]) == (12, (3 << 16) // 256)
 
 

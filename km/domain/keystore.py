@@ -2,6 +2,8 @@
 
 A key enters the store when the master's KM delivered it here and leaves it exactly once:
 taken by one of the slave SAEs named at issue time, or dropped when its time to live ends.
+A node's KM replicas keep a second store each, of copies of keys a sibling holds
+(``replicas.NodeReplicas``); a delivery's ``holder`` says where its other half is.
 """
 
 from __future__ import annotations
@@ -29,19 +31,20 @@ class StoredKey(NamedTuple):
     slaves: frozenset[str]
     expires: float
     extension: dict | None = None
+    holder: object = None  # the delivery's: who holds the copy (or, in a store of copies, the primary)
 
 
 def _stored_keys(keys: list[bytes], master: str, slaves: frozenset[str], expires: float,
-                 extension: dict | None):
+                 extension: dict | None, holder: object):
     """A StoredKey per key, all built in C: one per key in Python code would cost ``take``
     more than all of its dictionary work."""
     return map(tuple.__new__, repeat(StoredKey), zip(keys, repeat(master), repeat(slaves), repeat(expires),
-                                                     repeat(extension)))
+                                                     repeat(extension), repeat(holder)))
 
 
 # What the keys of one delivery share, held once for all of them: [master, slaves, expires,
-# extension, keys still held, key IDs]. Indices into that list:
-_MASTER, _SLAVES, _EXPIRES, _EXTENSION, _LEFT, _IDS = range(6)
+# extension, holder, keys still held, key IDs]. Indices into that list:
+_MASTER, _SLAVES, _EXPIRES, _EXTENSION, _HOLDER, _LEFT, _IDS = range(7)
 
 
 class KeyStore:
@@ -57,12 +60,18 @@ class KeyStore:
         self._clock = clock
         self._keys: dict[str, bytes] = {}
         self._delivery_of: dict[str, int] = {}
-        # Deliveries that still hold keys, by number. Numbers grow with insertion and all share
-        # one TTL, so the lowest number expires first: expiry looks at `_oldest` only.
+        # Deliveries that still hold keys, by number. Numbers grow with insertion and nearly all
+        # share one TTL, so the lowest number expires first: expiry looks at `_oldest` only. A
+        # delivery put with less time left (keys held again, see ``put``) may wait behind a
+        # younger one to be dropped, but is not handed out past its time.
         self._deliveries: dict[int, list] = {}
         self._next = 0
         self._oldest = 0
         self._bits = 0
+
+    @property
+    def ttl_s(self) -> float:
+        return self._ttl
 
     @property
     def bits(self) -> int:
@@ -93,7 +102,9 @@ class KeyStore:
         return dropped
 
     def put(self, master: str, slaves: frozenset[str], keys: list[tuple[str, bytes]],
-            extension: dict | None = None) -> None:
+            extension: dict | None = None, *, ttl_s: float | None = None, holder: object = None) -> None:
+        """Hold keys for their slaves; ``ttl_s`` (at most the store's) for keys that were
+        held elsewhere before and bring what is left of their time."""
         self.expire()
         key_ids = [key_id for key_id, _ in keys]
         material = [key for _, key in keys]
@@ -118,7 +129,8 @@ class KeyStore:
         number = self._next
         self._next = number + 1
         self._delivery_of.update(zip(key_ids, repeat(number)))
-        self._deliveries[number] = [master, slaves, self._clock() + self._ttl, extension, len(key_ids),
+        ttl = self._ttl if ttl_s is None else min(ttl_s, self._ttl)
+        self._deliveries[number] = [master, slaves, self._clock() + ttl, extension, holder, len(key_ids),
                                     tuple(key_ids)]  # a tuple of strings: not tracked by the collector
         self._bits += incoming
 
@@ -133,6 +145,10 @@ class KeyStore:
         if None in numbers or any(deliveries[number][_MASTER] != master for number in numbers):
             raise KeysNotFound(next(key_id for key_id, number in zip(key_ids, found)
                                     if number is None or deliveries[number][_MASTER] != master))
+        now = self._clock()
+        if any(deliveries[number][_EXPIRES] <= now for number in numbers):
+            raise KeysNotFound(next(key_id for key_id, number in zip(key_ids, found)
+                                    if deliveries[number][_EXPIRES] <= now))
         if any(caller not in deliveries[number][_SLAVES] for number in numbers):
             raise NotASlave(caller)
         pop = self._keys.pop
@@ -143,7 +159,7 @@ class KeyStore:
             number = numbers.pop()
             delivery = deliveries[number]
             slaves, expires, extension = delivery[_SLAVES], delivery[_EXPIRES], delivery[_EXTENSION]
-            taken = list(zip(key_ids, _stored_keys(keys, master, slaves, expires, extension)))
+            taken = list(zip(key_ids, _stored_keys(keys, master, slaves, expires, extension, delivery[_HOLDER])))
             counts = {number: len(key_ids)}
         else:
             taken = [(key_id, StoredKey(key, master, *deliveries[number][_SLAVES:_LEFT]))
@@ -156,3 +172,39 @@ class KeyStore:
                 del deliveries[number]
         self._bits -= sum(map(len, keys)) * 8
         return taken
+
+    def _live(self, key_id: str, now: float) -> int | None:
+        number = self._delivery_of.get(key_id)
+        return number if number is not None and self._deliveries[number][_EXPIRES] > now else None
+
+    def held(self, key_ids: list[str]) -> dict[str, object]:
+        """Of ``key_ids``, those held (for any master), each with its delivery's holder."""
+        now, deliveries = self._clock(), self._deliveries
+        return {key_id: deliveries[number][_HOLDER] for key_id in key_ids
+                if (number := self._live(key_id, now)) is not None}
+
+    def take_held(self, caller: str, master: str, key_ids: list[str]) -> list[tuple[str, StoredKey]]:
+        """Remove and return those of ``key_ids`` held here for ``master`` (distinct IDs); the
+        others are left to whoever holds them. ``NotASlave``, and nothing taken, if ``caller``
+        is not a slave of one of them."""
+        self.expire()
+        now, deliveries = self._clock(), self._deliveries
+        here = [key_id for key_id in key_ids
+                if (number := self._live(key_id, now)) is not None and deliveries[number][_MASTER] == master]
+        return self.take(caller, master, here) if here else []
+
+    def drop(self, key_ids: list[str]) -> int:
+        """Forget those of ``key_ids`` held here, whoever they are for; returns how many."""
+        deliveries, delivery_of = self._deliveries, self._delivery_of
+        dropped = 0
+        for key_id in key_ids:
+            number = delivery_of.pop(key_id, None)
+            if number is None:
+                continue
+            self._bits -= len(self._keys.pop(key_id)) * 8
+            dropped += 1
+            delivery = deliveries[number]
+            delivery[_LEFT] -= 1
+            if not delivery[_LEFT]:
+                del deliveries[number]
+        return dropped

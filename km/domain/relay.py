@@ -10,7 +10,8 @@ is a replay and refused.
 A key is delivered to both applications or to neither: the destination holds relayed keys
 as *pending* until a commit from the source travels the same path, and the source hands
 the keys to its application only after that commit was acknowledged. If any KM on the path
-fails first, the pending keys expire unseen.
+fails first, the pending keys expire unseen. At a node with several KM replicas the
+destination acknowledges a commit once the keys are held twice (``replicas.NodeReplicas``).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from vqkd.km.domain.keyids import new_key_ids
 from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.domain.keypool import Span, SpanError
 from vqkd.km.domain.keyqueue import QueueTimeout
-from vqkd.km.domain.keystore import StoreFull
 from vqkd.km.domain.links import Link
 from vqkd.km.domain.peer import HybridMessage
 from vqkd.km.domain.relay_crypto import MAC_KEY_BYTES
+from vqkd.km.domain.replicas import NodeReplicas
 from vqkd.km.domain.sessions import Session, SessionTable
 from vqkd.km.domain.vocabulary import Role
 
@@ -77,7 +78,8 @@ class RelayService:
                  on_relayed: Callable[[str, int], None] = lambda role, bits: None,
                  on_fallback: Callable[[int], None] = lambda keys: None,
                  configuration_grace_s: float = CONFIGURATION_GRACE_S,
-                 on_relay_done: Callable[[bool, float], None] = lambda direct, seconds: None):
+                 on_relay_done: Callable[[bool, float], None] = lambda direct, seconds: None,
+                 replicas: NodeReplicas | None = None):
         self.km = km
         self.sessions = sessions
         self.clock = clock
@@ -89,6 +91,8 @@ class RelayService:
         self.on_fallback = on_fallback
         self.configuration_grace_s = configuration_grace_s
         self.on_relay_done = on_relay_done
+        # Where committed keys go: this KM's store, and a copy at a sibling replica if any.
+        self.replicas = replicas or NodeReplicas(km, clock)
 
     # -- source ------------------------------------------------------------------------
 
@@ -306,11 +310,8 @@ class RelayService:
         if pending.stream_index is not None:
             if session is None:
                 raise self._reject("unknown_session", f"session {session_id} ended before its key arrived")
-            session.add_chunks(pending.stream_index, pending.keys)
+            await self.replicas.hand_chunks(session, pending.stream_index, pending.keys)
         else:
-            try:
-                self.km.store.put(pending.master, frozenset(pending.slaves), pending.keys, pending.extension)
-            except (StoreFull, errors.KeysNotFound) as e:
-                raise errors.DeliveryRefused(str(e)) from None
+            await self.replicas.hold(pending.master, frozenset(pending.slaves), pending.keys, pending.extension)
         if session is not None:
             self.sessions.touch(session)  # counted as delivered where they were issued, not here

@@ -9,6 +9,10 @@ GET_KEY works on the session's key stream. The source application's KM makes chu
 ``index`` (and any chunk before it not made yet) and relays it to the destination KM; the
 destination application's GET_KEY for an index waits, up to the timeout, until that chunk
 has arrived. Both ends therefore get the same chunk at the same index.
+
+A node with several KM replicas keeps each stream at one owner replica
+(``replicas.stream_owner``): GET_KEY and CLOSE reaching another replica are checked there
+and forwarded to the owner, which answers them as its own.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from vqkd.km.domain import errors
 from vqkd.km.domain.control_plane import OpenRequest
+from vqkd.km.domain.replicas import SiblingUnavailable
 from vqkd.km.domain.sessions import Session, State
 from vqkd.km.domain.vocabulary import Endpoint, QoS
 
@@ -71,13 +76,28 @@ class GetKeyResult:
     message: str = ""
 
 
+class StreamOwner(Protocol):
+    """The KM replica of this node that owns a stream, as calls are forwarded to it; both
+    raise ``SiblingUnavailable`` when it does not answer."""
+
+    ordinal: int
+
+    async def forward_get_key(self, caller: str, key_stream_id: str, index: int | None, metadata_size: int,
+                              wait_s: float) -> GetKeyResult: ...
+
+    async def forward_close(self, caller: str, key_stream_id: str) -> Status: ...
+
+
 class ETSI004Service:
     def __init__(self, km: KeyManager, sessions: SessionTable, exchange: KeyExchange,
-                 control_plane: ControlPlaneClient | None):
+                 control_plane: ControlPlaneClient | None,
+                 owner_of: Callable[[str], StreamOwner | None] = lambda key_stream_id: None):
+        """``owner_of``: the replica owning a stream when it is not this one."""
         self.km = km
         self.sessions = sessions
         self.exchange = exchange
         self.control_plane = control_plane
+        self.owner_of = owner_of
 
     def _endpoint(self, sae_id: str, what: str) -> Endpoint:
         node = self.km.node_of(sae_id)
@@ -129,9 +149,17 @@ class ETSI004Service:
         return session
 
     async def get_key(self, caller: str, key_stream_id: str, index: int | None,
-                      metadata_size: int = 0) -> GetKeyResult:
-        """``metadata_size`` 0 means the caller takes metadata of any size."""
+                      metadata_size: int = 0, forwarded: bool = False) -> GetKeyResult:
+        """``metadata_size`` 0 means the caller takes metadata of any size; ``forwarded``:
+        another replica passed the call on, this one answers it whoever owns the stream."""
         session = self._session_of(caller, key_stream_id)
+        owner = None if forwarded else self.owner_of(key_stream_id)
+        if owner is not None:
+            wait_s = session.config.request_timeout_s if session.config is not None else 0.0
+            try:
+                return await owner.forward_get_key(caller, key_stream_id, index, metadata_size, wait_s)
+            except SiblingUnavailable as e:
+                raise self._owner_lost(key_stream_id, owner, e) from None
         if 0 < metadata_size < METADATA_BYTES:  # refuse before anything is taken
             return GetKeyResult(Status.METADATA_TOO_SMALL, index or 0,
                              message=f"the metadata needs {METADATA_BYTES} bytes, the buffer has {metadata_size}")
@@ -196,8 +224,21 @@ class ETSI004Service:
             except asyncio.TimeoutError:
                 pass
 
-    async def close(self, caller: str, key_stream_id: str) -> Status:
+    def _owner_lost(self, key_stream_id: str, owner: StreamOwner, error: SiblingUnavailable) -> errors.KMError:
+        return errors.Unavailable(f"the key stream {key_stream_id} lives at KM replica {owner.ordinal} of node "
+                                  f"{self.km.node}, which did not answer: {error}")
+
+    async def close(self, caller: str, key_stream_id: str, forwarded: bool = False) -> Status:
         session = self._session_of(caller, key_stream_id)
+        owner = None if forwarded else self.owner_of(key_stream_id)
+        if owner is not None:
+            try:
+                status = await owner.forward_close(caller, key_stream_id)
+            except SiblingUnavailable as e:
+                raise self._owner_lost(key_stream_id, owner, e) from None
+            # The owner signalled the close; this replica's copy of the session goes too.
+            self.sessions.terminate(session.session_id, f"close request from {caller}, at the stream's owner")
+            return status
         self.sessions.terminate(session.session_id, f"close request from {caller}")
         if self.control_plane is not None:
             await self.control_plane.session_closed(session.session_id, f"closed by application {caller}")

@@ -175,7 +175,7 @@ class ETSI014Routes:
         return await self._enc_keys(request, caller, validated(schema.KeyRequest, await json_body(request)))
 
     async def _dec_keys(self, request: web.Request, caller: str, key_ids: list[str]) -> web.Response:
-        found = self.service.dec_keys(caller, request.match_info["master_SAE_ID"], key_ids)
+        found = await self.service.dec_keys(caller, request.match_info["master_SAE_ID"], key_ids)
         return self._key_container([(key_id, key) for key_id, key, _ in found], "slave",
                                    [extension for *_, extension in found])
 

@@ -3,7 +3,8 @@
 The caller is the SAE named by its client certificate; it may only act as itself and only
 at the KM of the node it is attached to. Requests are checked against the limits the KM
 announces in its status before anything is taken. A KM that holds no topology yet knows no
-SAE and answers every call 503, saying it awaits its configuration.
+SAE and answers every call 503, saying it awaits its configuration. dec_keys finds the keys
+at whichever KM replica of the node holds them (``replicas.NodeReplicas``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from vqkd.km.etsi014 import schema
 if TYPE_CHECKING:
     from vqkd.km.domain.exchange import Issued, KeyExchange
     from vqkd.km.domain.keymanager import KeyManager
+    from vqkd.km.domain.replicas import NodeReplicas
 
 
 class ETSI014Service:
-    def __init__(self, km: KeyManager, exchange: KeyExchange):
+    def __init__(self, km: KeyManager, exchange: KeyExchange, replicas: NodeReplicas):
         self.km = km
         self.exchange = exchange
+        self.replicas = replicas
 
     def _caller_here(self, caller: str) -> None:
         self.km.check_configured()
@@ -90,7 +93,7 @@ class ETSI014Service:
         number, size = self._checked(request)
         return await self.exchange.issue(caller, [slave], number, size)
 
-    def dec_keys(self, caller: str, master: str, key_ids: list[str]) -> list[tuple[str, bytes, dict | None]]:
+    async def dec_keys(self, caller: str, master: str, key_ids: list[str]) -> list[tuple[str, bytes, dict | None]]:
         self._caller_here(caller)
         self._peer_sae(master, "master", caller)
         if not key_ids:
@@ -101,7 +104,7 @@ class ETSI014Service:
                 f"got {len(key_ids)}"
             )
         try:
-            found = self.km.store.take(caller, master, key_ids)
+            found = await self.replicas.take(caller, master, key_ids)
         except errors.KeysNotFound:
             raise errors.KeysNotFound(schema.MSG_KEYS_NOT_FOUND) from None
         except NotASlave:

@@ -590,3 +590,147 @@ class SessionSignal(_message.Message):
 class SignalReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class IncarnationRequest(_message.Message):
+    __slots__ = ("sender_replica",)
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    sender_replica: int
+    def __init__(self, sender_replica: _Optional[int] = ...) -> None: ...
+
+class IncarnationReply(_message.Message):
+    __slots__ = ("replica", "incarnation")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    replica: int
+    incarnation: str
+    def __init__(self, replica: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
+
+class HeldKeys(_message.Message):
+    __slots__ = ("master_sae_id", "slave_sae_ids", "key_ids", "keys", "key_extension", "ttl_s")
+    MASTER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLAVE_SAE_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    KEY_EXTENSION_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    master_sae_id: str
+    slave_sae_ids: _containers.RepeatedScalarFieldContainer[str]
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    key_extension: str
+    ttl_s: float
+    def __init__(self, master_sae_id: _Optional[str] = ..., slave_sae_ids: _Optional[_Iterable[str]] = ..., key_ids: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[bytes]] = ..., key_extension: _Optional[str] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class HoldCopiesRequest(_message.Message):
+    __slots__ = ("sender_replica", "sender_incarnation", "held")
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    sender_replica: int
+    sender_incarnation: str
+    held: _containers.RepeatedCompositeFieldContainer[HeldKeys]
+    def __init__(self, sender_replica: _Optional[int] = ..., sender_incarnation: _Optional[str] = ..., held: _Optional[_Iterable[_Union[HeldKeys, _Mapping]]] = ...) -> None: ...
+
+class HoldCopiesReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DropCopiesRequest(_message.Message):
+    __slots__ = ("sender_replica", "key_ids")
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    sender_replica: int
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sender_replica: _Optional[int] = ..., key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DropCopiesReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TakeKeysRequest(_message.Message):
+    __slots__ = ("sender_replica", "sender_incarnation", "caller_sae_id", "master_sae_id", "key_ids")
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CALLER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    MASTER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    sender_replica: int
+    sender_incarnation: str
+    caller_sae_id: str
+    master_sae_id: str
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sender_replica: _Optional[int] = ..., sender_incarnation: _Optional[str] = ..., caller_sae_id: _Optional[str] = ..., master_sae_id: _Optional[str] = ..., key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TakeKeysReply(_message.Message):
+    __slots__ = ("held", "not_a_slave", "undecided")
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    NOT_A_SLAVE_FIELD_NUMBER: _ClassVar[int]
+    UNDECIDED_FIELD_NUMBER: _ClassVar[int]
+    held: _containers.RepeatedCompositeFieldContainer[HeldKeys]
+    not_a_slave: bool
+    undecided: bool
+    def __init__(self, held: _Optional[_Iterable[_Union[HeldKeys, _Mapping]]] = ..., not_a_slave: _Optional[bool] = ..., undecided: _Optional[bool] = ...) -> None: ...
+
+class ForwardGetKeyRequest(_message.Message):
+    __slots__ = ("sender_replica", "caller_sae_id", "key_stream_id", "has_index", "index", "metadata_size")
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    CALLER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    HAS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    METADATA_SIZE_FIELD_NUMBER: _ClassVar[int]
+    sender_replica: int
+    caller_sae_id: str
+    key_stream_id: str
+    has_index: bool
+    index: int
+    metadata_size: int
+    def __init__(self, sender_replica: _Optional[int] = ..., caller_sae_id: _Optional[str] = ..., key_stream_id: _Optional[str] = ..., has_index: _Optional[bool] = ..., index: _Optional[int] = ..., metadata_size: _Optional[int] = ...) -> None: ...
+
+class ForwardGetKeyReply(_message.Message):
+    __slots__ = ("status", "index", "key", "key_id", "message")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    status: int
+    index: int
+    key: bytes
+    key_id: str
+    message: str
+    def __init__(self, status: _Optional[int] = ..., index: _Optional[int] = ..., key: _Optional[bytes] = ..., key_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ForwardCloseRequest(_message.Message):
+    __slots__ = ("sender_replica", "caller_sae_id", "key_stream_id")
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    CALLER_SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    sender_replica: int
+    caller_sae_id: str
+    key_stream_id: str
+    def __init__(self, sender_replica: _Optional[int] = ..., caller_sae_id: _Optional[str] = ..., key_stream_id: _Optional[str] = ...) -> None: ...
+
+class ForwardCloseReply(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: int
+    def __init__(self, status: _Optional[int] = ...) -> None: ...
+
+class HandChunksRequest(_message.Message):
+    __slots__ = ("sender_replica", "session_id", "index", "key_ids", "keys")
+    SENDER_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    sender_replica: int
+    session_id: str
+    index: int
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, sender_replica: _Optional[int] = ..., session_id: _Optional[str] = ..., index: _Optional[int] = ..., key_ids: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class HandChunksReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

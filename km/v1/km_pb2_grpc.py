@@ -849,3 +849,365 @@ class ControlPlane:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class NodeReplicasStub:
+    """---------------------------------------------------------------------------------------
+    KM replica <-> KM replica of the same node (mutual TLS; both present the node's km
+    identity, and a replica serves no other). The replicas of a node are one KME: a key a
+    replica holds for its slave SAEs has a copy at one other replica, and a slave's dec_keys
+    at any replica finds it, exactly once. ETSI 004 streams live at one owner replica per
+    node; the others forward to it.
+    ---------------------------------------------------------------------------------------
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Incarnation = channel.unary_unary(
+                '/vqkd.km.v1.NodeReplicas/Incarnation',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.IncarnationRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.IncarnationReply.FromString,
+                _registered_method=True)
+        self.HoldCopies = channel.unary_unary(
+                '/vqkd.km.v1.NodeReplicas/HoldCopies',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.HoldCopiesRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.HoldCopiesReply.FromString,
+                _registered_method=True)
+        self.DropCopies = channel.unary_unary(
+                '/vqkd.km.v1.NodeReplicas/DropCopies',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.DropCopiesRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.DropCopiesReply.FromString,
+                _registered_method=True)
+        self.TakeKeys = channel.unary_unary(
+                '/vqkd.km.v1.NodeReplicas/TakeKeys',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.TakeKeysRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.TakeKeysReply.FromString,
+                _registered_method=True)
+        self.ForwardGetKey = channel.unary_unary(
+                '/vqkd.km.v1.NodeReplicas/ForwardGetKey',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.ForwardGetKeyRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.ForwardGetKeyReply.FromString,
+                _registered_method=True)
+        self.ForwardClose = channel.unary_unary(
+                '/vqkd.km.v1.NodeReplicas/ForwardClose',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.ForwardCloseRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.ForwardCloseReply.FromString,
+                _registered_method=True)
+        self.HandChunks = channel.unary_unary(
+                '/vqkd.km.v1.NodeReplicas/HandChunks',
+                request_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.HandChunksRequest.SerializeToString,
+                response_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.HandChunksReply.FromString,
+                _registered_method=True)
+
+
+class NodeReplicasServicer:
+    """---------------------------------------------------------------------------------------
+    KM replica <-> KM replica of the same node (mutual TLS; both present the node's km
+    identity, and a replica serves no other). The replicas of a node are one KME: a key a
+    replica holds for its slave SAEs has a copy at one other replica, and a slave's dec_keys
+    at any replica finds it, exactly once. ETSI 004 streams live at one owner replica per
+    node; the others forward to it.
+    ---------------------------------------------------------------------------------------
+    """
+
+    def Incarnation(self, request, context):
+        """The replica's incarnation: a copy holder asks a key's primary before it hands the copy
+        out (a primary that answers in the incarnation the copy names is authoritative).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HoldCopies(self, request, context):
+        """Keep copies of keys the sender holds as their primary; answered once they are held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropCopies(self, request, context):
+        """The sender handed out (or no longer holds) these keys: drop the copies of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TakeKeys(self, request, context):
+        """Hand the sender the named keys the receiver holds for a slave SAE's dec_keys: those it
+        holds as primary (their copies dropped first), and copies whose primary is gone (cannot
+        be reached, or runs in another incarnation). They leave the receiver; the sender
+        delivers them or holds them again itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardGetKey(self, request, context):
+        """ETSI 004 calls of an application that reached a replica other than its stream's owner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardClose(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HandChunks(self, request, context):
+        """Chunks of an ETSI 004 stream committed at a replica that is not the stream's owner;
+        answered once the owner holds them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeReplicasServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Incarnation': grpc.unary_unary_rpc_method_handler(
+                    servicer.Incarnation,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.IncarnationRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.IncarnationReply.SerializeToString,
+            ),
+            'HoldCopies': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldCopies,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.HoldCopiesRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.HoldCopiesReply.SerializeToString,
+            ),
+            'DropCopies': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropCopies,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.DropCopiesRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.DropCopiesReply.SerializeToString,
+            ),
+            'TakeKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeKeys,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.TakeKeysRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.TakeKeysReply.SerializeToString,
+            ),
+            'ForwardGetKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardGetKey,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.ForwardGetKeyRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.ForwardGetKeyReply.SerializeToString,
+            ),
+            'ForwardClose': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardClose,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.ForwardCloseRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.ForwardCloseReply.SerializeToString,
+            ),
+            'HandChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandChunks,
+                    request_deserializer=vqkd_dot_km_dot_v1_dot_km__pb2.HandChunksRequest.FromString,
+                    response_serializer=vqkd_dot_km_dot_v1_dot_km__pb2.HandChunksReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'vqkd.km.v1.NodeReplicas', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('vqkd.km.v1.NodeReplicas', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeReplicas:
+    """---------------------------------------------------------------------------------------
+    KM replica <-> KM replica of the same node (mutual TLS; both present the node's km
+    identity, and a replica serves no other). The replicas of a node are one KME: a key a
+    replica holds for its slave SAEs has a copy at one other replica, and a slave's dec_keys
+    at any replica finds it, exactly once. ETSI 004 streams live at one owner replica per
+    node; the others forward to it.
+    ---------------------------------------------------------------------------------------
+    """
+
+    @staticmethod
+    def Incarnation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.NodeReplicas/Incarnation',
+            vqkd_dot_km_dot_v1_dot_km__pb2.IncarnationRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.IncarnationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldCopies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.NodeReplicas/HoldCopies',
+            vqkd_dot_km_dot_v1_dot_km__pb2.HoldCopiesRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.HoldCopiesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropCopies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.NodeReplicas/DropCopies',
+            vqkd_dot_km_dot_v1_dot_km__pb2.DropCopiesRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.DropCopiesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.NodeReplicas/TakeKeys',
+            vqkd_dot_km_dot_v1_dot_km__pb2.TakeKeysRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.TakeKeysReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardGetKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.NodeReplicas/ForwardGetKey',
+            vqkd_dot_km_dot_v1_dot_km__pb2.ForwardGetKeyRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.ForwardGetKeyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardClose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.NodeReplicas/ForwardClose',
+            vqkd_dot_km_dot_v1_dot_km__pb2.ForwardCloseRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.ForwardCloseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vqkd.km.v1.NodeReplicas/HandChunks',
+            vqkd_dot_km_dot_v1_dot_km__pb2.HandChunksRequest.SerializeToString,
+            vqkd_dot_km_dot_v1_dot_km__pb2.HandChunksReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
