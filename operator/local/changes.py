@@ -178,7 +178,7 @@ class LiveChanges:
         deadline = time.monotonic() + RELEASE_TIMEOUT_S
         while True:
             try:
-                held = (await self.host.kms.sessions(node)).sessions
+                held = (await self.host.kms.sessions(node, 0)).sessions
             except Exception as e:  # a KM that does not answer holds nothing anyone can use
                 log.info("KM of deleted node %s does not answer (%s); stopping it", node, e)
                 return

@@ -34,6 +34,7 @@ from vqkd.operator.control.monitoring import MonitoringSettings
 from vqkd.operator.host import TICK_S, Cadence, ControlPlaneHost
 from vqkd.operator.local.changes import LiveChanges
 from vqkd.operator.local.processes import HOST, READY_TIMEOUT_S, LocalNetwork
+from vqkd.operator.topologies import instance_name
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,14 @@ class LocalControlPlane:
         network.plan()
         controller = network._tls(identity.controller()).files()
         self.host = ControlPlaneHost(
-            GrpcKMs(lambda node: network.endpoints["nodes"][node]["grpc"], controller), controller,
+            GrpcKMs(lambda node, replica: network.addressing.km(node, replica).grpc, controller), controller,
             network.control_plane,
             module_metrics=lambda link: network.endpoints.get("links", {}).get(link, {}).get("metrics_url"),
             cadence=Cadence(poll_interval_s=POLL_S),
             admission=admission or AdmissionSettings(),
             monitoring=monitoring or MonitoringSettings(no_key_window_s=5.0),
         )
-        self.host.topologies.track(network.manifest, network.addressing)
+        self.host.track(network.manifest, network.addressing)
         self.core = self.host.core
         self.supervise = supervise
         self.paused: set[str] = set()  # KMs deliberately left down (node loss drills)
@@ -92,7 +93,7 @@ class LocalControlPlane:
                 return
             if loop.time() > deadline:
                 raise RuntimeError(f"KMs without their topology after {timeout:.0f} s: "
-                                   + "; ".join(f"{node}: {why}" for node, why in missing.items()))
+                                   + "; ".join(f"{instance_name(*km)}: {why}" for km, why in missing.items()))
             await asyncio.sleep(TICK_S)
 
     async def _supervise_forever(self) -> None:
