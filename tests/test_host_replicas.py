@@ -15,6 +15,8 @@ from test_host import FakeKMs, Heard, Replacer
 from vqkd.km.domain.vocabulary import Endpoint, Role
 from vqkd.operator.control.session_config import KMSessionConfig
 from vqkd.operator.host import Cadence, ControlPlaneHost, source_share
+from vqkd.operator.local.processes import KMPorts, LocalAddressing, ModulePorts, ReplicaPorts
+from vqkd.operator.plan import km_topology
 from vqkd.operator.resources.models import KeySession
 from vqkd.operator.resources.network import Network
 
@@ -179,3 +181,27 @@ async def test_scaling_a_node_pushes_its_sessions_again_with_each_replica_s_new_
     assert kms.entry("a", sid).rate_bps == whole
     await host.poll()
     assert (gauge(host, "vqkd_control_km_replicas", "a"), gauge(host, "vqkd_control_km_replicas_ready", "a")) == (1, 1)
+
+
+async def test_each_replica_gets_its_node_s_topology_and_only_a_new_instance_is_pushed_again():
+    network = replicated()
+    ports = iter(range(7000, 7100))
+    addressing = LocalAddressing(
+        km_ports={name: KMPorts(next(ports), tuple(ReplicaPorts(next(ports), next(ports)) for _ in range(count)))
+                  for name, count in (("a", 2), ("b", 2), ("c", 1))},
+        module_ports={name: ModulePorts(next(ports), next(ports), next(ports)) for name in ("a-b", "b-c")},
+        certificates={})
+    kms = FakeKMs()
+    host = ControlPlaneHost(kms, None, "unused")
+    host.track(network, addressing)
+    await host.core.load(network)
+    assert sorted(km for call, km, _, _ in kms.calls if call == "topology") == sorted(SESSION_KMS)
+    assert kms.topology("a/1") == kms.topology("a") == km_topology(network, "a", addressing)
+    assert [(end.name, end.peer_replica) for end in kms.topology("c").links] == [("b-c", 0), ("b-c", 1)]
+    await host.poll()
+    kms.calls.clear()
+    kms.restart("a/1")
+    await host.poll()
+    assert [km for call, km, _, _ in kms.calls if call == "topology"] == ["a/1"], "the others hold theirs"
+    assert kms.calls[0][:2] == ("topology", "a/1") and "a/1" in kms.holders(session_id(host))
+    assert host.topologies.held("a", 1).incarnation == kms.incarnations["a/1"]

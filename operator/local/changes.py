@@ -115,9 +115,9 @@ class LiveChanges:
                 raise
             self._declare(change.network)
             await self.host.topologies.refresh()
-            for name in processes.start:  # a replica joining a running node: counted as serving before its share
+            for name in processes.start:  # the new KMs count as serving, so a node's new replica gets its share
                 km = self.network.processes[name].km
-                if km is not None and km[0] in running.nodes:
+                if km is not None:
                     await self.host.check(*km)
             await self.host.rescale()
             for resource in changed:
