@@ -38,7 +38,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         control = LocalControlPlane(network)
         links = network.manifest.links.values()
         devices = sum(link.spec.etsi014 is not None for link in links)
-        print(f"starting {len(network.manifest.nodes)} KMs, {len(links) - devices} emulated QKD links and "
+        kms = sum(node.spec.km.replicas for node in network.manifest.nodes.values())
+        print(f"starting {kms} KMs, {len(links) - devices} emulated QKD links and "
               f"{devices} links to QKD devices with the control plane ...", flush=True)
         await control.start()
         print(f"network up; endpoints in {network.state_dir / 'endpoints.json'}; "

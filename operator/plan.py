@@ -96,13 +96,24 @@ class DeclaredNetwork(Protocol):
 
 
 @dataclass(frozen=True)
+class KMReplicaEndpoints:
+    """Where one replica of a node's KMs is reached: its own gRPC services and metrics."""
+
+    grpc: str
+    metrics_url: str
+
+
+@dataclass(frozen=True)
 class KMEndpoints:
-    """Where a node's KM is reached, as a runtime publishes it."""
+    """Where a node's KMs are reached, as a runtime publishes it: the node's KME (one ETSI 014
+    URL, whichever replica answers) and each replica by ordinal. ``grpc`` and ``metrics_url``
+    are replica 0's, the replica every node has."""
 
     kme_id: str
     etsi014_url: str
     grpc: str
     metrics_url: str
+    replicas: tuple[KMReplicaEndpoints, ...]
 
 
 @dataclass(frozen=True)
@@ -118,8 +129,8 @@ class ModuleEndpoints:
 class NetworkPlan:
     """Every process a runtime starts for a network, and what it publishes about them."""
 
-    kms: dict[str, KMConfig]  # node -> its KM's identity and process settings
-    topologies: dict[str, KMTopology]  # node -> its KM's topology (version 0: the control plane versions pushes)
+    kms: dict[str, list[KMConfig]]  # node -> each of its KM replicas' identity and process settings, by ordinal
+    topologies: dict[str, KMTopology]  # node -> its KMs' topology (version 0: the control plane versions pushes)
     modules: dict[str, EmulatedLinkConfig]  # emulated link -> its module pair's configuration
     km_endpoints: dict[str, KMEndpoints]
     module_endpoints: dict[str, ModuleEndpoints]
@@ -196,14 +207,19 @@ def module_config(link: QKDLink, addressing: Addressing) -> EmulatedLinkConfig:
 
 
 def plan_network(network: DeclaredNetwork, addressing: Addressing) -> NetworkPlan:
-    """Every process of the network: a KM per node, a module pair per emulated link, and their endpoints."""
+    """Every process of the network: a KM per replica of each node, a module pair per emulated
+    link, and their endpoints."""
     emulated = {name: link for name, link in sorted(network.links.items()) if link.spec.emulated is not None}
-    kms = {name: km_config(network, name, addressing) for name in sorted(network.nodes)}
+    kms = {name: [km_config(network, name, addressing, replica) for replica in replicas_of(network, name)]
+           for name in sorted(network.nodes)}
     topologies = {name: km_topology(network, name, addressing) for name in sorted(network.nodes)}
     km_endpoints = {}
-    for name, config in kms.items():
-        address = addressing.km(name)
-        km_endpoints[name] = KMEndpoints(config.kme_id, address.etsi014_url, address.grpc, address.metrics_url)
+    for name, configs in kms.items():
+        addresses = [addressing.km(name, config.replica) for config in configs]
+        first = addresses[0]
+        km_endpoints[name] = KMEndpoints(
+            configs[0].kme_id, first.etsi014_url, first.grpc, first.metrics_url,
+            tuple(KMReplicaEndpoints(address.grpc, address.metrics_url) for address in addresses))
     module_endpoints = {}
     for name, link in emulated.items():
         address = addressing.module(name)

@@ -52,40 +52,56 @@ spec:
 """
 
 
+def km(node: str, replica: int = 0) -> str:
+    """How the fakes name a KM instance: the node for replica 0, ``node/replica`` for the others."""
+    return f"{node}/{replica}" if replica else node
+
+
 @dataclass
 class FakeKMs(InMemoryKMs):
-    """KMs in memory that also hold a topology and answer for their stats: each as its current
-    incarnation. Topology pushes are recorded in ``calls`` as ("topology", node, "", version)."""
+    """KM instances in memory that also hold a topology and answer for their stats: each as its
+    current incarnation. Every table, call, set and map is keyed by ``km(node, replica)``.
+    Topology pushes are recorded in ``calls`` as ("topology", km, "", version)."""
 
     incarnations: dict[str, str] = field(default_factory=dict)
-    drawn: dict[str, int] = field(default_factory=dict)  # node -> bits drawn on every link so far
-    topologies: dict[str, tuple[int, KMTopology]] = field(default_factory=dict)  # node -> (version, topology)
+    drawn: dict[str, int] = field(default_factory=dict)  # KM -> bits drawn on every link so far
+    topologies: dict[str, tuple[int, KMTopology]] = field(default_factory=dict)  # KM -> (version, topology)
+    link_stats: dict[str, list[km_pb2.LinkStats]] = field(default_factory=dict)  # KM -> what it reports, if not "ab"
     closed: bool = False
 
-    def restart(self, node: str) -> None:
+    def restart(self, name: str) -> None:
         """A new instance: new incarnation, empty forwarding table, no topology."""
-        self.incarnations[node] = self.incarnations.get(node, node) + "'"
-        self.tables.pop(node, None)
-        self.topologies.pop(node, None)
+        self.incarnations[name] = self.incarnations.get(name, name) + "'"
+        self.tables.pop(name, None)
+        self.topologies.pop(name, None)
 
-    def topology(self, node: str) -> KMTopology | None:
-        held = self.topologies.get(node)
+    def topology(self, name: str) -> KMTopology | None:
+        held = self.topologies.get(name)
         return held[1] if held is not None else None
 
-    async def configure_topology(self, node: str, topology: KMTopology, version: int) -> km_pb2.ConfigureTopologyReply:
-        self._reach(node, "topology", "", version)
-        held = self.topologies.get(node)
-        if held is None or held[0] < version:
-            self.topologies[node] = held = (version, topology)
-        return km_pb2.ConfigureTopologyReply(version=held[0], incarnation=self.incarnations.setdefault(node, node))
+    async def configure(self, node: str, replica: int, config) -> None:
+        await super().configure(km(node, replica), config)
 
-    async def stats(self, node: str, timeout: float = 2.0) -> km_pb2.Stats:
-        if node in self.unreachable:
-            raise KMUnreachable(f"KM of node {node} is unreachable")
-        held = self.topologies.get(node)
-        return km_pb2.Stats(node=node, incarnation=self.incarnations.setdefault(node, node),
-                            topology_version=held[0] if held is not None else 0,
-                            links=[km_pb2.LinkStats(link="ab", drawn_bits_total=self.drawn.get(node, 0))])
+    async def delete(self, node: str, replica: int, session_id: str, reason: str) -> None:
+        await super().delete(km(node, replica), session_id, reason)
+
+    async def configure_topology(self, node: str, replica: int, topology: KMTopology,
+                                 version: int) -> km_pb2.ConfigureTopologyReply:
+        name = km(node, replica)
+        self._reach(name, "topology", "", version)
+        held = self.topologies.get(name)
+        if held is None or held[0] < version:
+            self.topologies[name] = held = (version, topology)
+        return km_pb2.ConfigureTopologyReply(version=held[0], incarnation=self.incarnations.setdefault(name, name))
+
+    async def stats(self, node: str, replica: int, timeout: float = 2.0) -> km_pb2.Stats:
+        name = km(node, replica)
+        if name in self.unreachable:
+            raise KMUnreachable(f"KM {name} is unreachable")
+        held = self.topologies.get(name)
+        links = self.link_stats.get(name, [km_pb2.LinkStats(link="ab", drawn_bits_total=self.drawn.get(name, 0))])
+        return km_pb2.Stats(node=node, replica=replica, incarnation=self.incarnations.setdefault(name, name),
+                            topology_version=held[0] if held is not None else 0, links=links)
 
     async def close(self) -> None:
         self.closed = True
@@ -97,11 +113,11 @@ class Heard(HostListener):
     replaced: list[tuple[str, float | None]] = field(default_factory=list)
     polls: int = 0
 
-    def km_liveness_changed(self, node, liveness):
-        self.liveness.append((node, liveness.ok))
+    def km_liveness_changed(self, node, replica, liveness):
+        self.liveness.append((km(node, replica), liveness.ok))
 
-    def km_replaced(self, node, seconds):
-        self.replaced.append((node, seconds))
+    def km_replaced(self, node, replica, seconds):
+        self.replaced.append((km(node, replica), seconds))
 
     def polled(self):
         self.polls += 1
@@ -112,8 +128,8 @@ class Replacer:
         self.kms = kms
         self.asked: list[str] = []
 
-    async def replace(self, node: str) -> None:
-        self.asked.append(node)
+    async def replace(self, node: str, replica: int) -> None:
+        self.asked.append(km(node, replica))
 
 
 async def hosted(replace_after_s: float | None = None):
@@ -175,11 +191,11 @@ async def test_an_answer_to_an_older_question_does_not_undo_a_newer_one():
     slow = asyncio.Event()
     answer = kms.stats
 
-    async def stats(node, timeout=2.0):
+    async def stats(node, replica, timeout=2.0):
         if node == "a" and not slow.is_set():
             slow.set()
             await asyncio.sleep(0.05)
-        return await answer(node, timeout)
+        return await answer(node, replica, timeout)
 
     kms.stats = stats
     polling = asyncio.create_task(host.poll())  # asks a now, answered (unreachable) later

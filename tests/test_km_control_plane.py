@@ -110,7 +110,8 @@ async def cp_net(tmp_path):
     await server.start()
     double.net = network
     await asyncio.to_thread(network.start)
-    kms = GrpcKMs(lambda node: network.endpoints["nodes"][node]["grpc"], network._tls(identity.controller()).files())
+    kms = GrpcKMs(lambda node, replica: network.addressing.km(node, replica).grpc,
+                  network._tls(identity.controller()).files())
     topologies = TopologyPusher(kms)
     topologies.track(network.manifest, network.addressing)
     await topologies.refresh()

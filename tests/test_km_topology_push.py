@@ -29,7 +29,7 @@ from vqkd.km.rpc.control_service import topology_to_pb
 from vqkd.km.rpc.credentials import grpc_channel_credentials
 from vqkd.km.tls import client_context
 from vqkd.km.v1 import km_pb2, km_pb2_grpc
-from vqkd.operator.local.processes import KMPorts, LocalAddressing, ModulePorts
+from vqkd.operator.local.processes import KMPorts, LocalAddressing, ModulePorts, ReplicaPorts
 from vqkd.operator.plan import km_topology, plan_network
 from vqkd.operator.resources.loader import load_text
 
@@ -87,7 +87,7 @@ class Network:
         nodes, links = "abcd", ("a-b", "b-c")
         ports = free_ports(3 * len(nodes) + 3 * len(links))
         self.addressing = LocalAddressing(
-            km_ports={n: KMPorts(ports.pop(), ports.pop(), ports.pop()) for n in nodes},
+            km_ports={n: KMPorts(ports.pop(), (ReplicaPorts(ports.pop(), ports.pop()),)) for n in nodes},
             module_ports={name: ModulePorts(ports.pop(), ports.pop(), ports.pop()) for name in links},
             certificates={ident: self.tls(ident) for ident in
                           [identity.km(n) for n in nodes] + [identity.module(name, e) for name in links for e in "ab"]},
@@ -95,12 +95,12 @@ class Network:
         self.plan = plan_network(network(link("a", "b"), link("b", "c")), self.addressing)
         for name, config in self.plan.modules.items():
             processes.start("vqkd.km.emulator", config.model_dump(mode="json"), f"link-{name}")
-        for node, config in self.plan.kms.items():
+        for node, (config,) in self.plan.kms.items():
             assert config.topology is None
             processes.start("vqkd.km", config.model_dump(mode="json"), f"km-{node}")
         for node in nodes:
             ports = self.addressing.km_ports[node]
-            for port in ports:
+            for port in (ports.etsi014, *ports.replicas[0]):
                 wait_for_port(port)
         self.controller = grpc_channel_credentials(self.tls(identity.controller()).files())
         self.versions = itertools.count(1)

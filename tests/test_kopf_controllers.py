@@ -337,11 +337,11 @@ async def test_a_km_that_stops_answering_gets_a_new_pod_and_its_node_says_why(cl
     assert (ready["reason"], c.kube.status("QKDNode", "a")["ready"]) == ("KMUnreachable", False)
     assert "unreachable" in ready["message"]
     assert c.operator.km_health.probe() == {"kms": 2, "answering": 1}
-    await c.operator.km_health.replace("a")
+    await c.operator.km_health.replace("a", 0)
     template = c.kube.body(STATEFULSETS, "vqkd-km-a")["spec"]["template"]["metadata"]
     assert ANNOTATION_RESTARTED_AT in template["annotations"]
     c.kube.refused.add(PODS.plural)
-    await c.operator.km_health.replace("a")  # refused: counted, retried on a later tick
+    await c.operator.km_health.replace("a", 0)  # refused: counted, retried on a later tick
     assert c.runtime.metrics.registry.get_sample_value("vqkd_operator_errors_total", {"kind": "QKDNode"}) == 1
 
 
@@ -628,7 +628,7 @@ async def test_a_link_its_kms_report_down_shows_the_devices_words_and_the_bits_t
     await c.runtime.host.poll()
     failing = "QKD module at https://qkd-a:8443 answered 503: laser off"
 
-    async def stats(node: str, timeout: float = 2.0) -> km_pb2.Stats:
+    async def stats(node: str, replica: int, timeout: float = 2.0) -> km_pb2.Stats:
         return km_pb2.Stats(node=node, incarnation=node, links=[km_pb2.LinkStats(
             link="ab", burned_bits_total={"device_error": 1024},
             **({"state": "Down", "reason": "DeviceUnavailable", "message": failing} if node == "a" else

@@ -91,7 +91,7 @@ async def link_incarnations(cp: LocalControlPlane, nodes: list[str]) -> dict[tup
     """(node, link) -> the incarnation of that node's end of the link: new when its pools were wiped."""
     found = {}
     for node in nodes:
-        for link in (await cp.host.kms.stats(node)).links:
+        for link in (await cp.host.kms.stats(node, 0)).links:
             found[node, link.link] = link.incarnation
     return found
 
@@ -234,9 +234,9 @@ async def test_the_network_changes_under_load_without_disturbing_what_it_does_no
 
     # Nothing of node-6 left: not on any KM, not in endpoints.json, no process.
     for node in ORIGINAL_NODES:
-        stats = await cp.host.kms.stats(node)
+        stats = await cp.host.kms.stats(node, 0)
         assert all(link.link != "link-0-6" and link.peer_node != "node-6" for link in stats.links), node
-        held = (await cp.host.kms.sessions(node)).sessions
+        held = (await cp.host.kms.sessions(node, 0)).sessions
         assert all("node-6" not in (s.config.source.node, s.config.destination.node) for s in held), node
         master = next(sae for sae, info in endpoints["saes"].items() if info["node"] == node)
         assert await slave_status(endpoints, master, "sae-6") == 400, f"{node}'s KM still knows sae-6"

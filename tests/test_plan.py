@@ -13,9 +13,9 @@ from vqkd.km import identity
 from vqkd.km.config import DeviceProfile, KeyLimits, TLSPaths
 from vqkd.km.domain.devices import EndLimits, fit_block_bits
 from vqkd.operator.kopf.manifests import ClusterAddressing
-from vqkd.operator.local.processes import KMPorts, LocalAddressing, ModulePorts
+from vqkd.operator.local.processes import KMPorts, LocalAddressing, ModulePorts, ReplicaPorts
 from vqkd.operator.plan import (
-    MAX_BLOCK_BITS, KMEndpoints, ModuleEndpoints, PlanError, block_bits_for, km_config, km_topology, module_config,
+    MAX_BLOCK_BITS, KMEndpoints, KMReplicaEndpoints, ModuleEndpoints, PlanError, block_bits_for, km_config, km_topology, module_config,
     plan_network,
 )
 from vqkd.operator.resources.loader import load_text
@@ -77,7 +77,8 @@ def local_addressing(control_plane: str | None = "127.0.0.1:7000") -> LocalAddre
                     for ident in [identity.km(n) for n in nodes]
                     + [identity.module(link, end) for link in links for end in "ab"]}
     return LocalAddressing(
-        km_ports={node: KMPorts(8000 + 10 * i, 8001 + 10 * i, 8002 + 10 * i) for i, node in enumerate(nodes)},
+        km_ports={node: KMPorts(8000 + 10 * i, (ReplicaPorts(8001 + 10 * i, 8002 + 10 * i),))
+                  for i, node in enumerate(nodes)},
         module_ports={link: ModulePorts(9000 + 10 * i, 9001 + 10 * i, 9002 + 10 * i) for i, link in enumerate(links)},
         certificates=certificates, control_plane=control_plane,
     )
@@ -89,7 +90,7 @@ def cluster_addressing() -> ClusterAddressing:
 
 def test_local_addressing_puts_every_process_on_its_loopback_ports():
     plan = plan_network(network(), local_addressing())
-    bob = plan.kms["bob"]
+    (bob,) = plan.kms["bob"]
     assert (bob.etsi014_listen, bob.grpc_listen, bob.metrics_listen) == ("127.0.0.1:8010", "127.0.0.1:8011",
                                                                          "127.0.0.1:8012")
     assert (str(bob.tls.cert), bob.control_plane) == ("/state/pki/bob.crt", "127.0.0.1:7000")
@@ -102,15 +103,16 @@ def test_local_addressing_puts_every_process_on_its_loopback_ports():
         "a": ("127.0.0.1:9000", "/state/pki/alice-bob/a.crt"), "b": ("127.0.0.1:9001", "/state/pki/alice-bob/b.crt")}
     assert module.admin_listen == "127.0.0.1:9002"
     assert plan.km_endpoints["bob"] == KMEndpoints("KME-BOB", "https://127.0.0.1:8010", "127.0.0.1:8011",
-                                                   "http://127.0.0.1:8012/metrics")
+                                                   "http://127.0.0.1:8012/metrics", (KMReplicaEndpoints(
+                                                       "127.0.0.1:8011", "http://127.0.0.1:8012/metrics"),))
     assert plan.module_endpoints["alice-bob"] == ModuleEndpoints(("alice", "bob"), "http://127.0.0.1:9002/control",
                                                                  "http://127.0.0.1:9002/metrics")
-    assert plan_network(network(), local_addressing(None)).kms["bob"].control_plane is None
+    assert plan_network(network(), local_addressing(None)).kms["bob"][0].control_plane is None
 
 
 def test_cluster_addressing_reaches_every_process_by_its_service_name():
     plan = plan_network(network(), cluster_addressing())
-    bob = plan.kms["bob"]
+    (bob,) = plan.kms["bob"]
     assert (bob.etsi014_listen, bob.grpc_listen, bob.metrics_listen) == ("0.0.0.0:8443", "0.0.0.0:9443",
                                                                          "0.0.0.0:9090")
     assert (str(bob.tls.cert), bob.control_plane) == ("/etc/vqkd/tls/tls.crt", "vqkd-control-plane.qkd.svc:9443")
@@ -120,7 +122,9 @@ def test_cluster_addressing_reaches_every_process_by_its_service_name():
     ]
     assert plan.km_endpoints["bob"] == KMEndpoints("KME-BOB", "https://vqkd-km-bob.qkd.svc:8443",
                                                    "vqkd-km-bob-0.vqkd-km-bob-dns.qkd.svc:9443",
-                                                   "http://vqkd-km-bob-0.vqkd-km-bob-dns.qkd.svc:9090/metrics")
+                                                   "http://vqkd-km-bob-0.vqkd-km-bob-dns.qkd.svc:9090/metrics",
+                                                   (KMReplicaEndpoints("vqkd-km-bob-0.vqkd-km-bob-dns.qkd.svc:9443",
+                                                                       "http://vqkd-km-bob-0.vqkd-km-bob-dns.qkd.svc:9090/metrics"),))
     assert plan.module_endpoints["alice-bob"].control_url == "http://vqkd-link-alice-bob.qkd.svc:9100/control"
 
 
@@ -143,7 +147,8 @@ def _placeless(config) -> dict:
 def test_both_runtimes_plan_the_same_processes_and_differ_only_in_where_they_are():
     local, cluster = plan_network(network(), local_addressing()), plan_network(network(), cluster_addressing())
     assert list(local.kms) == list(cluster.kms) == ["alice", "bob", "carol"]
-    assert {n: _placeless(c) for n, c in local.kms.items()} == {n: _placeless(c) for n, c in cluster.kms.items()}
+    assert {n: [_placeless(c) for c in cs] for n, cs in local.kms.items()} == {
+        n: [_placeless(c) for c in cs] for n, cs in cluster.kms.items()}
     assert {n: _placeless(t) for n, t in local.topologies.items()} == {
         n: _placeless(t) for n, t in cluster.topologies.items()}
     assert {n: _placeless(c) for n, c in local.modules.items()} == {
@@ -178,7 +183,7 @@ def test_a_link_to_a_node_not_yet_declared_waits_for_it_but_its_modules_are_plan
     assert "carol" not in plan.kms and "sae-c" not in plan.topologies["bob"].saes
     # The module pair needs neither KM to run: it is there when the node is declared.
     assert plan.modules["bob-carol"].ends["b"].client == "vqkd://km/carol"
-    assert km_config(partial, "bob", addressing) == plan.kms["bob"]
+    assert [km_config(partial, "bob", addressing)] == plan.kms["bob"]
     assert km_topology(partial, "bob", addressing) == plan.topologies["bob"]
 
 

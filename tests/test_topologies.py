@@ -128,23 +128,23 @@ async def test_a_km_holding_a_newer_version_is_pushed_again_above_it():
 async def test_a_new_incarnation_a_lower_version_or_no_topology_at_a_km_means_a_push_again():
     network = chain()
     pusher, kms = tracked(network)
-    assert pusher.observed("a", "a", 0) is True, "first seen, holding none"
+    assert pusher.observed("a", 0, "a", 0) is True, "first seen, holding none"
     await pusher.refresh()
     pushed(kms)
     held = pusher.held("a")
     assert held.incarnation == "a"
-    assert pusher.observed("a", "a", held.version) is False, "as pushed: nothing owed"
-    assert pusher.observed("a", "a", held.version - 1) is True
-    await pusher.settle("a")
+    assert pusher.observed("a", 0, "a", held.version) is False, "as pushed: nothing owed"
+    assert pusher.observed("a", 0, "a", held.version - 1) is True
+    await pusher.settle("a", 0)
     assert [name for name, _ in pushed(kms)] == ["a"]
     kms.restart("b")
-    assert pusher.observed("b", kms.incarnations["b"], 0) is True
-    assert pusher.due() == ["b"]
+    assert pusher.observed("b", 0, kms.incarnations["b"], 0) is True
+    assert pusher.due() == [("b", 0)]
     await pusher.refresh()
     assert [name for name, _ in pushed(kms)] == ["b"], "the same topology, to the new instance only"
     assert kms.topology("b") == km_topology(network, "b", ADDRESSING)
     assert pusher.held("b").incarnation == kms.incarnations["b"]
-    assert pusher.observed("z", "z", 0) is False, "not declared: nothing to push"
+    assert pusher.observed("z", 0, "z", 0) is False, "not declared: nothing to push"
 
 
 async def test_a_km_that_does_not_answer_is_owed_its_topology_until_it_does():
@@ -153,12 +153,12 @@ async def test_a_km_that_does_not_answer_is_owed_its_topology_until_it_does():
     kms.unreachable.add("c")
     await pusher.refresh()
     assert kms.topology("c") is None and kms.topology("a") is not None
-    assert pusher.due() == ["c"]
-    assert "unreachable" in pusher.unconfirmed()["c"] and set(pusher.unconfirmed()) == {"c"}
-    assert await pusher.settle("c") is False
+    assert pusher.due() == [("c", 0)]
+    assert "unreachable" in pusher.unconfirmed()[("c", 0)] and set(pusher.unconfirmed()) == {("c", 0)}
+    assert await pusher.settle("c", 0) is False
     kms.unreachable.discard("c")
     pushed(kms)
-    assert await pusher.settle("c") is True
+    assert await pusher.settle("c", 0) is True
     assert pushed(kms)[0][0] == "c" and pusher.due() == [] and pusher.unconfirmed() == {}
     assert kms.topology("c") == km_topology(network, "c", ADDRESSING)
 
@@ -169,13 +169,13 @@ async def test_pushes_to_different_kms_run_at_once():
     gate, in_flight, most = asyncio.Event(), set(), 0
     push = kms.configure_topology
 
-    async def slow(name, topology, version) -> km_pb2.ConfigureTopologyReply:
+    async def slow(name, replica, topology, version) -> km_pb2.ConfigureTopologyReply:
         nonlocal most
         in_flight.add(name)
         most = max(most, len(in_flight))
         await gate.wait()
         in_flight.discard(name)
-        return await push(name, topology, version)
+        return await push(name, replica, topology, version)
 
     kms.configure_topology = slow
     refreshing = asyncio.create_task(pusher.refresh())
@@ -200,7 +200,7 @@ def session(name: str, source: str, destination: str) -> KeySession:
 async def hosted(network: Network) -> tuple[ControlPlaneHost, FakeKMs]:
     kms = FakeKMs()
     host = ControlPlaneHost(kms, None, "unused")
-    host.topologies.track(network, ADDRESSING)
+    host.track(network, ADDRESSING)
     network.users["lab"] = user("lab", ["sae-a", "sae-b", "sae-c"])
     network.sessions["s"] = session("s", "a", "c")
     await host.core.load(network)
@@ -243,7 +243,7 @@ async def test_a_km_first_seen_holding_none_is_pushed_its_topology_and_one_owed_
     network = chain()
     kms = FakeKMs()
     host = ControlPlaneHost(kms, None, "unused")
-    host.topologies.track(network, ADDRESSING)
+    host.track(network, ADDRESSING)
     await host.core.load(network)
     assert kms.calls == []
     await host.poll()
@@ -251,7 +251,7 @@ async def test_a_km_first_seen_holding_none_is_pushed_its_topology_and_one_owed_
     network.links["a-c"] = link("a", "c")
     kms.unreachable.add("a")
     await host.topologies.refresh()
-    assert host.topologies.due() == ["a"]
+    assert host.topologies.due() == [("a", 0)]
     kms.unreachable.discard("a")
     await host.tick()
     for _ in range(3):

@@ -1,10 +1,13 @@
 """The control plane's gRPC side, shared by both runtimes through the control-plane host.
 
-``GrpcKMs`` pushes session configuration to the KMs (the control core's ``KMPusher``) and
-their topologies (the topology pusher's ``TopologyClient``), and reads their stats; ``ControlPlaneService`` answers the KMs' calls (paper Fig. 2a: open,
-key-request signal, close) by handing them to the control core. Both use mutual TLS: the
-control plane presents a ``controller`` identity and accepts only KM identities, each KM
-speaking only for its own node.
+``GrpcKMs`` is the host's way to the KMs: every call goes to one KM instance, replica
+``replica`` of a node's KMs — session configuration (which the host fans out to every
+replica of a node), topologies (the topology pusher's ``TopologyClient``) and stats.
+``ControlPlaneService`` answers the KMs' calls (paper Fig. 2a: open, key-request signal,
+close) by handing them to the control core, which thinks in nodes: any replica of a node
+speaks for it. Both use mutual TLS: the control plane presents a ``controller`` identity and
+accepts only KM identities, each KM (every replica of a node presents the node's) speaking
+only for its own node.
 """
 
 from __future__ import annotations
@@ -41,15 +44,16 @@ def config_to_pb(c: KMSessionConfig) -> km_pb2.SessionConfig:
 
 
 class GrpcKMs:
-    """KMPusher and TopologyClient over gRPC; ``resolve(node)`` gives the KM's current gRPC address."""
+    """The host's KM client over gRPC; ``resolve(node, replica)`` gives that KM instance's
+    current gRPC address."""
 
-    def __init__(self, resolve: Callable[[str], str], tls: TLSFiles):
+    def __init__(self, resolve: Callable[[str, int], str], tls: TLSFiles):
         self.resolve = resolve
         self.credentials = grpc_channel_credentials(tls)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _stub(self, node: str) -> km_pb2_grpc.KeyManagerControlStub:
-        address = self.resolve(node)
+    def _stub(self, node: str, replica: int) -> km_pb2_grpc.KeyManagerControlStub:
+        address = self.resolve(node, replica)
         channel = self._channels.get(address)
         if channel is None:
             channel = grpc.aio.secure_channel(address, self.credentials, options=[
@@ -57,23 +61,23 @@ class GrpcKMs:
             self._channels[address] = channel
         return km_pb2_grpc.KeyManagerControlStub(channel)
 
-    async def configure_topology(self, node: str, topology: KMTopology,
+    async def configure_topology(self, node: str, replica: int, topology: KMTopology,
                                  version: int) -> km_pb2.ConfigureTopologyReply:
-        return await self._stub(node).ConfigureTopology(topology_to_pb(topology, node, version),
-                                                        timeout=PUSH_TIMEOUT_S)
+        return await self._stub(node, replica).ConfigureTopology(topology_to_pb(topology, node, version),
+                                                                 timeout=PUSH_TIMEOUT_S)
 
-    async def configure(self, node: str, config: KMSessionConfig) -> None:
-        await self._stub(node).ConfigureSession(config_to_pb(config), timeout=PUSH_TIMEOUT_S)
+    async def configure(self, node: str, replica: int, config: KMSessionConfig) -> None:
+        await self._stub(node, replica).ConfigureSession(config_to_pb(config), timeout=PUSH_TIMEOUT_S)
 
-    async def delete(self, node: str, session_id: str, reason: str) -> None:
-        await self._stub(node).DeleteSession(km_pb2.DeleteSessionRequest(session_id=session_id, reason=reason),
-                                             timeout=PUSH_TIMEOUT_S)
+    async def delete(self, node: str, replica: int, session_id: str, reason: str) -> None:
+        await self._stub(node, replica).DeleteSession(
+            km_pb2.DeleteSessionRequest(session_id=session_id, reason=reason), timeout=PUSH_TIMEOUT_S)
 
-    async def stats(self, node: str, timeout: float = 2.0) -> km_pb2.Stats:
-        return await self._stub(node).GetStats(km_pb2.GetStatsRequest(), timeout=timeout)
+    async def stats(self, node: str, replica: int, timeout: float = 2.0) -> km_pb2.Stats:
+        return await self._stub(node, replica).GetStats(km_pb2.GetStatsRequest(), timeout=timeout)
 
-    async def sessions(self, node: str, timeout: float = 2.0) -> km_pb2.ListSessionsReply:
-        return await self._stub(node).ListSessions(km_pb2.ListSessionsRequest(), timeout=timeout)
+    async def sessions(self, node: str, replica: int, timeout: float = 2.0) -> km_pb2.ListSessionsReply:
+        return await self._stub(node, replica).ListSessions(km_pb2.ListSessionsRequest(), timeout=timeout)
 
     async def close(self) -> None:
         for channel in self._channels.values():

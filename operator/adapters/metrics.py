@@ -1,12 +1,14 @@
 """Prometheus metrics of the control plane, the same in both runtimes (prefix ``vqkd_control_``).
 
-Gauges are read from the control core's views at scrape time; counters are fed by its
-event log, so every transition the core records is counted once.
+Gauges are read from the control core's views (and the host's count of KM replicas) at
+scrape time; counters are fed by its event log, so every transition the core records is
+counted once.
 """
 
 from __future__ import annotations
 
 from collections import Counter as Tally
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,14 +24,18 @@ PUSH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 
 class ControlMetrics:
-    def __init__(self, core: ControlCore, registry: CollectorRegistry | None = None):
+    """``replicas`` says, at scrape time, how many KM replicas each node has: (ready, desired)."""
+
+    def __init__(self, core: ControlCore, registry: CollectorRegistry | None = None,
+                 replicas: Callable[[], Mapping[str, tuple[int, int]]] = dict):
         self.registry = registry or CollectorRegistry()
         self.core = core
+        self.replicas = replicas
         self.push_seconds = Histogram(
             "vqkd_control_push_duration_seconds", "Time for a KM to confirm a configuration push or deletion",
             ["call"], buckets=PUSH_BUCKETS, registry=self.registry).labels
         self.km_replacements = Counter(
-            "vqkd_control_km_replacements", "KM instances replaced and configured again", ["node"],
+            "vqkd_control_km_replacements", "KM instances (of any replica) replaced and configured again", ["node"],
             registry=self.registry).labels
         self._refusals: Tally[str] = Tally()
         core.events.subscribe(self._on_event)
@@ -97,5 +103,12 @@ class _CoreCollector:
                                      labels=["link", "kind"])
         for (link, kind), count in Tally((a.link, str(a.kind)) for a in core.alarms()).items():
             alarms.add_metric([link, kind], count)
+        desired = GaugeMetricFamily("vqkd_control_km_replicas", "KM replicas a node declares (spec.km.replicas)",
+                                    labels=["node"])
+        ready = GaugeMetricFamily("vqkd_control_km_replicas_ready", "KM replicas of a node that answer",
+                                  labels=["node"])
+        for node, (answering, declared) in sorted(self.metrics.replicas().items()):
+            desired.add_metric([node], declared)
+            ready.add_metric([node], answering)
         yield from (phases, held, state, rate, qber, threshold, reserved, burned, user_sessions, user_reserved,
-                    user_keys, refusals, alarms)
+                    user_keys, refusals, alarms, desired, ready)

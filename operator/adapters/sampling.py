@@ -1,9 +1,11 @@
 """The monitoring element's eyes: reads the KMs' stats and the QKD modules' metrics.
 
-One round asks every KM for its stats over gRPC and scrapes every module's ``/metrics``,
-concurrently, and returns what they said as raw numbers: per KM its stats (or why it did
-not answer), per link a ``LinkReading`` with what both KMs drew, hold and gave up on the
-link, the worse of the states they report for it, and what its module reports.
+One round asks every KM instance (each replica of each node's KMs) for its stats over gRPC
+and scrapes every module's ``/metrics``, concurrently, and returns what they said as raw
+numbers: per instance its stats (or why it did not answer), per link a ``LinkReading`` with
+what every end of it drew, holds and gave up — a node's KMs have an end of the link per
+replica of the peer node, so a link of nodes with n and m replicas has 2·n·m ends — the
+worst of the states they report for it, and what its module reports.
 Interpreting them — rates, idle or broken, down or replaced — is the monitoring element's
 and the host's business, not this adapter's.
 """
@@ -28,49 +30,53 @@ SEVERITY = {LinkState.UP: 0, LinkState.DEGRADED: 1, LinkState.DOWN: 2}
 
 
 class KMStats(Protocol):
-    async def stats(self, node: str, timeout: float = STATS_TIMEOUT_S) -> km_pb2.Stats:
-        """The stats of the KM of ``node``; raises when it does not answer in time."""
+    async def stats(self, node: str, replica: int, timeout: float = STATS_TIMEOUT_S) -> km_pb2.Stats:
+        """The stats of replica ``replica`` of the KMs of ``node``; raises when it does not answer in time."""
 
 
 @dataclass(frozen=True)
 class Round:
-    """What one round read: each KM's stats or the error it answered with, and each link's counters."""
+    """What one round read: each KM instance's stats or the error it answered with, and each
+    link's counters."""
 
-    stats: dict[str, km_pb2.Stats | Exception]
+    stats: dict[tuple[str, int], km_pb2.Stats | Exception]
     links: list[LinkReading]
 
 
-async def read_km(kms: KMStats, node: str) -> km_pb2.Stats | Exception:
+async def read_km(kms: KMStats, node: str, replica: int) -> km_pb2.Stats | Exception:
     try:
-        return await kms.stats(node, STATS_TIMEOUT_S)
+        return await kms.stats(node, replica, STATS_TIMEOUT_S)
     except Exception as e:  # every way a KM can fail to answer is an answer here
         return e
 
 
-async def read_round(kms: KMStats, nodes: list[str], links: Mapping[str, tuple[str, str]],
+async def read_round(kms: KMStats, replicas: Mapping[str, int], links: Mapping[str, tuple[str, str]],
                      module_metrics: Mapping[str, str], clock: Callable[[], float]) -> Round:
-    """Read every KM in ``nodes`` and every module in ``module_metrics`` (link -> URL) once."""
-    answers = await asyncio.gather(*(read_km(kms, node) for node in nodes))
-    stats = dict(zip(nodes, answers))
+    """Read every KM instance (``replicas``: node -> how many) and every module in
+    ``module_metrics`` (link -> URL) once."""
+    instances = [(node, replica) for node, count in replicas.items() for replica in range(count)]
+    answers = await asyncio.gather(*(read_km(kms, node, replica) for node, replica in instances))
+    stats = dict(zip(instances, answers))
     scraped = await asyncio.gather(*(asyncio.to_thread(scrape_module, url) for url in module_metrics.values()),
                                    return_exceptions=True)
     modules = {link: reading for link, reading in zip(module_metrics, scraped) if isinstance(reading, ModuleReading)}
     at = clock()
     readings = []
-    for link, ends in links.items():
-        per_end = [ls for node in ends if isinstance(s := stats.get(node), km_pb2.Stats)
+    for link, (a, b) in links.items():
+        per_end = [ls for (node, _), s in stats.items() if node in (a, b) and isinstance(s, km_pb2.Stats)
                    for ls in s.links if ls.link == link]
+        ends = 2 * replicas.get(a, 1) * replicas.get(b, 1)
         readings.append(LinkReading(
             link=link, at=at, drawn_bits=float(sum(ls.drawn_bits_total for ls in per_end)),
             pool_bits=sum(ls.outgoing_bits + ls.incoming_bits for ls in per_end), module=modules.get(link),
             reported=worst_report(per_end),
             burned_bits=sum(sum(ls.burned_bits_total.values()) for ls in per_end),
-            pools_full=len(per_end) == len(ends) and all(ls.pool_full for ls in per_end)))
+            pools_full=len(per_end) == ends and all(ls.pool_full for ls in per_end)))
     return Round(stats, readings)
 
 
 def worst_report(ends: list[km_pb2.LinkStats]) -> KMReport | None:
-    """The worse of the states the KMs report for a link (the first end's on a tie); a KM
+    """The worst of the states the link's ends report (the first end's on a tie); an end
     that reports no state says nothing."""
     reports = [KMReport(LinkState(ls.state), ls.reason, ls.message)
                for ls in ends if ls.state in SEVERITY]

@@ -155,6 +155,12 @@ class ControlCore:
         and Held sessions try to resume."""
         await self._changes.node_up(node, reason, message, self.clock())
 
+    async def reconfigure_node(self, node: str) -> int:
+        """Push every active session at ``node`` to its KMs again, under a new version: what they
+        are given changed though the sessions did not (its KMs were scaled, and each replica at a
+        source holds a share of the rate). Returns how many its KMs did not confirm."""
+        return await self.admission.paths.resync(node, self.clock())
+
     async def tick(self, now: float | None = None) -> None:
         """Run the timers: silent links, expired sessions, Held sessions due for a retry."""
         now = self.clock() if now is None else now

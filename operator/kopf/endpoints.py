@@ -16,8 +16,8 @@ from vqkd.operator.kopf.manifests import ClusterAddressing
 
 
 class EndpointResolver(Protocol):
-    def km_grpc(self, node: str) -> str:
-        """host:port of the KM's gRPC service (KeyManagerControl, health)."""
+    def km_grpc(self, node: str, replica: int = 0) -> str:
+        """host:port of the gRPC service (KeyManagerControl, health) of one replica of the node's KMs."""
 
     def km_etsi014(self, node: str) -> str:
         """Base URL of the KM's ETSI GS QKD 014 API, as the node's SAEs reach it."""
@@ -36,8 +36,8 @@ class ClusterEndpoints:
         self.namespace = namespace
         self.addressing = ClusterAddressing(namespace)
 
-    def km_grpc(self, node: str) -> str:
-        return self.addressing.km(node).grpc
+    def km_grpc(self, node: str, replica: int = 0) -> str:
+        return self.addressing.km(node, replica).grpc
 
     def km_etsi014(self, node: str) -> str:
         return self.addressing.km(node).etsi014_url
@@ -71,8 +71,9 @@ class LocalEndpoints:
             known = ", ".join(sorted(self.endpoints.get("nodes", {}))) or "none"
             raise LookupError(f"no endpoints for node {node!r} in the local runtime (known: {known})") from None
 
-    def km_grpc(self, node: str) -> str:
-        return self._node(node)["grpc"]
+    def km_grpc(self, node: str, replica: int = 0) -> str:
+        entry = self._node(node)  # its own grpc is replica 0's; "replicas" lists every replica's
+        return (entry["replicas"][replica] if replica else entry)["grpc"]
 
     def km_etsi014(self, node: str) -> str:
         return self._node(node)["etsi014_url"]

@@ -8,13 +8,16 @@ runs: an invalid file changes nothing and is reported as ``vqkd up`` reports it.
 alone; like ``kubectl delete``, the resources named go and names the network does not hold
 are reported. A valid change then runs in the order that keeps sessions served:
 
-- apply: new module pairs, then new KMs, started and answering (ports and certificates as
-  ``vqkd up`` allocates them); a module pair whose key rate or QBER changed takes it live,
-  a KM whose identity or a module pair whose buffer or device changed is started again →
-  the declared network updated → every KM concerned gets its new topology
-  (``host.topologies.refresh``) → the resources applied to the control core, so sessions
-  are configured over links their KMs already hold → processes no longer needed stopped →
-  ``endpoints.json`` rewritten;
+- apply: new module pairs, then new KMs (of new nodes, and new replicas of a node whose
+  ``spec.km.replicas`` grew), started and answering (ports and certificates as ``vqkd up``
+  allocates them); a module pair whose key rate or QBER changed takes it live, a KM whose
+  identity or a module pair whose buffer or device changed is started again → the declared
+  network updated → every KM concerned gets its new topology (``host.topologies.refresh``:
+  a node's replicas list, and its peers an end per replica) → a node whose replica count
+  changed gets its sessions pushed again, each source replica its new share of the rate
+  (``host.rescale``) → the resources applied to the control core, so sessions are
+  configured over links their KMs already hold → processes no longer needed stopped (the
+  replicas beyond a node's new count among them) → ``endpoints.json`` rewritten;
 - delete: the resources deleted from the control core (sessions over a deleted link
   rerouted make-before-break or Held, sessions of a deleted user or at a deleted node
   ended, every KM confirming) → the declared network updated → the new topologies pushed
@@ -47,6 +50,7 @@ from vqkd.operator.control.errors import ControlError
 from vqkd.operator.host import ControlPlaneHost
 from vqkd.operator.local.processes import LocalNetwork, ProcessChanges
 from vqkd.operator.plan import PlanError
+from vqkd.operator.topologies import instance_name
 from vqkd.operator.resources.loader import ManifestError, apply_manifests, delete_manifests, read_manifests
 from vqkd.operator.resources.models import Resource
 from vqkd.operator.resources.network import Network
@@ -111,6 +115,11 @@ class LiveChanges:
                 raise
             self._declare(change.network)
             await self.host.topologies.refresh()
+            for name in processes.start:  # the new KMs count as serving, so a node's new replica gets its share
+                km = self.network.processes[name].km
+                if km is not None:
+                    await self.host.check(*km)
+            await self.host.rescale()
             for resource in changed:
                 await self.core.apply(resource)
             await self._retire(processes.stop)
@@ -127,8 +136,9 @@ class LiveChanges:
                 self._declare(change.network)
                 await self.host.topologies.refresh()
                 processes = self.network.replan(change.network)
-                gone = [r.name for r in change.resources if r.kind == "QKDNode"]
-                await asyncio.gather(*(self._released(node) for node in gone))
+                gone = {r.name for r in change.resources if r.kind == "QKDNode"}
+                await asyncio.gather(*(self._released(*proc.km) for proc in self.network.processes.values()
+                                       if proc.km is not None and proc.km[0] in gone))
                 await self._retire(processes.stop)
                 await asyncio.to_thread(self.network.publish)
             return [Outcome(r.kind, r.name, "deleted") for r in change.resources], change.missing
@@ -155,12 +165,12 @@ class LiveChanges:
                 await asyncio.to_thread(self.network.retune, name, settings)
             for name in changes.restart:
                 log.info("%s: configuration changed; starting it again", name)
-                node = name.removeprefix("km-") if name.startswith("km-") else None
-                if node is not None:
-                    self.host.km_lost(node)
+                km = self.network.processes[name].km
+                if km is not None:
+                    self.host.km_lost(*km)
                 await asyncio.to_thread(self.network.restart, name, kill=False)
-                if node is not None:  # as after a crash: the new instance gets its topology and sessions now
-                    await self.host.check(node)
+                if km is not None:  # as after a crash: the new instance gets its topology and sessions now
+                    await self.host.check(*km)
         finally:
             self.changing.difference_update(names)
 
@@ -173,19 +183,20 @@ class LiveChanges:
         finally:
             self.changing.difference_update(names)
 
-    async def _released(self, node: str) -> None:
-        """Until the KM of a deleted node holds no session (the core took back every entry)."""
+    async def _released(self, node: str, replica: int) -> None:
+        """Until a KM replica of a deleted node holds no session (the core took back every entry)."""
         deadline = time.monotonic() + RELEASE_TIMEOUT_S
+        name = instance_name(node, replica)
         while True:
             try:
-                held = (await self.host.kms.sessions(node)).sessions
+                held = (await self.host.kms.sessions(node, replica)).sessions
             except Exception as e:  # a KM that does not answer holds nothing anyone can use
-                log.info("KM of deleted node %s does not answer (%s); stopping it", node, e)
+                log.info("KM %s of deleted node %s does not answer (%s); stopping it", name, node, e)
                 return
             if not held:
                 return
             if time.monotonic() > deadline:
-                log.warning("KM of deleted node %s still holds sessions %s after %.0f s; stopping it", node,
+                log.warning("KM %s of deleted node %s still holds sessions %s after %.0f s; stopping it", name, node,
                             ", ".join(s.config.session_id for s in held), RELEASE_TIMEOUT_S)
                 return
             await asyncio.sleep(0.1)

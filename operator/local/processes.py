@@ -2,8 +2,11 @@
 
 ``LocalNetwork`` allocates loopback ports and issues every certificate from a development
 CA, hands both to the network plan as a ``LocalAddressing``, and runs what the plan says:
-one emulated QKD module pair per emulated link and one KM process per node, with real
-mutual TLS and real gRPC between them. A link to real QKD devices (``spec.etsi014``) needs
+one emulated QKD module pair per emulated link and one KM process per replica of each node
+(``spec.km.replicas``), with real mutual TLS and real gRPC between them. A node's replicas
+share its ETSI 014 port — every local KM binds it with SO_REUSEPORT (``etsi014_reuse_port``),
+so the kernel spreads its SAEs' connections over them and a replica can join a running
+node — and each has its own gRPC and metrics ports. A link to real QKD devices (``spec.etsi014``) needs
 no process: its KMs reach the devices with the credentials found in a secrets directory,
 laid out as the cluster mounts the Secrets each endpoint names. A KM reporting to a control
 plane starts with its identity only and gets its topology pushed (the control plane tracks
@@ -11,8 +14,8 @@ plane starts with its identity only and gets its topology pushed (the control pl
 writes ``endpoints.json`` once every endpoint answers and stops every process it started.
 
 A running network changes by planning it again (``replan``): the new nodes and emulated
-links get ports, certificates and configuration files, and the result says which
-processes to start, which module pairs take new conditions live (key rate, QBER), which
+links (and new replicas of a node) get ports, certificates and configuration files, and the
+result says which processes to start, which module pairs take new conditions live (key rate, QBER), which
 processes to start again (their configuration changed otherwise: a KM's identity, a
 module's buffer or device profile) and which to stop; ``endpoints.json`` is then published
 again (``publish``) in one step, so a reader sees either the old file or the new one.
@@ -36,7 +39,7 @@ from vqkd.km import identity
 from vqkd.km.config import TLSPaths
 from vqkd.km.pki import DevCA
 from vqkd.operator.plan import (
-    ENDS, DeclaredNetwork, End, KMAddress, ModuleAddress, NetworkPlan, PlanError, plan_network,
+    ENDS, DeclaredNetwork, End, KMAddress, ModuleAddress, NetworkPlan, PlanError, plan_network, replicas_of,
 )
 
 log = logging.getLogger(__name__)
@@ -51,10 +54,16 @@ DEVICE_CREDENTIALS_HELP = ("ca.crt (the device's CA), tls.crt and tls.key (the c
                            "knows the node's KM by)")
 
 
-class KMPorts(NamedTuple):
-    etsi014: int
+class ReplicaPorts(NamedTuple):
     grpc: int
     metrics: int
+
+
+class KMPorts(NamedTuple):
+    """The ports of a node's KMs: the ETSI 014 port all its replicas bind, and each replica's own."""
+
+    etsi014: int
+    replicas: tuple[ReplicaPorts, ...]  # by ordinal; a replica removed gives its ports back when stopped
 
 
 class ModulePorts(NamedTuple):
@@ -77,13 +86,14 @@ class LocalAddressing:
     device_credentials: dict[tuple[str, str], TLSPaths] = field(default_factory=dict)
 
     def km(self, node: str, replica: int = 0) -> KMAddress:
-        if replica:
-            raise PlanError(f"node {node}: this runtime runs one KM per node, not replica {replica}")
         ports = self.km_ports[node]
+        if not 0 <= replica < len(ports.replicas):
+            raise PlanError(f"node {node}: no ports for KM replica {replica}; it has {len(ports.replicas)}")
+        own = ports.replicas[replica]
         return KMAddress(
-            etsi014_listen=f"{HOST}:{ports.etsi014}", grpc_listen=f"{HOST}:{ports.grpc}",
-            metrics_listen=f"{HOST}:{ports.metrics}", etsi014_url=f"https://{HOST}:{ports.etsi014}",
-            grpc=f"{HOST}:{ports.grpc}", metrics_url=f"http://{HOST}:{ports.metrics}/metrics",
+            etsi014_listen=f"{HOST}:{ports.etsi014}", grpc_listen=f"{HOST}:{own.grpc}",
+            metrics_listen=f"{HOST}:{own.metrics}", etsi014_url=f"https://{HOST}:{ports.etsi014}",
+            grpc=f"{HOST}:{own.grpc}", metrics_url=f"http://{HOST}:{own.metrics}/metrics",
         )
 
     def module(self, link: str) -> ModuleAddress:
@@ -138,6 +148,11 @@ def device_credentials(network: DeclaredNetwork, secrets: Path) -> dict[tuple[st
     return found
 
 
+def km_process(node: str, replica: int) -> str:
+    """The process name of one KM replica: ``km-<node>`` for replica 0, ``km-<node>.<replica>`` after it."""
+    return f"km-{node}.{replica}" if replica else f"km-{node}"
+
+
 @dataclass
 class Process:
     name: str
@@ -145,6 +160,7 @@ class Process:
     config: Path
     log: Path
     ready_url: str
+    km: tuple[str, int] | None = None  # the KM instance (node, replica) it runs, if it is a KM
     popen: subprocess.Popen | None = None
     restarts: int = 0
 
@@ -205,14 +221,15 @@ class LocalNetwork:
         credentials = device_credentials(self.manifest, self.secrets) if self.secrets is not None else {}
         nodes = list(self.manifest.nodes)
         emulated = [name for name, link in self.manifest.links.items() if link.spec.emulated is not None]
-        ports = _free_ports(3 * len(nodes) + 3 * len(emulated) + 2)
+        replicas = {node: len(replicas_of(self.manifest, node)) for node in nodes}
+        ports = _free_ports(sum(1 + 2 * count for count in replicas.values()) + 3 * len(emulated) + 2)
         self.status_port = ports.pop()
         if self.control_plane == "auto":
             self.control_plane = f"{HOST}:{ports.pop()}"
         identities = [identity.km(node) for node in nodes]
         identities += [identity.module(link, end) for link in emulated for end in ENDS]
         addressing = LocalAddressing(
-            km_ports={node: KMPorts(ports.pop(), ports.pop(), ports.pop()) for node in nodes},
+            km_ports={node: _km_ports(ports, count) for node, count in replicas.items()},
             module_ports={link: ModulePorts(ports.pop(), ports.pop(), ports.pop()) for link in emulated},
             certificates={ident: self._tls(ident) for ident in identities},
             control_plane=self.control_plane, device_credentials=credentials,
@@ -223,10 +240,8 @@ class LocalNetwork:
         """Each planned process's configuration file, and the endpoints to publish."""
         for name, config in planned.modules.items():
             self._add(f"link-{name}", "vqkd.km.emulator", config, addressing.module(name).control_url)
-        for name, config in planned.kms.items():
-            if config.control_plane is None:  # on its own: nobody will push it a topology
-                config = config.model_copy(update={"topology": planned.topologies[name]})
-            self._add(f"km-{name}", "vqkd.km", config, f"http://{config.metrics_listen}/healthz")
+        for name, module, config, ready_url, km in _km_processes(planned):
+            self._add(name, module, config, ready_url, km)
         self.endpoints["nodes"] = {name: asdict(ends) for name, ends in planned.km_endpoints.items()}
         self.endpoints["links"] = {name: asdict(ends) for name, ends in planned.module_endpoints.items()}
         self.endpoints["ca_cert"] = str(self.ca.cert_path)
@@ -237,10 +252,10 @@ class LocalNetwork:
             tls = self._tls(identity.sae(sae))
             self.endpoints["saes"][sae] = {"node": node, "cert": str(tls.cert), "key": str(tls.key)}
 
-    def _add(self, name: str, module: str, config, ready_url: str) -> None:
+    def _add(self, name: str, module: str, config, ready_url: str, km: tuple[str, int] | None = None) -> None:
         path = self.state_dir / "config" / f"{name}.json"
         path.write_text(config.model_dump_json(indent=2))
-        self.processes[name] = Process(name, module, path, self.state_dir / "logs" / f"{name}.log", ready_url)
+        self.processes[name] = Process(name, module, path, self.state_dir / "logs" / f"{name}.log", ready_url, km)
 
     # -- running ---------------------------------------------------------------------
 
@@ -312,7 +327,7 @@ class LocalNetwork:
     def replan(self, network: DeclaredNetwork) -> ProcessChanges:
         """Plan ``network`` in place of the running one, and say what that asks of the processes.
 
-        New nodes and emulated links get loopback ports and certificates, every process to
+        New nodes, replicas and emulated links get loopback ports and certificates, every process to
         start, retune or start again gets its configuration file, and the endpoints to
         publish become the new network's (new SAEs get their certificates). Nothing is
         started or stopped here: the caller runs the changes (``start_planned``, ``retune``,
@@ -322,16 +337,15 @@ class LocalNetwork:
         planned, addressing = self._replan(network)
         for table in ("km_ports", "module_ports", "certificates", "device_credentials"):
             getattr(self.addressing, table).update(getattr(addressing, table))
-        wanted = [(f"link-{name}", "vqkd.km.emulator", config, addressing.module(name).control_url)
+        wanted = [(f"link-{name}", "vqkd.km.emulator", config, addressing.module(name).control_url, None)
                   for name, config in planned.modules.items()]
-        wanted += [(f"km-{name}", "vqkd.km", config, f"http://{config.metrics_listen}/healthz")
-                   for name, config in planned.kms.items()]
+        wanted += _km_processes(planned)
         changes = ProcessChanges(stop=sorted(set(self.processes) - {name for name, *_ in wanted}))
-        for name, module, config, ready_url in wanted:
+        for name, module, config, ready_url, km in wanted:
             proc = self.processes.get(name)
             if proc is None:
                 changes.start.append(name)
-                self._add(name, module, config, ready_url)
+                self._add(name, module, config, ready_url, km)
             elif changed := _changed_settings(proc.config, config):
                 proc.config.write_text(config.model_dump_json(indent=2))
                 if proc.module == "vqkd.km.emulator" and changed <= MODULE_LIVE_SETTINGS:
@@ -351,13 +365,21 @@ class LocalNetwork:
         credentials = device_credentials(network, self.secrets) if self.secrets is not None else {}
         running = self.addressing
         nodes = [name for name in network.nodes if name not in running.km_ports]
+        # A node's replicas beyond those running need ports; those beyond the new count keep theirs until stopped.
+        more = {name: len(replicas_of(network, name)) - len(running.km_ports[name].replicas)
+                for name in network.nodes if name in running.km_ports}
         emulated = [name for name, link in network.links.items()
                     if link.spec.emulated is not None and name not in running.module_ports]
-        ports = _free_ports(3 * len(nodes) + 3 * len(emulated))
+        replicas = {node: len(replicas_of(network, node)) for node in nodes}
+        ports = _free_ports(sum(1 + 2 * count for count in replicas.values())
+                            + 2 * sum(count for count in more.values() if count > 0) + 3 * len(emulated))
         identities = [identity.km(node) for node in nodes]
         identities += [identity.module(link, end) for link in emulated for end in ENDS]
+        grown = {name: running.km_ports[name]._replace(
+                     replicas=running.km_ports[name].replicas + _replica_ports(ports, count))
+                 for name, count in more.items() if count > 0}
         addressing = LocalAddressing(
-            km_ports={**running.km_ports, **{node: KMPorts(ports.pop(), ports.pop(), ports.pop()) for node in nodes}},
+            km_ports={**running.km_ports, **grown, **{node: _km_ports(ports, count) for node, count in replicas.items()}},
             module_ports={**running.module_ports,
                           **{link: ModulePorts(ports.pop(), ports.pop(), ports.pop()) for link in emulated}},
             certificates={**running.certificates, **{ident: self._tls(ident) for ident in identities}},
@@ -381,11 +403,16 @@ class LocalNetwork:
     def retire(self, names: list[str]) -> None:
         """Stop the named processes for good: their nodes and links are gone, and so are their ports."""
         procs = [self.processes.pop(name) for name in names]
-        for name in names:
-            if name.startswith("km-"):
-                self.addressing.km_ports.pop(name.removeprefix("km-"), None)
-            else:
-                self.addressing.module_ports.pop(name.removeprefix("link-"), None)
+        for proc in procs:
+            if proc.km is None:
+                self.addressing.module_ports.pop(proc.name.removeprefix("link-"), None)
+                continue
+            node, replica = proc.km
+            ports = self.addressing.km_ports.get(node)
+            if replica == 0:
+                self.addressing.km_ports.pop(node, None)
+            elif ports is not None:  # ordinals stay contiguous: the replicas stopped are the last ones
+                self.addressing.km_ports[node] = ports._replace(replicas=ports.replicas[:replica])
         _terminate([p.popen for p in procs if p.popen and p.popen.poll() is None])
 
     def stop(self) -> None:
@@ -401,6 +428,28 @@ def _terminate(running: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             popen.kill()
             popen.wait()
+
+
+def _km_processes(planned: NetworkPlan) -> list[tuple[str, str, object, str, tuple[str, int]]]:
+    """Every KM replica's process: (name, module, configuration, ready URL, KM instance). Each binds
+    its node's ETSI 014 port with SO_REUSEPORT, so the node's replicas share it."""
+    processes = []
+    for node, configs in planned.kms.items():
+        for config in configs:
+            update: dict[str, object] = {"etsi014_reuse_port": True}
+            if config.control_plane is None:  # on its own: nobody will push it a topology
+                update["topology"] = planned.topologies[node]
+            processes.append((km_process(node, config.replica), "vqkd.km", config.model_copy(update=update),
+                              f"http://{config.metrics_listen}/healthz", (node, config.replica)))
+    return processes
+
+
+def _km_ports(ports: list[int], replicas: int) -> KMPorts:
+    return KMPorts(ports.pop(), _replica_ports(ports, replicas))
+
+
+def _replica_ports(ports: list[int], count: int) -> tuple[ReplicaPorts, ...]:
+    return tuple(ReplicaPorts(ports.pop(), ports.pop()) for _ in range(count))
 
 
 def _changed_settings(path: Path, config) -> set[str]:

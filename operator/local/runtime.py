@@ -8,9 +8,9 @@ It runs in the ``vqkd up`` process, beside the KM and module processes it superv
 - every KM's topology, pushed by the host from the network's resources and addressing: the
   KMs start with their identity only, and the network is published (``endpoints.json``)
   once each holds its topology;
-- supervision, as a kubelet would: a process that exits is started again; for a KM the
-  host is told, and asks the new instance at once, so it gets its topology and every
-  session it takes part in pushed again;
+- supervision, as a kubelet would: a process that exits is started again; for a KM replica
+  the host is told, and asks the new instance at once, so it gets its topology and every
+  session its node takes part in pushed again (the node's other replicas serve meanwhile);
 - a status API on loopback (plain HTTP): ``/sessions``, ``/links``, ``/nodes``,
   ``/alarms``, ``/events``, ``/metrics`` and the ETSI GS QKD 015 view at
   ``/restconf/data/etsi-qkd-sdn-node:qkd_node?node=NAME``; and the changes of
@@ -34,6 +34,7 @@ from vqkd.operator.control.monitoring import MonitoringSettings
 from vqkd.operator.host import TICK_S, Cadence, ControlPlaneHost
 from vqkd.operator.local.changes import LiveChanges
 from vqkd.operator.local.processes import HOST, READY_TIMEOUT_S, LocalNetwork
+from vqkd.operator.topologies import instance_name
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,17 @@ class LocalControlPlane:
         network.plan()
         controller = network._tls(identity.controller()).files()
         self.host = ControlPlaneHost(
-            GrpcKMs(lambda node: network.endpoints["nodes"][node]["grpc"], controller), controller,
+            GrpcKMs(lambda node, replica: network.addressing.km(node, replica).grpc, controller), controller,
             network.control_plane,
             module_metrics=lambda link: network.endpoints.get("links", {}).get(link, {}).get("metrics_url"),
             cadence=Cadence(poll_interval_s=POLL_S),
             admission=admission or AdmissionSettings(),
             monitoring=monitoring or MonitoringSettings(no_key_window_s=5.0),
         )
-        self.host.topologies.track(network.manifest, network.addressing)
+        self.host.track(network.manifest, network.addressing)
         self.core = self.host.core
         self.supervise = supervise
-        self.paused: set[str] = set()  # KMs deliberately left down (node loss drills)
+        self.paused: set[str] = set()  # nodes whose KMs are deliberately left down (node loss drills)
         self.changing: set[str] = set()  # processes a change is starting or stopping
         self.changes = LiveChanges(network, self.host, self.changing)
         self._runner: web.AppRunner | None = None
@@ -92,7 +93,7 @@ class LocalControlPlane:
                 return
             if loop.time() > deadline:
                 raise RuntimeError(f"KMs without their topology after {timeout:.0f} s: "
-                                   + "; ".join(f"{node}: {why}" for node, why in missing.items()))
+                                   + "; ".join(f"{instance_name(*km)}: {why}" for km, why in missing.items()))
             await asyncio.sleep(TICK_S)
 
     async def _supervise_forever(self) -> None:
@@ -107,16 +108,15 @@ class LocalControlPlane:
 
     async def _supervise(self) -> None:
         for name, proc in list(self.network.processes.items()):
-            if proc.popen is None or proc.popen.poll() is None or name.removeprefix("km-") in self.paused \
-                    or name in self.changing:
+            if proc.popen is None or proc.popen.poll() is None or name in self.changing \
+                    or (proc.km is not None and proc.km[0] in self.paused):
                 continue
             log.warning("%s exited with code %s; starting it again", name, proc.popen.returncode)
-            node = name.removeprefix("km-") if name.startswith("km-") else None
-            if node is not None:
-                self.host.km_lost(node)
+            if proc.km is not None:
+                self.host.km_lost(*proc.km)
             await asyncio.to_thread(self.network.restart, name)
-            if node is not None:
-                await self.host.check(node)
+            if proc.km is not None:
+                await self.host.check(*proc.km)
 
     async def _serve_status(self) -> None:
         app = web.Application()
@@ -127,7 +127,7 @@ class LocalControlPlane:
 
         app.router.add_get("/sessions", json_view(self.core.sessions))
         app.router.add_get("/links", json_view(self.core.links))
-        app.router.add_get("/nodes", json_view(self.core.nodes))
+        app.router.add_get("/nodes", json_view(self.host.nodes))
         app.router.add_get("/users", json_view(self.core.users))
         app.router.add_get("/alarms", json_view(lambda: [asdict(a) for a in self.core.alarms()]))
         app.router.add_get("/events", json_view(lambda: [e.to_dict() for e in self.core.events]))

@@ -20,7 +20,7 @@ COLUMNS = {
     "links": [("LINK", "name", "text"), ("NODES", "nodes", "text"), ("STATE", "state", "text"),
               ("KEYRATE", "keyRateBps", "rate"), ("QBER", "qber", "percent"), ("STORED", "storedKeyBits", "bits"),
               ("BURNED", "burnedBits", "bits"), ("RESERVED", "reservedBps", "rate"), ("SESSIONS", "sessions", "text"), ("REASON", "reason", "text")],
-    "nodes": [("NODE", "name", "text"), ("STATUS", "status", "text"), ("SAES", "saeIds", "text"),
+    "nodes": [("NODE", "name", "text"), ("STATUS", "status", "text"), ("READY", "ready", "text"), ("SAES", "saeIds", "text"),
               ("LINKS", "links", "text"), ("SESSIONS", "sessions", "text"), ("REASON", "reason", "text")],
     "users": [("USER", "name", "text"), ("ENABLED", "enabled", "text"), ("SAES", "saeIds", "text"),
               ("PRIORITY", "priority", "text"), ("SESSIONS", "sessions", "text"), ("MAX", "maxSessions", "text"),

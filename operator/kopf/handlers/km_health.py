@@ -29,7 +29,7 @@ class KMHealth(HostListener):
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
 
-    async def replace(self, node: str, replica: int = 0) -> None:
+    async def replace(self, node: str, replica: int) -> None:
         """The host's ``KMReplacer``: a new pod for a KM replica that stopped answering."""
         declared = self.runtime.resources.nodes.get(node)
         only = declared is None or declared.spec.km.replicas == 1
@@ -39,10 +39,10 @@ class KMHealth(HostListener):
             self.runtime.metrics.errors(KIND).inc()
             log.warning("replacing the KM pod of QKDNode %s failed; trying again later: %s", node, e)
 
-    def km_liveness_changed(self, node: str, liveness: KMLiveness) -> None:
+    def km_liveness_changed(self, node: str, replica: int, liveness: KMLiveness) -> None:
         self.runtime.status.mark(KIND, node)
 
-    def km_replaced(self, node: str, seconds: float | None) -> None:
+    def km_replaced(self, node: str, replica: int, seconds: float | None) -> None:
         sessions = next((row["sessions"] for row in self.runtime.core.nodes() if row["name"] == node), 0)
         if seconds is None:
             message = f"a new KM instance serves with its {sessions} sessions pushed again (restart not observed)"

@@ -125,9 +125,7 @@ def assemble(options: OperatorOptions, kube: Kube, endpoints: EndpointResolver, 
         admission=options.admission, monitoring=options.monitoring, namespace=options.namespace,
         token_lookup=tokens.lookup, registry=registry,
     )
-    addressing = options.km_addressing
-    if addressing is not None:
-        host.topologies.track(resources, addressing)
+    host.track(resources, options.km_addressing)
     status = StatusWriter(kube, on_error=lambda kind: metrics.errors(kind).inc())
     runtime = Runtime(options, kube, endpoints, ca, host, metrics, status, resources,
                       Background(on_error=lambda: metrics.errors("Operator").inc()))

@@ -61,10 +61,10 @@ class Rollout(HostListener):
         """The KM of ``node`` no longer waits: its template is as written, or the node is gone."""
         self.waiting.discard(node)
 
-    def km_liveness_changed(self, node: str, liveness: KMLiveness) -> None:
+    def km_liveness_changed(self, node: str, replica: int, liveness: KMLiveness) -> None:
         self._seen.set()
 
-    def km_replaced(self, node: str, seconds: float | None) -> None:
+    def km_replaced(self, node: str, replica: int, seconds: float | None) -> None:
         self._seen.set()
 
     async def _run(self) -> None:
@@ -73,7 +73,9 @@ class Rollout(HostListener):
             while self.waiting:
                 node = min(self.waiting)
                 self.waiting.discard(node)
-                before = self.runtime.host.liveness(node).incarnation
+                host = self.runtime.host
+                before = {replica: host.replica_liveness(node, replica).incarnation
+                          for replica in range(host.replicas(node))}
                 try:
                     restarts = await self.roll(node)
                 except (KubeError, OSError) as e:
@@ -86,9 +88,9 @@ class Rollout(HostListener):
         finally:
             self._task = None
 
-    async def _until_back(self, node: str, before: str | None) -> None:
-        """Wait until the KM of ``node``, written while it ran as ``before``, is Ready again, or
-        until the bound passes."""
+    async def _until_back(self, node: str, before: dict[int, str | None]) -> None:
+        """Wait until every KM replica of ``node``, written while they ran as ``before`` (replica
+        -> incarnation), is Ready again, or until the bound passes."""
         runtime = self.runtime
         bound = runtime.options.km_roll_wait_s
         loop = asyncio.get_running_loop()
@@ -105,9 +107,7 @@ class Rollout(HostListener):
                 return
             remaining = started + bound - loop.time()
             if remaining <= 0:
-                liveness = runtime.host.liveness(node)
-                seen = liveness.error if liveness.ok is False else \
-                    "still the instance it was" if liveness.incarnation == before else "its topology not confirmed"
+                seen = self._lagging(node, before)
                 message = (f"the KM was not Ready again {bound:g} s after its pod template changed "
                            f"({seen}); the next KM rolls anyway")
                 log.warning("QKDNode %s: %s", node, message)
@@ -123,14 +123,27 @@ class Rollout(HostListener):
         runtime.status.event(KIND, node, "Normal", "KMRolled",
                              f"KM Ready again {seconds:.2f} s after its pod template changed")
 
-    def _back(self, node: str, before: str | None) -> bool:
-        """The KM of ``node`` serves as a new instance and, where the host pushes it, holds its topology."""
+    def _back(self, node: str, before: dict[int, str | None]) -> bool:
+        """Every KM replica of ``node`` serves as a new instance and, where the host pushes it,
+        holds its topology."""
+        return self._lagging(node, before) is None
+
+    def _lagging(self, node: str, before: dict[int, str | None]) -> str | None:
+        """Why a KM replica of ``node`` is not back yet, or None when all are."""
         host = self.runtime.host
-        liveness = host.liveness(node)
-        if not liveness.ok or liveness.incarnation is None or liveness.incarnation == before:
-            return False
-        if node not in host.topologies.declared():
-            return True  # its topology comes from elsewhere (the processes of `vqkd up`)
-        held = host.topologies.held(node)
-        return held is not None and held.incarnation == liveness.incarnation and \
-            node not in host.topologies.unconfirmed()
+        declared = host.topologies.declared()
+        unconfirmed = host.topologies.unconfirmed()
+        replicas = host.replicas(node)
+        for replica in range(replicas):
+            which = f"replica {replica}: " if replicas > 1 else ""
+            liveness = host.replica_liveness(node, replica)
+            if liveness.ok is False:
+                return f"{which}{liveness.error}"
+            if not liveness.ok or liveness.incarnation is None or liveness.incarnation == before.get(replica):
+                return f"{which}still the instance it was"
+            if (node, replica) not in declared:
+                continue  # its topology comes from elsewhere (the processes of `vqkd up`)
+            held = host.topologies.held(node, replica)
+            if held is None or held.incarnation != liveness.incarnation or (node, replica) in unconfirmed:
+                return f"{which}its topology not confirmed"
+        return None
