@@ -18,7 +18,7 @@ from vqkd.km import identity
 from vqkd.km.config import KeyLimits, KMConfig, KMTopology, LinkEndConfig, TLSPaths
 from vqkd.km.domain import errors
 from vqkd.km.domain.exchange import KeyExchange
-from vqkd.km.domain.keymanager import KeyManager
+from vqkd.km.domain.keymanager import UNREACHABLE_PASS_OVER_S, KeyManager
 from vqkd.km.domain.relay import RelayRejected, RelayService
 from vqkd.km.domain.sessions import SessionConfig, SessionTable
 from vqkd.km.domain.vocabulary import Endpoint, LinkState, Role
@@ -103,6 +103,23 @@ def test_key_for_a_hop_goes_over_the_ends_holding_enough_in_turn_else_over_the_f
     ends[2].outgoing.add([("tie", bytes(384))])  # now as full as end 1
     assert {km.end_towards("b", 1 << 20).peer_replica for _ in range(4)} == {1, 2}, "the fullest tied take turns"
     assert km.end_towards("c", 256) is None
+
+
+def test_an_end_whose_peer_did_not_answer_is_passed_over_while_another_can_serve():
+    now = [100.0]
+    km = KeyManager(config("a", topology=KMTopology(links=[end("a", "b", r) for r in range(2)])),
+                    clock=lambda: now[0])
+    ends = km.link_to["b"]
+    for link in ends:
+        link.peer = object()
+        fill(link, 8192)
+    ends[1].peer_unreachable_at = 100.0  # a call to replica 1 of b did not reach it
+    assert {km.end_towards("b", 256).peer_replica for _ in range(4)} == {0}
+    ends[0].peer_unreachable_at = 100.0
+    assert {km.end_towards("b", 256).peer_replica for _ in range(4)} == {0, 1}, "none answers: all in turn"
+    ends[0].peer_unreachable_at = None
+    now[0] += UNREACHABLE_PASS_OVER_S + 0.1
+    assert {km.end_towards("b", 256).peer_replica for _ in range(4)} == {0, 1}, "tried again after a while"
 
 
 # -- ETSI 014 status and metrics over several ends ----------------------------------------------

@@ -33,6 +33,11 @@ from vqkd.km.domain.links import Link
 # setting (peer, module, credentials) makes it another link end: removed and added again.
 RETUNABLE = frozenset({"block_bits", "pool_target_bits", "peer_kme_id"})
 
+# How long an end whose peer KM did not answer is passed over when choosing one towards its
+# node: long enough for requests to avoid a replica that went away, short enough that one
+# back with a full pool (which its feed does not call) is used again soon.
+UNREACHABLE_PASS_OVER_S = 1.0
+
 # Why link key material was dropped (vqkd_km_flushed_bits_total{reason}).
 FLUSH_REASONS = ("peer_restarted", "link_removed", "link_reconfigured")
 
@@ -84,6 +89,7 @@ class TopologyChange:
 class KeyManager:
     def __init__(self, config: KMConfig, clock: Callable[[], float] = time.monotonic):
         self.config = config
+        self.clock = clock
         self.node = config.node
         self.kme_id = config.kme_id
         self.replica = config.replica
@@ -187,6 +193,12 @@ class KeyManager:
         ends = [link for link in self.link_to.get(node, ()) if link.peer is not None]
         if len(ends) <= 1:
             return ends[0] if ends else None
+        # An end whose peer did not answer lately is tried again only when no other end can be:
+        # while a replica is away, requests go to the others instead of failing in turn.
+        now = self.clock()
+        reachable = [link for link in ends if link.peer_unreachable_at is None
+                     or now - link.peer_unreachable_at > UNREACHABLE_PASS_OVER_S]
+        ends = reachable or ends
         candidates = [link for link in ends if link.outgoing.available_bits >= need_bits]
         if not candidates:
             most = max(link.outgoing.available_bits for link in ends)

@@ -38,6 +38,9 @@ class Link:
         self.peer: Peer | None = None  # plugged in by the process once its transport is up
         self.flushed_bits = 0  # dropped because the peer's end was new
         self.peer_restarts = 0
+        # When a call to the peer KM last failed to reach it (its transport's clock), None once
+        # one got through: a replica that went away is passed over for a while.
+        self.peer_unreachable_at: float | None = None
         self.drawn_bits = 0
         self.relayed_bits = 0
         self.devices = LinkDevices()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -313,7 +314,9 @@ class PeerClient:
                 km_pb2.HelloRequest(link=self.link.name, incarnation=self.link.incarnation,
                                     sender_replica=self.replica), timeout=RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
+            self._failed(e)
             raise errors.PeerUnavailable(f"{self.peer}: {e.code().name}: {e.details()}") from None
+        self.link.peer_unreachable_at = None
         self.link.observe_peer(reply.incarnation)
 
     async def _call(self, method, request_factory):
@@ -321,13 +324,21 @@ class PeerClient:
             if self.link.peer_incarnation is None:
                 await self.hello()
             incarnation = self.link.peer_incarnation
-            return await method(request_factory(incarnation), timeout=RPC_TIMEOUT_S), incarnation
+            reply = await method(request_factory(incarnation), timeout=RPC_TIMEOUT_S)
+            self.link.peer_unreachable_at = None
+            return reply, incarnation
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 self.link.forget_peer()
+            self._failed(e)
             raise errors.PeerUnavailable(f"{self.peer}: {e.code().name}: {e.details()}") from None
         except grpc.aio.UsageError:  # the channel was closed: a topology change removed the link
             raise errors.PeerUnavailable(f"{self.peer}: the link was removed") from None
+
+    def _failed(self, error: grpc.aio.AioRpcError) -> None:
+        """Note a call that did not reach the peer KM (not one it answered with a refusal)."""
+        if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            self.link.peer_unreachable_at = time.monotonic()
 
     async def _send_batch(self, method, request_type, field: str, items: list,
                           describe: Callable[[str], str] = lambda reason: reason) -> list[Exception | None]:

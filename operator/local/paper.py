@@ -75,7 +75,11 @@ async def exchange(endpoints: dict, master: str, slave: str) -> tuple[int, int]:
 @dataclass
 class RoundTrips:
     """Continuous ETSI 014 round trips of one SAE pair: ``enc_keys`` at the master, ``dec_keys``
-    at the slave, the keys compared; what failed is kept with the time it failed."""
+    at the slave, the keys compared; what failed is kept with the time it failed.
+
+    With ``dec_retry_s``, a ``dec_keys`` answered 503 (the slave's KM cannot tell yet, e.g. a
+    replica holding the keys just went) is asked again for that long; keys the master got and
+    the slave then still cannot have are counted as ``lost``."""
 
     master: str
     slave: str
@@ -83,6 +87,8 @@ class RoundTrips:
     mismatched: int = 0
     failures: list[tuple[float, str]] = field(default_factory=list)  # (time.monotonic(), what)
     first_key_at: float | None = None
+    dec_retry_s: float = 0.0
+    lost: int = 0
 
     async def run(self, endpoints: dict, stop: asyncio.Event, pause_s: float = 0.1, rounds: int = 2000) -> None:
         """Up to ``rounds`` round trips of one key, ``pause_s`` apart, until ``stop`` is set."""
@@ -92,9 +98,15 @@ class RoundTrips:
                     return
                 try:
                     sent = await master.enc_keys(self.slave, 1, KEY_BITS)
-                    got = dict(await slave.dec_keys(self.master, [key_id for key_id, _ in sent]))
                 except (ETSI014Error, aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    self.failures.append((time.monotonic(), f"{type(e).__name__}: {e}"))
+                    self.failures.append((time.monotonic(), f"enc_keys {type(e).__name__}: {e}"))
+                    await asyncio.sleep(pause_s)
+                    continue
+                try:
+                    got = dict(await self._dec_keys(slave, [key_id for key_id, _ in sent]))
+                except (ETSI014Error, aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    self.failures.append((time.monotonic(), f"dec_keys {type(e).__name__}: {e}"))
+                    self.lost += len(sent)
                 else:
                     matched = sum(got.get(key_id) == key for key_id, key in sent)
                     self.ok += matched
@@ -102,6 +114,16 @@ class RoundTrips:
                     if matched and self.first_key_at is None:
                         self.first_key_at = time.monotonic()
                 await asyncio.sleep(pause_s)
+
+    async def _dec_keys(self, slave, key_ids: list[str]) -> list[tuple[str, bytes]]:
+        deadline = time.monotonic() + self.dec_retry_s
+        while True:
+            try:
+                return await slave.dec_keys(self.master, key_ids)
+            except (ETSI014Error, aiohttp.ClientError, asyncio.TimeoutError) as e:
+                if isinstance(e, ETSI014Error) and e.status != 503 or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.1)
 
     async def until_first_key(self, endpoints: dict, timeout_s: float) -> float | None:
         """Round trips back to back until one key made it; when it did (``time.monotonic``), None if not in time."""
