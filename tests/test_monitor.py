@@ -95,19 +95,26 @@ async def test_a_km_that_reports_no_state_says_nothing_and_one_full_pool_is_not_
 def end_stats(node: str, *ends: tuple[int, int, str, bool]):
     """A KM's stats with one end of link ab per peer replica: (peer replica, drawn, state, pool full)."""
     return km_pb2.Stats(incarnation=f"i-{node}", links=[
-        km_pb2.LinkStats(link="ab", drawn_bits_total=drawn, state=state, pool_full=full)
-        for _, drawn, state, full in ends])
+        km_pb2.LinkStats(link="ab", peer_replica=peer, drawn_bits_total=drawn, state=state, pool_full=full)
+        for peer, drawn, state, full in ends])
 
 
-async def test_a_link_between_replicated_nodes_sums_every_end_and_reads_the_worst_state():
+async def test_a_link_between_replicated_nodes_sums_every_end_and_serves_while_one_pair_of_kms_does():
     """a runs 2 replicas, b one: link ab has an end at a/0 and a/1 (towards b/0) and two at b/0
-    (towards a/0 and a/1), 4 in all."""
+    (towards a/0 and a/1), 4 in all; a pair's state is the worse of its two ends."""
     kms = KMs({"a": end_stats("a", (0, 100, "Up", True)), ("a", 1): end_stats("a", (0, 20, "Degraded", True)),
                "b": end_stats("b", (0, 30, "Up", True), (1, 4, "Up", True))})
     round_ = await read_round(kms, {"a": 2, "b": 1}, {"ab": ("a", "b")}, {}, clock=lambda: 1.0)
     assert set(round_.stats) == {("a", 0), ("a", 1), ("b", 0)}
     (ab,) = round_.links
-    assert (ab.drawn_bits, ab.reported.state, ab.pools_full) == (154.0, LinkState.DEGRADED, True)
+    assert (ab.drawn_bits, ab.reported.state, ab.pools_full) == (154.0, LinkState.UP, True), "pair a/0-b/0 is Up"
+    kms.by_node["b"] = end_stats("b", (0, 30, "Down", True), (1, 4, "Up", True))
+    (ab,) = (await read_round(kms, {"a": 2, "b": 1}, {"ab": ("a", "b")}, {}, clock=lambda: 1.0)).links
+    assert ab.reported.state is LinkState.DEGRADED, "a/0-b/0 is Down at b's end: a/1-b/0, Degraded, is the best"
+    kms.by_node["b"] = end_stats("b", (0, 30, "Down", True), (1, 4, "Down", True))
+    (ab,) = (await read_round(kms, {"a": 2, "b": 1}, {"ab": ("a", "b")}, {}, clock=lambda: 1.0)).links
+    assert ab.reported.state is LinkState.DOWN, "no pair serves"
+    kms.by_node["b"] = end_stats("b", (0, 30, "Up", True), (1, 4, "Up", True))
     kms.by_node[("a", 1)] = grpc.RpcError("refused")
     (ab,) = (await read_round(kms, {"a": 2, "b": 1}, {"ab": ("a", "b")}, {}, clock=lambda: 1.0)).links
     assert (ab.drawn_bits, ab.pools_full) == (134.0, False), "an end that does not answer does not vouch for its pool"

@@ -5,7 +5,8 @@ and scrapes every module's ``/metrics``, concurrently, and returns what they sai
 numbers: per instance its stats (or why it did not answer), per link a ``LinkReading`` with
 what every end of it drew, holds and gave up — a node's KMs have an end of the link per
 replica of the peer node, so a link of nodes with n and m replicas has 2·n·m ends — the
-worst of the states they report for it, and what its module reports.
+state they report for it (a link serves while one pair of its KMs does), and what its module
+reports.
 Interpreting them — rates, idle or broken, down or replaced — is the monitoring element's
 and the host's business, not this adapter's.
 """
@@ -63,24 +64,31 @@ async def read_round(kms: KMStats, replicas: Mapping[str, int], links: Mapping[s
     at = clock()
     readings = []
     for link, (a, b) in links.items():
-        per_end = [ls for (node, _), s in stats.items() if node in (a, b) and isinstance(s, km_pb2.Stats)
-                   for ls in s.links if ls.link == link]
+        by_instance = [(node, replica, ls) for (node, replica), s in stats.items()
+                       if node in (a, b) and isinstance(s, km_pb2.Stats) for ls in s.links if ls.link == link]
+        per_end = [ls for _, _, ls in by_instance]
         ends = 2 * replicas.get(a, 1) * replicas.get(b, 1)
         readings.append(LinkReading(
             link=link, at=at, drawn_bits=float(sum(ls.drawn_bits_total for ls in per_end)),
             pool_bits=sum(ls.outgoing_bits + ls.incoming_bits for ls in per_end), module=modules.get(link),
-            reported=worst_report(per_end),
+            reported=link_report(a, by_instance),
             burned_bits=sum(sum(ls.burned_bits_total.values()) for ls in per_end),
             pools_full=len(per_end) == ends and all(ls.pool_full for ls in per_end)))
     return Round(stats, readings)
 
 
-def worst_report(ends: list[km_pb2.LinkStats]) -> KMReport | None:
-    """The worst of the states the link's ends report (the first end's on a tie); an end
-    that reports no state says nothing."""
-    reports = [KMReport(LinkState(ls.state), ls.reason, ls.message)
-               for ls in ends if ls.state in SEVERITY]
-    return max(reports, key=lambda report: SEVERITY[report.state], default=None)
+def link_report(a: str, ends: list[tuple[str, int, km_pb2.LinkStats]]) -> KMReport | None:
+    """The link's state from its ends (node, replica, stats): per pair of KM replicas across it
+    the worse of its two ends, and of the pairs the best — requests pass over the ends whose
+    peer replica is away, so the link serves while one pair does. With one KM at each node,
+    the worse of its two ends. An end that reports no state says nothing."""
+    pairs: dict[tuple[int, int], list[KMReport]] = {}
+    for node, replica, ls in ends:
+        if ls.state in SEVERITY:
+            pair = (replica, ls.peer_replica) if node == a else (ls.peer_replica, replica)
+            pairs.setdefault(pair, []).append(KMReport(LinkState(ls.state), ls.reason, ls.message))
+    worst = [max(reports, key=lambda report: SEVERITY[report.state]) for _, reports in sorted(pairs.items())]
+    return min(worst, key=lambda report: SEVERITY[report.state], default=None)
 
 
 def scrape_module(url: str) -> ModuleReading:
