@@ -4,9 +4,9 @@ node-0 relays session 2–3 and is an endpoint of 0–1 (master at node-0) and o
 014 pair whose slave is at node-0, so its keys are held by node-0's replicas); 4–5 does not
 touch it. Under continuous round trips one node-0 replica is SIGKILLed: no key mismatches,
 no key a master received is lost, requests fail only while the replica is away, and it comes
-back without restarting anything else. Then node-0 is scaled to three replicas and back to
-one with ``vqkd apply`` while the pairs draw keys: the pair not through node-0 sees no failed
-request.
+back without restarting anything else. Then node-0 is scaled to one replica, to three and
+back to one with ``vqkd apply`` while the pairs draw keys: the pair not through node-0 sees no
+failed request.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ async def test_a_hub_replica_killed_under_load_loses_no_key_and_comes_back(hub):
     assert {node: healthz(endpoints, node)["incarnation"] for node in others} == others, "nothing else restarted"
 
 
-async def test_the_hub_scales_to_three_replicas_and_back_to_one_live(hub):
+async def test_the_hub_scales_from_one_replica_to_three_and_back_live(hub):
     cp = hub
     endpoints = cp.network.endpoints
     others = {node: healthz(endpoints, node)["incarnation"] for node in ("node-4", "node-5")}
@@ -171,7 +171,7 @@ async def test_the_hub_scales_to_three_replicas_and_back_to_one_live(hub):
     load = [asyncio.create_task(pair.run(endpoints, stop)) for pair in drawing.values()]
     manifest = cp.network.state_dir / "node-0.yaml"
     try:
-        for replicas in (3, 1):
+        for replicas in (1, 3, 1):
             manifest.write_text(NODE_0.format(replicas=replicas))
             out = await vqkd(cp, "apply", str(manifest))
             assert out.stdout.strip() == "qkdnode/node-0 configured", out.stderr
