@@ -204,15 +204,19 @@ async def test_etsi004_calls_landing_at_either_replica_reach_the_streams_owner(n
                 assert resp.status == 400 and "no open session" in (await resp.json())["message"]
 
 
-async def test_the_holder_killed_after_enc_keys_the_survivor_hands_the_key_out_once(pki, tmp_path):
+async def test_the_holder_killed_after_enc_keys_the_survivor_hands_the_keys_out_once(pki, tmp_path):
     processes = Processes(tmp_path)
     try:
         net = ReplicaNetwork(pki, processes)
         await net.configure(str(uuid.uuid4()), "sae-m", "sae-s")
         sent = await issue(net, 4)
+        async with net.sae("sae-s", "s0") as master:  # keys between two SAEs of node s, made at s0
+            local = await master.enc_keys("sae-s2", 2, 256)
         net.kill("s0")  # the replica that committed them; the copy is at replica 1
         assert await dec_keys(net, "s1", [key_id for key_id, _ in sent]) == sent
-        assert net.metric("s1", "vqkd_km_copies_promoted_total") == 4
+        async with net.sae("sae-s2", "s1") as slave:
+            assert await slave.dec_keys("sae-s", [key_id for key_id, _ in local]) == local
+        assert net.metric("s1", "vqkd_km_copies_promoted_total") == 6
         with pytest.raises(ETSI014Error) as e:
             await dec_keys(net, "s1", [sent[0][0]])
         assert e.value.status == 503 and "did not" in e.value.message  # replica 0 might hold it: retry

@@ -65,7 +65,10 @@ class KeyExchange:
         if slave_node == km.node:
             keys = list(zip(new_key_ids(number), (secrets.token_bytes(size_bytes) for _ in range(number))))
             try:
-                self._store(master, slaves, keys)
+                if self.relays is not None:  # with a copy at another replica of this node, if it has one
+                    await self.relays.replicas.hold(master, frozenset(slaves), keys, None)
+                else:
+                    self._store(master, slaves, keys)
             except errors.DeliveryRefused as e:
                 raise errors.Unavailable(f"cannot hold keys for {slaves}: {e}") from None
             return Issued(keys)
