@@ -132,13 +132,16 @@ def wait_for(check, timeout: float = 20.0, what: str = "condition"):
 
 
 class Cluster:
-    def __init__(self, tmp: Path):
+    """The operator against kmock, with ``pods`` (a network's manifests) run as real processes
+    by a stand-in kubelet in place of the pods it would schedule."""
+
+    def __init__(self, tmp: Path, pods: str = PODS):
         self.api = ApiServer(tmp / "api", NAMESPACE)
         (tmp / "api").mkdir()
         self.api.start()
         self.kube: Kube = self.api.client()
         control_plane = f"127.0.0.1:{free_port()}"
-        self.network = LocalNetwork(load_text(PODS, "operator-test"), tmp / "net", log_level="INFO",
+        self.network = LocalNetwork(load_text(pods, "operator-test"), tmp / "net", log_level="INFO",
                                     control_plane=control_plane)
         self.network.plan()
         self.metrics_port = free_port()

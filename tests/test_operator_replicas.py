@@ -1,22 +1,34 @@
 """KM replicas and their autoscaler: the kopf operator in-process against the kmock API server.
 
-The operator runs as ``vqkd operator`` runs it (see ``operator_harness``), with no KM
-processes: what is checked is what it writes to the API server. kmock emulates no
+The operator runs as ``vqkd operator`` runs it (see ``operator_harness``), at first with no
+KM processes: what is checked is what it writes to the API server. kmock emulates no
 subresource but status — a PATCH to ``qkdnodes/<name>/scale`` lands on the QKDNode as it
 is, not on ``spec.km.replicas`` — so ``kubectl scale qkdnode n0 --replicas=3`` is stood in
 for by the change the API server makes of it: ``spec.km.replicas`` set to 3. And no
 controllers run, so the StatefulSet's status is written here, as its controller would.
+
+The last test runs a node's two replicas as real KM processes in place of its pods (the
+harness of ``test_operator_kopf``): the operator configures each one, and the node serves
+its SAEs as one KME.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+import urllib.request
 
+import grpc
 import pytest
 
 from conftest import free_port
 from operator_harness import ApiServer, InProcessOperator, manifests
-from test_operator_kopf import wait_for
+from test_km_etsi014 import client, enc_keys_retrying
+from test_operator_kopf import Cluster, wait_for
+from vqkd.km import identity
+from vqkd.km.rpc.credentials import grpc_channel_credentials
+from vqkd.km.v1 import km_pb2, km_pb2_grpc
 from vqkd.operator.kopf.endpoints import LocalEndpoints
 from vqkd.operator.kopf.kube import HORIZONTALPODAUTOSCALERS, STATEFULSETS, VQKD
 from vqkd.operator.kopf.runtime import OperatorOptions
@@ -115,3 +127,71 @@ def test_the_node_status_shows_ready_and_desired_replicas_from_its_statefulset(a
     api.patch(STATEFULSETS, "vqkd-km-n0", {"status": {"readyReplicas": 2}}, "status")
     wait_for(lambda: api.get(VQKD["QKDNode"], "n0")["status"]["readyReplicas"] == 2, what="both replicas ready")
     print(f"\nStatefulSet status -> QKDNode status in {time.monotonic() - started:.2f} s")
+
+
+# --- with real KM processes ---------------------------------------------------------------
+
+REPLICATED = """
+apiVersion: vqkd.io/v1alpha1
+kind: QKDNode
+metadata: {name: n0}
+spec: {saeIds: [sae-n0], km: {replicas: 2}}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDNode
+metadata: {name: n1}
+spec: {saeIds: [sae-n1]}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: QKDLink
+metadata: {name: n0-n1}
+spec:
+  nodes: [n0, n1]
+  emulated: {keyRateBps: 4000000, qber: 0.01}
+---
+apiVersion: vqkd.io/v1alpha1
+kind: UserProfile
+metadata: {name: lab}
+spec: {saeIds: [sae-n0, sae-n1]}
+"""
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    """The operator against kmock with the pods of a node at two replicas run as real KM processes."""
+    c = Cluster(tmp_path_factory.mktemp("replicated"), pods=REPLICATED)
+    try:
+        c.start()
+        c.apply(REPLICATED)
+        yield c
+    finally:
+        c.stop()
+    assert not c.operator.errors, c.operator.errors
+
+
+def replica_healthz(c: Cluster, replica: int) -> dict:
+    url = c.network.endpoints["nodes"]["n0"]["replicas"][replica]["metrics_url"].rsplit("/", 1)[0] + "/healthz"
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return json.loads(response.read())
+
+
+def replica_sessions(c: Cluster, replica: int) -> set[str]:
+    tls = c.network._tls(identity.controller()).files()
+    address = c.network.endpoints["nodes"]["n0"]["replicas"][replica]["grpc"]
+    with grpc.secure_channel(address, grpc_channel_credentials(tls)) as channel:
+        reply = km_pb2_grpc.KeyManagerControlStub(channel).ListSessions(km_pb2.ListSessionsRequest(), timeout=2)
+    return {info.config.session_id for info in reply.sessions if info.state != "TERMINATED"}
+
+
+async def test_the_operator_configures_every_replica_and_the_node_serves_as_one_kme(replicated):
+    c = replicated
+    await asyncio.to_thread(wait_for, lambda: all(replica_healthz(c, r)["topologyVersion"] for r in (0, 1)),
+                            what="both replicas of n0 holding a topology the operator pushed")
+    # Keys for sae-n0 are held by n0's replicas and taken at whichever its connection reaches.
+    for _ in range(8):
+        async with client(c.network, "sae-n1") as master, client(c.network, "sae-n0") as slave:
+            sent = await enc_keys_retrying(master, "sae-n0", 2, 256)
+            assert await slave.dec_keys("sae-n1", [key_id for key_id, _ in sent]) == sent
+    sessions = [replica_sessions(c, r) for r in (0, 1)]
+    assert sessions[0] and sessions[0] == sessions[1], "the session is configured at both replicas"
+    assert replicas_of(c.kube, "n0") == 2
