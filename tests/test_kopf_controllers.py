@@ -20,6 +20,7 @@ from typing import Any
 import kopf
 import pytest
 import yaml
+from cryptography import x509
 
 from conftest import PKI
 from test_control_core import Clock
@@ -38,7 +39,7 @@ from vqkd.operator.kopf.kube import (
 )
 from vqkd.operator.kopf.manifests import (
     ANNOTATION_CA_HASH, ANNOTATION_REGISTERED, ANNOTATION_RESTARTED_AT, ANNOTATION_SESSION_ID, ClusterAddressing,
-    template_hash,
+    build_km_statefulset, km_server_names, service_hosts, template_hash,
 )
 from vqkd.operator.kopf.runtime import OperatorOptions
 
@@ -642,6 +643,24 @@ async def test_a_link_its_kms_report_down_shows_the_devices_words_and_the_bits_t
     assert (status["state"], status["reason"], status["burnedBits"]) == ("Down", failing, 2048)
     link_up = c.kube.condition("QKDLink", "ab", "LinkUp")
     assert (link_up["status"], link_up["reason"]) == ("False", "DeviceUnavailable")
+
+
+async def test_a_km_certificate_without_its_replicas_names_is_issued_again_and_rolls_its_pod(cluster):
+    """What a cluster from before KM replicas holds: a KM certificate naming the Service only."""
+    c = cluster
+    await c.accept(NODES)
+    old = c.runtime.ca.issue(identity.km("a"), "before-replicas", server_names=service_hosts("vqkd-km-a", NAMESPACE))
+    c.kube.patch(SECRETS, "vqkd-km-a-tls", {"data": {"tls.crt": base64.b64encode(old.cert.read_bytes()).decode()}})
+    template = templates(c)["a"]
+    await c.operator.workloads.node_changed("a")
+    names = x509.load_pem_x509_certificate(base64.b64decode(c.kube.body(SECRETS, "vqkd-km-a-tls")["data"]["tls.crt"]))
+    dns = names.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert set(km_server_names("a", NAMESPACE)) <= set(dns)
+    assert templates(c)["a"] == template, "the names it is issued for were in the template already"
+    other = build_km_statefulset(c.runtime.resources.nodes["a"], "0", "ca", server_names=("vqkd-km-a",))
+    assert template_hash(other) != template_hash(
+        build_km_statefulset(c.runtime.resources.nodes["a"], "0", "ca", server_names=km_server_names("a", NAMESPACE))
+    ), "other names, another pod template: the pod restarts onto the certificate issued for them"
 
 
 async def test_a_replica_of_several_that_stops_answering_gets_only_its_own_pod_replaced(cluster):

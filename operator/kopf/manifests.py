@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -55,6 +55,9 @@ ANNOTATION_CONFIG_HASH = "vqkd.io/config-hash"
 # On a pod template: the CA its TLS Secret is issued from, so a new CA rolls the pod onto
 # certificates the new CA issued.
 ANNOTATION_CA_HASH = "vqkd.io/ca-hash"
+# On a KM's pod template: the names its certificate is issued for, so a certificate issued
+# again for new names (a KM from before replicas lacks the replicas' names) rolls the pod onto it.
+ANNOTATION_SERVER_NAMES_HASH = "vqkd.io/server-names-hash"
 # On a KM's StatefulSet: the hash of the pod template as the operator wrote it (the API
 # server adds defaults to what it returns), so a write that would restart the KM is told
 # apart from one that would not.
@@ -324,9 +327,9 @@ def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
 
 
 def build_km_statefulset(node: QKDNode, config_hash: str, ca_hash: str,
-                         module_secrets: Mapping[str, str] = {}) -> dict[str, Any]:
+                         module_secrets: Mapping[str, str] = {}, server_names: Iterable[str] = ()) -> dict[str, Any]:
     """The KM's StatefulSet, ``spec.km.replicas`` pods; ``module_secrets`` maps link -> Secret with that
-    link's device credentials."""
+    link's device credentials, ``server_names`` are those its certificate is issued for."""
     name = node.name
     labels = node_labels(name)
     mounts = [
@@ -363,7 +366,8 @@ def build_km_statefulset(node: QKDNode, config_hash: str, ca_hash: str,
     }
     template = {
         "metadata": {"labels": labels,
-                     "annotations": {ANNOTATION_CONFIG_HASH: config_hash, ANNOTATION_CA_HASH: ca_hash}},
+                     "annotations": {ANNOTATION_CONFIG_HASH: config_hash, ANNOTATION_CA_HASH: ca_hash,
+                                     ANNOTATION_SERVER_NAMES_HASH: content_hash(sorted(server_names))}},
         "spec": {
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,

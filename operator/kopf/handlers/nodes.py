@@ -23,7 +23,7 @@ from vqkd.operator.kopf.handlers.common import Problems, validated
 from vqkd.operator.kopf.runtime import Runtime
 from vqkd.operator.kopf.manifests import (
     ClusterAddressing, build_km_configmap, build_km_replicas_service, build_km_service, build_km_statefulset,
-    content_hash, with_spec_hash,
+    content_hash, km_server_names, with_spec_hash,
 )
 from vqkd.operator.plan import km_config
 from vqkd.operator.resources.models import API_VERSION, ConditionType, NodePhase, QKDNode, QKDNodeStatus
@@ -91,7 +91,8 @@ def desired_children(runtime: Runtime, node: QKDNode) -> tuple[dict[str, Any], .
         for name, link in runtime.resources.links.items()
         if link.spec.etsi014 is not None and node.name in link.spec.nodes
     }
-    statefulset = build_km_statefulset(node, content_hash(configmap["data"]), runtime.ca_hash, device_secrets)
+    statefulset = build_km_statefulset(node, content_hash(configmap["data"]), runtime.ca_hash, device_secrets,
+                                       km_server_names(node.name, runtime.namespace))
     children = (configmap, build_km_service(node.name), build_km_replicas_service(node.name), statefulset)
     owner = owner_of(runtime, KIND, node.name)
     if owner is not None:
