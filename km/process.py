@@ -33,7 +33,7 @@ from vqkd.km.domain.exchange import KeyExchange
 from vqkd.km.domain.keymanager import End, KeyManager
 from vqkd.km.domain.links import Link
 from vqkd.km.domain.relay import RelayService
-from vqkd.km.domain.replicas import NodeReplicas
+from vqkd.km.domain.replicas import CHECK_SIBLINGS_S, NodeReplicas
 from vqkd.km.domain.sessions import SessionTable
 from vqkd.km.etsi004.routes import ETSI004Routes
 from vqkd.km.etsi004.service import ETSI004Service
@@ -133,6 +133,15 @@ class KMProcess:
                 if self.control_plane is not None:
                     await self.control_plane.session_closed(session.session_id, "inactivity timer expired")
 
+    async def _check_siblings(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_SIBLINGS_S)
+            if self.replicas.siblings:
+                try:
+                    await self.replicas.check_siblings()
+                except Exception:  # one bad round must not stop the checks
+                    log.exception("KM %s: checking the node's other replicas failed; trying again", self.km.node)
+
     def _stream_owner(self, key_stream_id: str) -> SiblingClient | None:
         owner = self.replicas.stream_owner(key_stream_id)
         return None if owner is None else self.replicas.siblings[owner]
@@ -157,6 +166,7 @@ class KMProcess:
         self._connect_siblings()
         await self._start_grpc()
         self._tasks.append(asyncio.create_task(self._expire_sessions(), name="session-timers"))
+        self._tasks.append(asyncio.create_task(self._check_siblings(), name="sibling-checks"))
         await self._start_http()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("KM %s replica %d (KME %s) serving: ETSI 014 https://%s, gRPC %s, metrics http://%s/metrics; %s",

@@ -17,7 +17,7 @@ from vqkd.km.config import KMConfig, KMTopology, TLSPaths
 from vqkd.km.domain import errors
 from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.domain.keystore import NotASlave
-from vqkd.km.domain.replicas import NodeReplicas, SiblingTimedOut, SiblingUnavailable, stream_owner
+from vqkd.km.domain.replicas import LOST_AFTER_S, NodeReplicas, SiblingTimedOut, SiblingUnavailable, stream_owner
 from vqkd.km.domain.sessions import Session
 from vqkd.km.domain.vocabulary import Endpoint
 
@@ -257,6 +257,45 @@ async def test_a_dead_sibling_is_passed_over_and_the_next_one_holds_the_copy():
     node.clock.advance(5)
     await node[0].hold("sae-a", SLAVES, keys("k3"), None)
     assert len(node[1].copies) == 1
+
+
+async def test_copies_a_restarted_holder_lost_are_made_again_and_the_key_survives_its_primary():
+    node = Node(2)
+    await node[0].hold("sae-a", SLAVES, keys("k1", "k2"), None)
+    await node[0].check_siblings()  # replica 1 as it first answers
+    node.start(1)  # the copy holder restarts: its copies are gone
+    assert node.copies() == 0
+    await node[0].check_siblings()
+    assert len(node[1].copies) == 2, "copied again at the new instance"
+    node.down.add(0)  # now the primary goes: the keys are still there, once each
+    assert await take(node[1], "k1", "k2") == keys("k1", "k2")
+    with pytest.raises(errors.Unavailable):
+        await take(node[1], "k1")
+
+
+async def test_copies_at_a_holder_out_of_reach_for_long_go_to_another_sibling():
+    node = Node(3)
+    await node[0].hold("sae-a", SLAVES, keys("k1"), None)
+    assert len(node[1].copies) == 1
+    node.down.add(1)
+    await node[0].check_siblings()
+    assert len(node[2].copies) == 0, "out of reach a moment: not yet"
+    node.clock.advance(LOST_AFTER_S)
+    await node[0].check_siblings()
+    assert len(node[2].copies) == 1
+    assert await take(node[0], "k1") == keys("k1")
+    assert len(node[2].copies) == 0, "the new copy is dropped when the key is taken"
+
+
+async def test_a_key_taken_while_its_copy_is_made_again_leaves_no_copy_behind():
+    node = Node(3)
+    await node[0].hold("sae-a", SLAVES, keys("k1"), None)
+    node.down.add(1)  # the copy holder is gone: the copy is made again, at replica 2
+    copying = asyncio.ensure_future(node[0].copy_again(1))
+    await asyncio.sleep(0)  # the copy is on its way
+    assert await take(node[0], "k1") == keys("k1")  # drops the copy where it was: replica 1, gone
+    await copying
+    assert node.copies() == 0, "the copy made meanwhile is dropped too"
 
 
 async def test_a_copy_has_the_keys_time_to_live():

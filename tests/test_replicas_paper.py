@@ -159,7 +159,7 @@ async def test_a_hub_replica_killed_under_load_loses_no_key_and_comes_back(hub):
         assert pair.lost == 0, (name, pair.failures)
         late = [f"+{at - back_at:.2f} s: {what}" for at, what in pair.failures if at > back_at + SETTLE_S]
         assert late == [], (name, late)
-        assert rate_after[name] >= 0.7 * rate_before[name], \
+        assert rate_after[name] >= 0.5 * rate_before[name], \
             f"{name} draws at full rate again: {rate_before[name]:.1f} keys/s before, {rate_after[name]:.1f} after"
     assert drawing["4-5"].failures == [], "a pair not through node-0 sees nothing"
     assert victim.restarts == 1

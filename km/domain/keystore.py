@@ -183,6 +183,26 @@ class KeyStore:
         return {key_id: deliveries[number][_HOLDER] for key_id in key_ids
                 if (number := self._live(key_id, now)) is not None}
 
+    def copied_at(self, holder: object) -> list[tuple[int, list[tuple[str, StoredKey]]]]:
+        """The deliveries whose copy is at ``holder``, by number, each with the keys of it still
+        held here (they stay)."""
+        self.expire()
+        keys, delivery_of = self._keys, self._delivery_of
+        found = []
+        for number, delivery in self._deliveries.items():
+            if delivery[_HOLDER] == holder:
+                ids = [key_id for key_id in delivery[_IDS] if delivery_of.get(key_id) == number]
+                found.append((number, list(zip(ids, _stored_keys(
+                    [keys[key_id] for key_id in ids], delivery[_MASTER], delivery[_SLAVES], delivery[_EXPIRES],
+                    delivery[_EXTENSION], holder)))))
+        return found
+
+    def move_copy(self, number: int, holder: object) -> None:
+        """The copy of delivery ``number`` is at ``holder`` now (None: nowhere)."""
+        delivery = self._deliveries.get(number)
+        if delivery is not None:
+            delivery[_HOLDER] = holder
+
     def take_held(self, caller: str, master: str, key_ids: list[str]) -> list[tuple[str, StoredKey]]:
         """Remove and return those of ``key_ids`` held here for ``master`` (distinct IDs); the
         others are left to whoever holds them. ``NotASlave``, and nothing taken, if ``caller``

@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 # How long a sibling that did not answer is passed over when choosing a copy holder: a dead
 # replica must not cost every commit a failed call until the topology drops it.
 PASS_OVER_S = 2.0
+# How often a replica asks its siblings who they are, and how long one stays out of reach
+# before the copies it held are made again elsewhere: until then a key whose copy holder
+# restarted or went is held once.
+CHECK_SIBLINGS_S = 1.0
+LOST_AFTER_S = 3.0
 
 
 def stream_owner(session_id: str, ordinals: Iterable[int]) -> int:
@@ -130,6 +135,9 @@ class NodeReplicas:
         self.on_held_once = on_held_once
         self.on_promoted = on_promoted
         self._passed_over: dict[int, float] = {}  # sibling -> until when it is not asked to hold copies
+        self._incarnations: dict[int, str] = {}  # sibling -> the incarnation it last answered with
+        self._unreachable_since: dict[int, float] = {}
+        self._given_up: set[int] = set()  # siblings out of reach so long their copies were made again
 
     @property
     def replica(self) -> int:
@@ -168,6 +176,53 @@ class NodeReplicas:
             return ordinal
         self.on_held_once(len(held.keys))
         return None
+
+    async def copy_again(self, lost: int) -> int:
+        """Sibling ``lost`` no longer holds the copies it held of keys this replica is primary of
+        (it restarted, or stays out of reach): copy them to a sibling that answers, ``lost``
+        itself if it is back. Returns how many keys got a new copy."""
+        now, copied = self.clock(), 0
+        for number, entries in self.store.copied_at(lost):
+            if not entries:
+                continue
+            first = entries[0][1]
+            held = HeldKeys(first.master, first.slaves, [(key_id, entry.key) for key_id, entry in entries],
+                            first.extension, first.expires - now)
+            holder = await self._copy_somewhere(held)
+            self.store.move_copy(number, holder)
+            # A key taken while its copy was being made dropped the old copy only: drop the new one.
+            ids = [key_id for key_id, _ in held.keys]
+            taken = [key_id for key_id in ids if key_id not in self.store.held(ids)]
+            if holder is not None:
+                if taken:
+                    await self._drop_at(holder, taken)
+                copied += len(ids) - len(taken)
+        if copied:
+            log.info("node %s replica %d: %d keys whose copy replica %d lost are copied again", self.km.node,
+                     self.replica, copied, lost)
+        return copied
+
+    async def check_siblings(self) -> None:
+        """Ask every sibling who it is: one that answers as a new process, or has been out of
+        reach for ``LOST_AFTER_S``, lost the copies it held, and they are made again."""
+        now = self.clock()
+        answers = await asyncio.gather(*(self.siblings[o].incarnation() for o in self.siblings),
+                                       return_exceptions=True)
+        for ordinal, answer in zip(list(self.siblings), answers):
+            if isinstance(answer, SiblingUnavailable):
+                since = self._unreachable_since.setdefault(ordinal, now)
+                if now - since >= LOST_AFTER_S and ordinal not in self._given_up:
+                    self._given_up.add(ordinal)
+                    await self.copy_again(ordinal)
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            self._unreachable_since.pop(ordinal, None)
+            known = self._incarnations.get(ordinal)
+            self._incarnations[ordinal] = answer
+            if (known is not None and known != answer) or ordinal in self._given_up:
+                self._given_up.discard(ordinal)
+                await self.copy_again(ordinal)
 
     async def _drop_at(self, holder: int, key_ids: list[str]) -> None:
         sibling = self.siblings.get(holder)
