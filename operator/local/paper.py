@@ -78,8 +78,9 @@ class RoundTrips:
     at the slave, the keys compared; what failed is kept with the time it failed.
 
     With ``dec_retry_s``, a ``dec_keys`` answered 503 (the slave's KM cannot tell yet, e.g. a
-    replica holding the keys just went) is asked again for that long; keys the master got and
-    the slave then still cannot have are counted as ``lost``."""
+    replica holding the keys just went) or not answered at all (the connection's replica went)
+    is asked again for that long; keys the master got and the slave then still cannot have are
+    counted as ``lost``."""
 
     master: str
     slave: str
@@ -121,7 +122,7 @@ class RoundTrips:
             try:
                 return await slave.dec_keys(self.master, key_ids)
             except (ETSI014Error, aiohttp.ClientError, asyncio.TimeoutError) as e:
-                if isinstance(e, ETSI014Error) and e.status != 503 or time.monotonic() >= deadline:
+                if isinstance(e, ETSI014Error) and e.status not in (0, 503) or time.monotonic() >= deadline:
                     raise
             await asyncio.sleep(0.1)
 
