@@ -191,6 +191,20 @@ async def test_a_copy_waits_while_its_primary_is_reached_but_slow_to_answer():
     assert await take(node[2], "k1") == keys("k1")
 
 
+@pytest.mark.parametrize("at", [0, 2])
+async def test_a_key_whose_copy_holder_does_not_answer_in_time_is_not_handed_out_yet(at):
+    """Its copy might outlive the answer and be let out once the primary goes: retry."""
+    node = Node(3)
+    await node[0].hold("sae-a", SLAVES, keys("k1"), None)
+    node.slow.add(1)  # holds the copy, reached but slow
+    with pytest.raises(errors.Unavailable, match="did not answer in time|retry"):
+        await take(node[at], "k1")
+    assert len(node[0].store) == 1 and len(node[1].copies) == 1, "held twice still"
+    node.slow.clear()
+    assert await take(node[at], "k1") == keys("k1")
+    assert node.copies() == 0 and len(node[0].store) == 0
+
+
 async def test_racing_takes_of_one_key_at_every_replica_deliver_it_once():
     for gone in (None, 0):
         node = Node(3)

@@ -17,11 +17,12 @@ dec_keys may reach any replica. So:
   answered "retry".
 
 Each key is therefore delivered once, also when dec_keys for it race at two replicas: a
-store hands out a key without an await in between, and a copy leaves only once its primary
-is gone. The hole: a replica alive that refuses a sibling's connections while others reach
-it — a primary its copy holder cannot connect to, or a copy holder that missed the
-primary's drop and later sees the primary gone — lets a copy out of a key handed out by its
-primary too.
+store hands out a key without an await in between, a copy leaves only once its primary is
+gone, and a primary hands a key out only once its copy is dropped — or its holder cannot be
+reached, having lost it with its process (a holder reached but slow makes the dec_keys
+answer "retry"). The hole: a replica alive that refuses a sibling's connections while others
+reach it — a primary its copy holder cannot connect to, or a copy holder the primary cannot
+connect to for the drop — lets a copy out of a key handed out by its primary too.
 
 All or none per request: keys collected from siblings for a request that fails in another
 part are held again at the replica that collected them (with a copy of their own), not lost.
@@ -155,7 +156,7 @@ class NodeReplicas:
             self.store.put(master, slaves, keys, extension, ttl_s=ttl, holder=holder)
         except (StoreFull, errors.KeysNotFound) as e:
             if holder is not None:
-                await self._drop_at(holder, [key_id for key_id, _ in keys])
+                await self._drop_left(holder, [key_id for key_id, _ in keys])
             raise errors.DeliveryRefused(str(e)) from None
 
     async def _copy_somewhere(self, held: HeldKeys) -> int | None:
@@ -195,7 +196,7 @@ class NodeReplicas:
             taken = [key_id for key_id in ids if key_id not in self.store.held(ids)]
             if holder is not None:
                 if taken:
-                    await self._drop_at(holder, taken)
+                    await self._drop_left(holder, taken)
                 copied += len(ids) - len(taken)
         if copied:
             log.info("node %s replica %d: %d keys whose copy replica %d lost are copied again", self.km.node,
@@ -225,22 +226,40 @@ class NodeReplicas:
                 await self.copy_again(ordinal)
 
     async def _drop_at(self, holder: int, key_ids: list[str]) -> None:
+        """Have ``holder`` drop its copies of ``key_ids``. ``SiblingTimedOut`` when it was
+        reached but did not answer: it may still hold them. One that cannot be reached lost
+        them with its process (or is cut off: the hole the module docstring names)."""
         sibling = self.siblings.get(holder)
         if sibling is None:  # no longer a replica of this node: its copies went with it
             return
         try:
             await sibling.drop_copies(key_ids)
+        except SiblingTimedOut:
+            raise
         except SiblingUnavailable as e:
-            # Left there, the copies are let out only if this replica is gone (the hole the
-            # module docstring names): nothing better can be done without the sibling.
             log.warning("replica %d of node %s did not drop %d copies: %s", holder, self.km.node, len(key_ids), e)
 
     async def _drop_copies_of(self, taken: list[tuple[str, StoredKey]]) -> None:
+        """Drop the copies of keys being handed out; ``SiblingTimedOut`` if a holder may still
+        hold some, and then the keys must not be handed out (its copies could be let out later)."""
         by_holder: dict[int, list[str]] = {}
         for key_id, entry in taken:
             if entry.holder is not None:
                 by_holder.setdefault(entry.holder, []).append(key_id)
-        await asyncio.gather(*(self._drop_at(holder, ids) for holder, ids in by_holder.items()))
+        outcomes = await asyncio.gather(*(self._drop_at(holder, ids) for holder, ids in by_holder.items()),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _drop_left(self, holder: int, key_ids: list[str]) -> None:
+        """Drop copies made for keys that did not stay here, logging a holder that did not
+        answer in time: nothing else can be done about them then."""
+        try:
+            await self._drop_at(holder, key_ids)
+        except SiblingTimedOut as e:
+            log.warning("replica %d of node %s did not drop %d copies in time: %s", holder, self.km.node,
+                        len(key_ids), e)
 
     def _put_back(self, store: KeyStore, taken: list[tuple[str, StoredKey]]) -> None:
         """Keys taken for a request that failed, held again as they were."""
@@ -274,6 +293,7 @@ class NodeReplicas:
         local = self.store.take_held(caller, master, key_ids)
         found = dict(local)
         missing = [key_id for key_id in key_ids if key_id not in found]
+        collected: list[HeldKeys] = []
         if missing:
             collected, unanswered, refused = await self._collect(caller, master, missing)
             now = self.clock()
@@ -291,7 +311,13 @@ class NodeReplicas:
                         f"key {absent} is not held by the KM replicas of node {self.km.node} that answered; replicas "
                         f"{unanswered} did not: retry shortly")
                 raise errors.KeysNotFound(absent)
-        await self._drop_copies_of(local)
+        try:
+            await self._drop_copies_of(local)
+        except SiblingTimedOut as e:
+            self._put_back(self.store, local)
+            await self._hold_again(collected)
+            raise errors.Unavailable(f"a KM replica of node {self.km.node} holding copies of these keys did not "
+                                     f"answer in time ({e}); retry shortly") from None
         return [(key_id, found[key_id]) for key_id in key_ids]
 
     async def _collect(self, caller: str, master: str, key_ids: list[str]) -> tuple[list[HeldKeys], list[int], bool]:
@@ -361,7 +387,11 @@ class NodeReplicas:
             self.on_promoted(len(promoted))
             log.info("node %s: replica %d hands out %d copies of keys whose primary is gone", self.km.node,
                      self.replica, len(promoted))
-        await self._drop_copies_of(primary)
+        try:
+            await self._drop_copies_of(primary)
+        except SiblingTimedOut:
+            self._put_back(self.store, primary)  # still held twice, maybe: handed out once the copies go
+            primary, undecided = [], True
         now = self.clock()
         return _held(primary, now) + _held(promoted, now), undecided
 
