@@ -33,7 +33,7 @@ from vqkd.km.domain.exchange import KeyExchange
 from vqkd.km.domain.keymanager import End, KeyManager
 from vqkd.km.domain.links import Link
 from vqkd.km.domain.relay import RelayService
-from vqkd.km.domain.replicas import CHECK_SIBLINGS_S, NodeReplicas
+from vqkd.km.domain.replicas import CHECK_SIBLINGS_S, DEPARTING_S, NodeReplicas
 from vqkd.km.domain.sessions import SessionTable
 from vqkd.km.etsi004.routes import ETSI004Routes
 from vqkd.km.etsi004.service import ETSI004Service
@@ -104,6 +104,7 @@ class KMProcess:
         self.etsi004 = ETSI004Service(self.km, self.sessions, self.exchange, self.control_plane,
                                       owner_of=self._stream_owner)
         self._siblings: dict[int, tuple[str, grpc.aio.Channel, SiblingClient]] = {}  # by replica ordinal
+        self._departing: dict[int, tuple[grpc.aio.Channel, SiblingClient, float]] = {}  # ordinal -> since when
         self.modules: dict[End, ETSI014Client] = {}  # link end -> its module end
         # link end -> what collects, as slave, the keys the peer KM drew from the module as master
         self.collectors: dict[End, PeerKeyCollector] = {}
@@ -136,6 +137,9 @@ class KMProcess:
     async def _check_siblings(self) -> None:
         while True:
             await asyncio.sleep(CHECK_SIBLINGS_S)
+            if self._departing:
+                for channel in self._connect_siblings():  # closes those departed long enough ago
+                    await channel.close()
             if self.replicas.siblings:
                 try:
                     await self.replicas.check_siblings()
@@ -148,9 +152,20 @@ class KMProcess:
 
     def _connect_siblings(self) -> list[grpc.aio.Channel]:
         """Clients of the node's other KM replicas as the topology names them; returns the
-        channels of those gone or moved, to be closed."""
+        channels of those moved, or departed long enough ago, to be closed. One the topology no
+        longer names is kept as departing for a while: it may be handing its keys over."""
         wanted = dict(self.km.siblings)
-        gone = [channel for ordinal, (address, channel, _) in self._siblings.items() if wanted.get(ordinal) != address]
+        now = self.replicas.clock()
+        for ordinal, (address, channel, client) in self._siblings.items():
+            if ordinal not in wanted:
+                self._departing[ordinal] = (channel, client, now)
+        gone = [channel for ordinal, (address, channel, _) in self._siblings.items()
+                if ordinal in wanted and wanted[ordinal] != address]
+        gone += [channel for ordinal, (channel, _, since) in self._departing.items()
+                 if ordinal in wanted or now - since >= DEPARTING_S]
+        self._departing = {ordinal: held for ordinal, held in self._departing.items()
+                           if ordinal not in wanted and now - held[2] < DEPARTING_S}
+        self.replicas.departing = {ordinal: (client, since) for ordinal, (_, client, since) in self._departing.items()}
         self._siblings = {ordinal: held for ordinal, held in self._siblings.items() if wanted.get(ordinal) == held[0]}
         for ordinal, address in wanted.items():
             if ordinal not in self._siblings:
@@ -279,6 +294,7 @@ class KMProcess:
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
+        await self.replicas.hand_over()  # a replica scaled away leaves its keys to one that stays
         transports, self._links = list(self._links.values()), {}
         for task in [*self._tasks, *(t.feed for t in transports)]:
             task.cancel()
@@ -289,6 +305,8 @@ class KMProcess:
             await self._grpc.stop(grace=1.0)
         await self._close(transports)
         for _, channel, _ in self._siblings.values():
+            await channel.close()
+        for channel, _, _ in self._departing.values():
             await channel.close()
 
 

@@ -17,7 +17,7 @@ from vqkd.km.config import KMConfig, KMTopology, TLSPaths
 from vqkd.km.domain import errors
 from vqkd.km.domain.keymanager import KeyManager
 from vqkd.km.domain.keystore import NotASlave
-from vqkd.km.domain.replicas import LOST_AFTER_S, NodeReplicas, SiblingTimedOut, SiblingUnavailable, stream_owner
+from vqkd.km.domain.replicas import DEPARTING_S, LOST_AFTER_S, NodeReplicas, SiblingTimedOut, SiblingUnavailable, stream_owner
 from vqkd.km.domain.sessions import Session
 from vqkd.km.domain.vocabulary import Endpoint
 
@@ -310,6 +310,36 @@ async def test_a_key_taken_while_its_copy_is_made_again_leaves_no_copy_behind():
     assert await take(node[0], "k1") == keys("k1")  # drops the copy where it was: replica 1, gone
     await copying
     assert node.copies() == 0, "the copy made meanwhile is dropped too"
+
+
+async def test_replicas_scaled_away_together_hand_their_keys_to_one_that_stays():
+    node = Node(3)
+    await node[1].hold("sae-a", SLAVES, keys("k1", "k2"), None)  # copies at replica 2
+    await node[2].hold("sae-a", SLAVES, keys("k3"), None)  # copy at replica 0
+    assert len(node[2].copies) == 2 and len(node[0].copies) == 1
+    assert await node[0].hand_over() == 0, "replica 0 always stays"
+    assert await node[2].hand_over() == 0, "the copy of its key is at replica 0 already"
+    assert await node[1].hand_over() == 2
+    assert len(node[1].store) == 0 and len(node[2].copies) == 0 and len(node[0].copies) == 3
+    node.down.update({1, 2})  # both stopped: 3 -> 1
+    assert await take(node[0], "k1", "k2", "k3") == keys("k1", "k2", "k3")
+    assert node.copies() == 0
+
+
+async def test_a_replica_the_topology_dropped_is_still_asked_while_it_departs():
+    node = Node(2)
+    await node[1].hold("sae-a", SLAVES, keys("k1", "k2"), None)  # copies at replica 0
+    node[0].departing = {1: (node[0].siblings[1], node.clock())}  # scaled to one replica: 1 is stopping
+    node[0].siblings = {}
+    assert await take(node[0], "k1") == keys("k1"), "asked of the departing replica, which still holds it"
+    node[1].store.drop(["k2"])  # handed over: its copy at replica 0 waits for replica 1 to be gone
+    with pytest.raises(errors.Unavailable, match="scaled away"):
+        await take(node[0], "k2")
+    node.down.add(1)  # it stopped
+    assert await take(node[0], "k2") == keys("k2")
+    node.clock.advance(DEPARTING_S)
+    with pytest.raises(errors.KeysNotFound):
+        await take(node[0], "k9")
 
 
 async def test_a_copy_has_the_keys_time_to_live():

@@ -3,8 +3,9 @@
 node-0 relays session 2–3 and is an endpoint of 0–1 (master at node-0) and of 1–0 (an ETSI
 014 pair whose slave is at node-0, so its keys are held by node-0's replicas); 4–5 does not
 touch it. Under continuous round trips one node-0 replica is SIGKILLed: no key mismatches,
-no key a master received is lost, requests fail only while the replica is away, and it comes
-back without restarting anything else. Then node-0 is scaled to one replica, to three and
+no key a master received is lost (but those of a dec_keys the killed replica was answering:
+a key is handed out at most once), requests fail only while the replica is away, and it
+comes back without restarting anything else. Then node-0 is scaled to one replica, to three and
 back to one with ``vqkd apply`` while the pairs draw keys: the pair not through node-0 sees no
 failed request.
 """
@@ -45,6 +46,9 @@ BACK_WITHIN_S = 15.0
 # configured, plus this: the requests already on their way when it came back.
 SETTLE_S = 1.0
 DEC_RETRY_S = 5.0
+# A key is handed out at most once (README): a dec_keys the killed replica had taken the keys
+# for but not answered loses them. Such a call began shortly before the kill.
+IN_FLIGHT_S = 1.0
 
 
 def paper_with_node_0_at(replicas: int):
@@ -74,7 +78,7 @@ async def warmed(cp: LocalControlPlane) -> dict[str, RoundTrips]:
     drawing = pairs()
     for pair in drawing.values():
         assert await pair.until_first_key(cp.network.endpoints, timeout_s=30), pair.failures[-3:]
-        pair.ok, pair.failures, pair.lost = 0, [], 0
+        pair.ok, pair.failures, pair.lost, pair.lost_at = 0, [], 0, []
     return drawing
 
 
@@ -152,11 +156,13 @@ async def test_a_hub_replica_killed_under_load_loses_no_key_and_comes_back(hub):
 
     window = back_at - killed_at
     print(f"\nreplica node-0/1 killed: back and configured after {window:.2f} s; "
-          + ", ".join(f"{name}: {pair.ok} keys, {len(pair.failures)} failed, {pair.lost} lost, "
+          + ", ".join(f"{name}: {pair.ok} keys, {len(pair.failures)} failed, {pair.lost} lost in flight, "
                       f"{rate_before[name]:.1f} -> {rate_after[name]:.1f} keys/s" for name, pair in drawing.items()))
     for name, pair in drawing.items():
         assert pair.mismatched == 0, (name, pair)
-        assert pair.lost == 0, (name, pair.failures)
+        in_flight = [at for at in pair.lost_at if killed_at - IN_FLIGHT_S <= at <= killed_at]
+        assert pair.lost_at == in_flight, (name, "keys lost beyond a dec_keys in flight at the kill",
+                                           pair.failures)
         late = [f"+{at - back_at:.2f} s: {what}" for at, what in pair.failures if at > back_at + SETTLE_S]
         assert late == [], (name, late)
         assert rate_after[name] >= 0.5 * rate_before[name], \

@@ -58,6 +58,10 @@ PASS_OVER_S = 2.0
 # restarted or went is held once.
 CHECK_SIBLINGS_S = 1.0
 LOST_AFTER_S = 3.0
+# How long a replica the topology no longer names (its node was scaled down) is still asked
+# for keys: while it stops it hands its keys over (``hand_over``), and a key missing
+# meanwhile is "retry", not "not found". Longer than a pod's termination grace period.
+DEPARTING_S = 30.0
 
 
 def stream_owner(session_id: str, ordinals: Iterable[int]) -> int:
@@ -132,6 +136,8 @@ class NodeReplicas:
         self.store = km.store
         self.copies = KeyStore(km.config.delivered_key_ttl_s, km.config.delivered_store_max_bits, clock)
         self.siblings: Mapping[int, Sibling] = {}
+        # Replicas the topology no longer names, since when: asked for keys, never given copies.
+        self.departing: dict[int, tuple[Sibling, float]] = {}
         self.clock = clock
         self.on_held_once = on_held_once
         self.on_promoted = on_promoted
@@ -202,6 +208,45 @@ class NodeReplicas:
             log.info("node %s replica %d: %d keys whose copy replica %d lost are copied again", self.km.node,
                      self.replica, copied, lost)
         return copied
+
+    def _departing(self) -> dict[int, tuple[Sibling, float]]:
+        """The departing replicas still asked: those the topology dropped under ``DEPARTING_S`` ago."""
+        now = self.clock()
+        return {o: entry for o, entry in self.departing.items() if now - entry[1] < DEPARTING_S and o not in self.siblings}
+
+    async def hand_over(self) -> int:
+        """This replica stops for good (its node is scaled down; the highest ordinals go): the
+        keys it is primary of become copies at the lowest sibling, which hands them out once
+        this replica is gone. They leave this store first, so none is handed out here meanwhile;
+        the copies other siblings held of them are dropped. Replica 0 always stays, and hands
+        nothing over. Returns how many keys were handed over."""
+        lower = [ordinal for ordinal in self.siblings if ordinal < self.replica]
+        if not lower:
+            return 0
+        target, now, moved = min(lower), self.clock(), 0
+        for holder in {None, *self.siblings} - {target}:
+            for _, entries in self.store.copied_at(holder):
+                if not entries:
+                    continue
+                ids = [key_id for key_id, _ in entries]
+                self.store.drop(ids)
+                first = entries[0][1]
+                held = HeldKeys(first.master, first.slaves, [(key_id, entry.key) for key_id, entry in entries],
+                                first.extension, first.expires - now)
+                try:
+                    await self.siblings[target].hold_copies(self.km.incarnation, [held])
+                except SiblingUnavailable as e:
+                    log.warning("node %s replica %d could not hand %d keys over to replica %d: %s", self.km.node,
+                                self.replica, len(ids), target, e)
+                    self._put_back(self.store, entries)
+                    continue
+                moved += len(ids)
+                if holder is not None:
+                    await self._drop_left(holder, ids)
+        if moved:
+            log.info("node %s replica %d handed %d keys over to replica %d before stopping", self.km.node,
+                     self.replica, moved, target)
+        return moved
 
     async def check_siblings(self) -> None:
         """Ask every sibling who it is: one that answers as a new process, or has been out of
@@ -286,7 +331,8 @@ class NodeReplicas:
         """dec_keys: the keys, from wherever this node holds them, all or none (as
         ``KeyStore.take``; ``errors.Unavailable`` when keys are missing and a sibling that may
         hold them did not answer)."""
-        if not self.siblings:
+        departing = self._departing()
+        if not self.siblings and not departing and not len(self.copies):
             return self.store.take(caller, master, key_ids)
         if len(set(key_ids)) != len(key_ids):
             raise errors.KeysNotFound("the same key ID is named more than once")
@@ -306,6 +352,10 @@ class NodeReplicas:
                 if refused:
                     raise NotASlave(caller)
                 absent = next(key_id for key_id in key_ids if key_id not in found)
+                if departing:
+                    raise errors.Unavailable(
+                        f"key {absent} is not held by the KM replicas of node {self.km.node}, and replicas "
+                        f"{sorted(departing)}, scaled away, may be handing theirs over: retry shortly")
                 if unanswered:
                     raise errors.Unavailable(
                         f"key {absent} is not held by the KM replicas of node {self.km.node} that answered; replicas "
@@ -323,10 +373,11 @@ class NodeReplicas:
     async def _collect(self, caller: str, master: str, key_ids: list[str]) -> tuple[list[HeldKeys], list[int], bool]:
         """Ask every sibling at once, and this replica's copies: what they handed over, who
         did not answer, and whether one refused because ``caller`` is not a slave of its keys."""
-        ordinals = list(self.siblings)
+        asked = {**{o: sibling for o, (sibling, _) in self._departing().items()}, **self.siblings}
+        ordinals = list(asked)
         answers = await asyncio.gather(
             self.give(self.replica, self.km.incarnation, caller, master, key_ids),
-            *(self.siblings[o].take_keys(self.km.incarnation, caller, master, key_ids) for o in ordinals),
+            *(asked[o].take_keys(self.km.incarnation, caller, master, key_ids) for o in ordinals),
             return_exceptions=True)
         ordinals.insert(0, self.replica)
         collected, unanswered, refused = [], [], False
@@ -400,7 +451,7 @@ class NodeReplicas:
         keys); None when it did not answer in time, so nobody knows."""
         if ordinal == requester:  # it asks for keys it does not hold: authoritative, unless restarted
             return requester_incarnation != incarnation
-        sibling = self.siblings.get(ordinal)
+        sibling = self.siblings.get(ordinal) or self._departing().get(ordinal, (None, 0.0))[0]
         if sibling is None:  # no longer a replica of this node
             return True
         try:

@@ -80,7 +80,7 @@ class RoundTrips:
     With ``dec_retry_s``, a ``dec_keys`` answered 503 (the slave's KM cannot tell yet, e.g. a
     replica holding the keys just went) or not answered at all (the connection's replica went)
     is asked again for that long; keys the master got and the slave then still cannot have are
-    counted as ``lost``."""
+    counted as ``lost``, and when their ``dec_keys`` began is kept in ``lost_at``."""
 
     master: str
     slave: str
@@ -90,6 +90,7 @@ class RoundTrips:
     first_key_at: float | None = None
     dec_retry_s: float = 0.0
     lost: int = 0
+    lost_at: list[float] = field(default_factory=list)  # time.monotonic() a dec_keys that lost keys began
 
     async def run(self, endpoints: dict, stop: asyncio.Event, pause_s: float = 0.1, rounds: int = 2000) -> None:
         """Up to ``rounds`` round trips of one key, ``pause_s`` apart, until ``stop`` is set."""
@@ -103,11 +104,13 @@ class RoundTrips:
                     self.failures.append((time.monotonic(), f"enc_keys {type(e).__name__}: {e}"))
                     await asyncio.sleep(pause_s)
                     continue
+                began = time.monotonic()
                 try:
                     got = dict(await self._dec_keys(slave, [key_id for key_id, _ in sent]))
                 except (ETSI014Error, aiohttp.ClientError, asyncio.TimeoutError) as e:
                     self.failures.append((time.monotonic(), f"dec_keys {type(e).__name__}: {e}"))
                     self.lost += len(sent)
+                    self.lost_at.append(began)
                 else:
                     matched = sum(got.get(key_id) == key for key_id, key in sent)
                     self.ok += matched
