@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -24,7 +22,7 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from test_km_control_plane import eventually
-from test_local_reconfigure import PAPER, healthz
+from test_local_reconfigure import PAPER, healthz, vqkd
 from vqkd.operator.control.admission import AdmissionSettings
 from vqkd.operator.local import paper
 from vqkd.operator.local.paper import RoundTrips
@@ -98,12 +96,6 @@ def replica_healthz(cp: LocalControlPlane, replica: int) -> dict:
 
 def replica_metrics(cp: LocalControlPlane) -> list[str]:
     return [replica["metrics_url"] for replica in cp.network.endpoints["nodes"]["node-0"]["replicas"]]
-
-
-async def vqkd(cp: LocalControlPlane, *args: str) -> subprocess.CompletedProcess:
-    return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-P", "-m", "vqkd.operator.cli", *args, "--state-dir",
-                         str(cp.network.state_dir)], capture_output=True, text=True, timeout=180)
 
 
 async def test_relays_through_the_hub_spread_over_its_replicas_with_identical_keys(hub):

@@ -101,7 +101,7 @@ class Rollout(HostListener):
                              f"pod template changed: the KM restarts; {waiting} more KMs roll once it is Ready again")
         while True:
             self._seen.clear()
-            if self._back(node, before):
+            if self._lagging(node, before) is None:
                 break
             if node not in runtime.resources.nodes:
                 return
@@ -123,13 +123,9 @@ class Rollout(HostListener):
         runtime.status.event(KIND, node, "Normal", "KMRolled",
                              f"KM Ready again {seconds:.2f} s after its pod template changed")
 
-    def _back(self, node: str, before: dict[int, str | None]) -> bool:
-        """Every KM replica of ``node`` serves as a new instance and, where the host pushes it,
-        holds its topology."""
-        return self._lagging(node, before) is None
-
     def _lagging(self, node: str, before: dict[int, str | None]) -> str | None:
-        """Why a KM replica of ``node`` is not back yet, or None when all are."""
+        """Why a KM replica of ``node`` is not back yet — each must serve as a new instance and,
+        where the host pushes it, hold its topology — or None when all are."""
         host = self.runtime.host
         declared = host.topologies.declared()
         unconfirmed = host.topologies.unconfirmed()
